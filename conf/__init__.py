@@ -1,0 +1,1 @@
+"""kvconf's Hydra config tree, shipped inside the package as ``kvconf.conf``."""

@@ -1,0 +1,149 @@
+"""``python -m kvconf [overrides]``: the Hydra app.
+
+Hydra composes (conf/ inside the package, plus a user's ``--config-dir``); everything after that
+is :func:`kvconf.pipeline.run_job`. Errors become one message block on stderr and an exit code:
+2 for config and contract errors (Hydra's own composition errors included), 1 for runtime
+failures. In a multirun sweep a failing job is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
+from .help import help_template
+
+__all__ = ["CONF_DIR", "main"]
+
+
+def _conf_dir() -> str:
+    import kvconf.conf
+
+    return str(Path(kvconf.conf.__file__).resolve().parent)
+
+
+CONF_DIR = _conf_dir()
+
+
+@dataclass
+class _State:
+    t0: float = field(default_factory=time.perf_counter)
+    task_started: bool = False
+    jobs: list[tuple[str, int, str]] = field(default_factory=list)
+    """(overrides, exit code, first line of the error) for each job."""
+
+
+_state = _State()
+
+
+def _want_traceback(data: Any) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(data, dict) and data.get("debug") is True)
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    _state.task_started = True
+    compose_s = time.perf_counter() - _state.t0
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    label = " ".join(hc.overrides.task) or "(defaults)"
+    data: Any = None
+    code = 0
+    try:
+        try:
+            data = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as exc:  # an interpolation that does not resolve
+            raise ConfigError(Problem(getattr(exc, "full_key", "") or "", str(exc).splitlines()[0],
+                                      fix="fix the interpolation")) from None
+        from .pipeline import run_job
+
+        report = run_job(data)
+        report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
+        _emit(report, data.get("output", "text"))
+    except KVConfError as exc:
+        code = exc.exit_code
+        _report_error(exc, data, label if multirun else None)
+    except Exception as exc:  # a bug in a connector or in kvconf: a runtime failure
+        err = ConnectorRuntimeError(Problem("", f"{type(exc).__name__}: {exc}",
+                                            fix="rerun with debug=true (or HYDRA_FULL_ERROR=1) for the traceback"))
+        err.__cause__ = exc
+        code = 1
+        _report_error(err, data, label if multirun else None, cause=exc)
+    _state.jobs.append((label, code, ""))
+    _state.t0 = time.perf_counter()
+    if code and not multirun:
+        sys.stdout.flush()
+        sys.exit(code)
+
+
+def _report_error(exc: KVConfError, data: Any, job: str | None, cause: BaseException | None = None) -> None:
+    if _want_traceback(data):
+        traceback.print_exception(cause or exc, file=sys.stderr)
+    prefix = f"[job {job}] " if job else ""
+    print(prefix + exc.render(), file=sys.stderr)
+    if isinstance(data, dict) and data.get("output") == "json":
+        print(json.dumps({"ok": False, "error": exc.as_dict()}, default=str))
+
+
+def _emit(report: dict[str, Any], output: str) -> None:
+    if output == "json":
+        print(json.dumps({"ok": True, **report}, default=str))
+        return
+    if report["action"] == "export":
+        print(json.dumps(report["kv_transfer_config"], indent=2))
+        return
+    from .report import render_text
+
+    print(render_text(report))
+
+
+def _store_help() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/help", name="kvconf", package="hydra.help", node={
+        "app_name": "kvconf",
+        "header": "kvconf: declare, validate and start KV-cache connectors.",
+        "footer": "Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.",
+        "template": help_template(),
+    })
+
+
+_store_help()
+_app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)
+
+
+def main() -> None:
+    """Entry point of ``python -m kvconf`` and the ``kvconf`` console script."""
+    _state.t0 = time.perf_counter()
+    try:
+        _app()
+    except SystemExit as exc:
+        # Hydra exits 1 when composition fails (unknown group option, bad override): our task never
+        # ran, so it is a config error.
+        if exc.code == 1 and not _state.task_started:
+            raise SystemExit(2) from None
+        raise
+    except Exception:
+        if not _state.task_started:  # HYDRA_FULL_ERROR=1 lets composition errors through
+            traceback.print_exc()
+            raise SystemExit(2) from None
+        raise
+    failed = [j for j in _state.jobs if j[1]]
+    if len(_state.jobs) > 1 or (failed and len(_state.jobs) != 1):
+        if failed:
+            print(f"kvconf: {len(failed)} of {len(_state.jobs)} jobs failed:", file=sys.stderr)
+            for label, code, _ in failed:
+                print(f"  exit {code}: {label}", file=sys.stderr)
+            raise SystemExit(max(code for _, code, _ in failed))

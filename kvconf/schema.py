@@ -1,0 +1,344 @@
+"""The validated config: frozen pydantic models, unknown keys rejected everywhere.
+
+:func:`validate` turns the composed config (plain data) into a :class:`KVConfConfig` or raises one
+:class:`~kvconf.errors.ConfigError` listing every problem, each with its config path
+(``connector.kv_role``, never a union tag), the value, what is allowed and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import MISSING, ConfigError, Problem
+from .kvcache import KVCacheConfig, KVCacheInvariantError, KVCacheLayout
+from .units import parse_bytes
+
+__all__ = [
+    "Action",
+    "ConnectorConfig",
+    "KVConfConfig",
+    "KVRole",
+    "LoadFailurePolicy",
+    "Output",
+    "RoleName",
+    "SelfTestConfig",
+    "problems_from_validation_error",
+    "validate",
+]
+
+KVProducer = Literal["kv_producer"]
+KVConsumer = Literal["kv_consumer"]
+KVBoth = Literal["kv_both"]
+KVRole = Literal[KVProducer, KVConsumer, KVBoth]
+"""Data direction: a producer (prefill) sends KV, a consumer (decode) receives it, both does both."""
+
+Scheduler = Literal["scheduler"]
+Worker = Literal["worker"]
+RoleName = Literal[Scheduler, Worker]
+"""Process side, as vLLM's ``KVConnectorRole``: the scheduler plans, a worker holds KV memory."""
+
+Fail = Literal["fail"]
+Recompute = Literal["recompute"]
+LoadFailurePolicy = Literal[Fail, Recompute]
+
+Check = Literal["check"]
+Run = Literal["run"]
+Export = Literal["export"]
+Action = Literal[Check, Run, Export]
+
+Text = Literal["text"]
+Json = Literal["json"]
+Output = Literal[Text, Json]
+
+BufferDevice = Literal["cpu", "cuda", "xpu"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICES_ALLOWED = ("auto", "cpu", "cuda", "cuda:N")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ConnectorConfig(_Frozen):
+    """Which connector, in which data direction, with which settings (vLLM's ``KVTransferConfig``)."""
+
+    name: str = Field(min_length=1)
+    """A registered connector name (``example``, ``mooncake``, ...), or the class name inside
+    ``module_path``."""
+    module_path: str | None = None
+    """Importable module holding the class ``name``; when set it wins over the registry (as in vLLM
+    since PR #38301). Leave it unset (null) to use the registry; an empty string is an error."""
+    kv_role: KVRole
+    """Data direction: ``kv_producer`` (prefill, sends KV), ``kv_consumer`` (decode, receives KV) or
+    ``kv_both``. Not the process side: that is ``role``."""
+    engine_id: str | None = None
+    """Identifier of this engine instance; a fresh uuid4 when unset."""
+    kv_buffer_device: BufferDevice | None = None
+    """Device of the KV transfer buffer (vLLM's field); unset means the device's type."""
+    kv_port: int = Field(14579, ge=1, le=65535)
+    """Port for connectors that use a fixed one (vLLM's field; mooncake and nixl pick their own)."""
+    kv_load_failure_policy: LoadFailurePolicy = "fail"
+    """What a failed KV load does to its request: ``fail`` it, or ``recompute`` its prefill."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """The connector's own settings; a built-in connector validates them with its own model, so a
+    misspelt key is an error rather than silently ignored (vLLM's ``kv_connector_extra_config``)."""
+
+    @field_validator("module_path")
+    @classmethod
+    def _module_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(
+                "module_path cannot be an empty string: remove it (or set it to null) to use the "
+                "registry, or give an importable module such as my_pkg.my_connector"
+            )
+        return v
+
+    _engine_id_given: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="after")
+    def _engine_id(self) -> "ConnectorConfig":
+        self._engine_id_given = self.engine_id is not None
+        if self.engine_id is None:
+            object.__setattr__(self, "engine_id", str(uuid.uuid4()))
+        return self
+
+    @property
+    def engine_id_given(self) -> bool:
+        """Whether ``engine_id`` was written in the config rather than generated."""
+        return self._engine_id_given
+
+
+class SelfTestConfig(_Frozen):
+    """How much ``action=run`` moves through the connector to prove it works."""
+
+    requests: PositiveInt = 4
+    """Requests the driver saves and loads back."""
+    max_bytes: int | str = "64MiB"
+    """Upper bound of the bytes one pass moves; the driver uses fewer blocks when the cache is smaller."""
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _bytes(cls, v: int | str) -> int | str:
+        if parse_bytes(v) <= 0:
+            raise ValueError("max_bytes must be positive")
+        return v
+
+
+def _kv_cache_form(v: Any) -> str:
+    return "explicit" if isinstance(v, dict) and "kv_cache_groups" in v else "compact"
+
+
+class KVConfConfig(_Frozen):
+    """One kvconf job: a connector, a process side, a KV-cache layout, a device and an action."""
+
+    connector: ConnectorConfig
+    """The connector (config group ``connector``)."""
+    role: RoleName
+    """Process side: ``scheduler`` (plans, never allocates KV memory) or ``worker`` (allocates and
+    registers the KV cache). Config group ``role``."""
+    kv_cache: Annotated[
+        Union[Annotated[KVCacheLayout, Tag("compact")], Annotated[KVCacheConfig, Tag("explicit")]],
+        Discriminator(_kv_cache_form),
+    ]
+    """The KV-cache layout (config group ``kv_cache``): compact (``groups`` and ``num_blocks`` or
+    ``memory``) or an explicit KVCacheConfig (``num_blocks``, ``kv_cache_tensors``,
+    ``kv_cache_groups``)."""
+    device: str = "auto"
+    """Where the KV cache lives: ``auto`` (the first GPU if there is one, else ``cpu``), ``cpu``,
+    ``cuda`` or ``cuda:N``."""
+    action: Action = "run"
+    """What to do: ``check`` (validate, resolve, contract, plan; allocate nothing), ``run``
+    (construct, register, self-test, shut down) or ``export`` (print vLLM's --kv-transfer-config)."""
+    output: Output = "text"
+    """``text`` for people, ``json`` for one JSON object on stdout."""
+    debug: bool = False
+    """Print a traceback with errors (so does ``HYDRA_FULL_ERROR=1``)."""
+    self_test: SelfTestConfig = Field(default_factory=SelfTestConfig)
+    """Sizes of the ``action=run`` self-test."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unsupported device {v!r}; allowed: {', '.join(DEVICES_ALLOWED)}")
+        return v
+
+    @property
+    def kv_cache_config(self) -> KVCacheConfig:
+        """The full KVCacheConfig, derived from the compact form when that is what was written."""
+        kv = self.kv_cache
+        return kv.to_config() if isinstance(kv, KVCacheLayout) else kv
+
+
+def validate(data: dict[str, Any]) -> KVConfConfig:
+    """The validated config, or a :class:`ConfigError` with every problem in ``data``."""
+    try:
+        return KVConfConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation_error(exc, KVConfConfig, data)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic errors -> problems
+
+
+def problems_from_validation_error(exc: ValidationError, model: type[BaseModel], data: Any,
+                                   prefix: str = "") -> list[Problem]:
+    """One :class:`Problem` per pydantic error, with clean dotted paths and allowed values."""
+    problems: list[Problem] = []
+    for err in exc.errors():
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, KVCacheInvariantError):
+            problems.extend(inner.problems)
+            continue
+        loc = tuple(err["loc"])
+        path_parts = _clean_loc(loc, data, err["type"])
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + path_parts)
+        etype, msg = err["type"], err["msg"]
+        value: Any = err.get("input", MISSING)
+        allowed = None
+        fix = None
+        typo: Any = MISSING
+        if etype == "extra_forbidden":
+            typo = path_parts[-1]
+            allowed = sorted(_fields_at(model, loc[:-1]) or [])
+            msg = f"unknown key {path_parts[-1]!r}"
+            fix = "remove it or correct its spelling"
+        elif etype == "missing":
+            msg = "required key is missing"
+            value = MISSING
+            fix = f"set {path}=..."
+        elif etype in ("literal_error", "enum"):
+            allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+            msg = "value is not one of the allowed values"
+            fix = f"set {path} to one of the allowed values"
+        elif etype == "union_tag_invalid":
+            allowed = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+            value = ctx.get("tag", value)
+            path = f"{path}.type" if path else "type"
+            msg = "unknown type"
+            fix = f"set {path} to one of the allowed types"
+        elif etype == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            m = re.search(r"allowed: (.*)$", msg)
+            if m:
+                allowed = [a.strip() for a in m.group(1).split(",")]
+                msg = msg[: m.start()].rstrip("; ")
+        else:
+            expected = _expected_type(etype)
+            if expected:
+                fix = f"give {path} {expected}"
+        if isinstance(value, (dict, list)) and etype not in ("extra_forbidden",):
+            value = MISSING if etype in ("missing",) else value
+        problems.append(Problem(path, msg, value=value, allowed=allowed, fix=fix, typo=typo))
+    return problems
+
+
+def _expected_type(etype: str) -> str | None:
+    for key, text in (("int", "an integer"), ("float", "a number"), ("bool", "true or false"),
+                      ("string", "a string"), ("list", "a list"), ("dict", "a mapping"),
+                      ("greater_than", "a larger value"), ("less_than", "a smaller value"),
+                      ("too_short", "more items")):
+        if key in etype:
+            return text
+    return None
+
+
+def _clean_loc(loc: tuple, data: Any, etype: str) -> tuple:
+    """Drop union tags from a pydantic location by walking the input data alongside it."""
+    out = []
+    cur = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif last and etype in ("missing", "extra_forbidden"):
+            out.append(part)
+        elif not isinstance(cur, (dict, list)):
+            out.append(part)
+        # else: a union tag such as 'compact' or 'full_attention': not part of the path
+    return tuple(out)
+
+
+def _fields_at(model: Any, loc: tuple) -> list[str] | None:
+    """Field names of the model found by following ``loc`` (with its union tags) from ``model``."""
+    ann: Any = model
+    for part in loc:
+        ann = _unwrap(ann)
+        members = _union_members(ann)
+        if members is not None:  # this part is the union tag
+            ann = members.get(part)
+            if ann is None:
+                return None
+            continue
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            field = ann.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            ann = field.annotation
+        elif typing.get_origin(ann) is list and isinstance(part, int):
+            ann = typing.get_args(ann)[0]
+        elif typing.get_origin(ann) is dict:
+            ann = typing.get_args(ann)[1]
+        else:
+            return None
+    ann = _unwrap(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return list(ann.model_fields)
+    return None
+
+
+def _unwrap(ann: Any) -> Any:
+    """Strip Annotated and Optional."""
+    while True:
+        if typing.get_origin(ann) is Annotated and not any(
+                isinstance(m, Discriminator) for m in typing.get_args(ann)[1:]):
+            ann = typing.get_args(ann)[0]
+            continue
+        if typing.get_origin(ann) in (Union, types.UnionType):
+            members = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(members) == 1:
+                ann = members[0]
+                continue
+        return ann
+
+
+def _union_members(ann: Any) -> dict[Any, Any] | None:
+    """``tag -> member`` for a tagged union (pydantic puts the tag in error locations), else None."""
+    if typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
+    if typing.get_origin(ann) not in (Union, types.UnionType):
+        return None
+    out = {}
+    for m in typing.get_args(ann):
+        meta = typing.get_args(m)[1:] if typing.get_origin(m) is Annotated else ()
+        base = typing.get_args(m)[0] if meta else m
+        for x in meta:
+            if isinstance(x, Tag):
+                out[x.tag] = base
+        if isinstance(base, type) and issubclass(base, BaseModel) and "type" in base.model_fields:
+            out[base.model_fields["type"].default] = base
+    return out
