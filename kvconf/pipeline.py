@@ -96,7 +96,7 @@ def run_job(data: dict[str, Any]) -> dict[str, Any]:
     worker = role is KVConnectorRole.WORKER
     with job.stage("plan"):
         device = resolve_device(cfg.device)
-        plan = make_plan(kv_cache_config, device, allocates=worker and cfg.action == "run")
+        plan = make_plan(kv_cache_config, device, allocates=worker, check_capacity=cfg.action != "export")
     report = job.report
     report.update({
         "action": cfg.action,
@@ -141,6 +141,8 @@ def _run(job: Job, cfg: KVConfConfig, cls: Any, resolved: factory.Resolved, kv_c
     try:
         kv_caches = None
         if role is KVConnectorRole.WORKER:
+            with job.stage("import_torch"):
+                import torch  # noqa: F401  (timed on its own: it dominates a small run)
             from .allocate import allocate, layer_views
 
             with job.stage("allocate"):

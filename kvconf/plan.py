@@ -27,7 +27,7 @@ class Plan:
     bytes_per_block: int
     total_bytes: int
     allocates: bool
-    """False for role=scheduler, which never allocates KV memory."""
+    """Whether this role allocates the plan: False for role=scheduler, which never allocates KV memory."""
     capacity_bytes: int | None
     """Free memory on the device when the plan was made (None where it cannot be read)."""
     groups: list[dict[str, Any]] = field(default_factory=list)
@@ -98,8 +98,9 @@ def available_bytes(device: str) -> int | None:
     return _nvml_free(int(device.partition(":")[2] or 0))[1]
 
 
-def make_plan(cfg: KVCacheConfig, device: str, *, allocates: bool) -> Plan:
-    """The plan for ``cfg`` on ``device``; a :class:`ConfigError` when a worker's plan does not fit."""
+def make_plan(cfg: KVCacheConfig, device: str, *, allocates: bool, check_capacity: bool = True) -> Plan:
+    """The plan for ``cfg`` on ``device``; a :class:`ConfigError` when a worker's plan does not fit
+    in what the device has free (unless ``check_capacity`` is off, as for an export)."""
     groups = []
     for g in cfg.kv_cache_groups:
         spec = g.kv_cache_spec
@@ -113,7 +114,7 @@ def make_plan(cfg: KVCacheConfig, device: str, *, allocates: bool) -> Plan:
         })
     tensors = [{"size": t.size, "num_layers": len(t.layers), "layer_stride": t.layer_stride,
                 "block_stride": t.block_stride, "offset": t.offset} for t in cfg.kv_cache_tensors]
-    capacity = available_bytes(device) if allocates else None
+    capacity = available_bytes(device) if allocates and check_capacity else None
     plan = Plan(device=device, num_blocks=cfg.num_blocks, bytes_per_block=cfg.bytes_per_block,
                 total_bytes=cfg.total_bytes, allocates=allocates, capacity_bytes=capacity,
                 groups=groups, tensors=tensors)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up kvconf on a Debian machine with Python 3.11: a virtual environment in .venv with the
+# CPU build of torch (on a machine without an NVIDIA GPU), then kvconf and its test tools.
+# Safe to run again: it skips what is already in place.
+#   KVCONF_VENV=/path  use (or create) that environment instead of .venv; a GPU host's existing
+#                      environment keeps its own torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${KVCONF_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+apt_install() {  # installs the Debian packages that are missing
+  local missing=()
+  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || { echo "setup: please install: ${missing[*]}" >&2; return 1; }
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  as_root apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if [ ! -x "$PY" ]; then
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    apt_install python3-venv
+    python3 -m venv "$VENV"
+  fi
+fi
+
+pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    pip install "torch==2.13.0"                      # a GPU host: PyPI's CUDA build
+  else
+    # The CPU build: a local wheel where the machine has one, else PyTorch's CPU index.
+    pip install "torch==2.13.0+cpu" 2>/dev/null \
+      || pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+stamp="$VENV/.kvconf-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then
+  pip install -e ".[test]"
+  echo "$want" > "$stamp"
+fi

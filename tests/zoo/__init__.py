@@ -1,0 +1,1 @@
+"""Connector classes for tests: one per contract case. Imported by module path, as users would."""

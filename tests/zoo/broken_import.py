@@ -1,0 +1,1 @@
+raise RuntimeError("this connector module is broken on purpose")

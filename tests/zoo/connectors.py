@@ -1,0 +1,85 @@
+"""One class per contract case. This module imports no torch, like a user's connector module."""
+
+from typing import Any
+
+from kvconf.connector import KVConnectorBase, KVConnectorMetadata
+from kvconf_connectors.example import ExampleConnector
+
+
+class _Trivial(KVConnectorBase):
+    """Every abstract method, doing nothing."""
+
+    def start_load_kv(self, forward_context, **kwargs): ...
+    def wait_for_layer_load(self, layer_name): ...
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs): ...
+    def wait_for_save(self): ...
+    def get_num_new_matched_tokens(self, request, num_computed_tokens): return 0, False
+    def update_state_after_alloc(self, request, blocks, num_external_tokens): ...
+    def build_connector_meta(self, scheduler_output): return KVConnectorMetadata()
+
+
+class Good(ExampleConnector):
+    """The contract: three positional arguments, passed to the base."""
+
+    def __init__(self, config, role, kv_cache_config):
+        super().__init__(config, role, kv_cache_config)
+
+
+class Legacy(ExampleConnector):
+    """A connector written before vLLM v0.12: two arguments."""
+
+    def __init__(self, config, role):  # type: ignore[override]
+        super().__init__(config, role, None)
+
+
+class KwargsOnly(ExampleConnector):
+    def __init__(self, config, role, **kwargs):
+        super().__init__(config, role, kwargs.get("kv_cache_config"))
+
+
+class KeywordOnly(ExampleConnector):
+    def __init__(self, config, role, *, kv_cache_config):
+        super().__init__(config, role, kv_cache_config)
+
+
+class ExtraRequired(ExampleConnector):
+    def __init__(self, config, role, kv_cache_config, tokenizer):
+        super().__init__(config, role, kv_cache_config)
+
+
+class Swallows(_Trivial):
+    """Takes kv_cache_config but hands the base None."""
+
+    def __init__(self, config, role, kv_cache_config):
+        super().__init__(config, role, None)
+        self.kv = kv_cache_config
+
+
+class Abstract(KVConnectorBase):
+    """Forgets the worker and scheduler methods."""
+
+
+class SkipsBase(_Trivial):
+    """Never calls the base __init__."""
+
+    def __init__(self, config, role, kv_cache_config):
+        self.kept = kv_cache_config
+
+
+class Renamed(ExampleConnector):
+    """A renamed third parameter: vLLM's name check rejects it, the engine's call would work."""
+
+    def __init__(self, config, role, cache_cfg):
+        super().__init__(config, role, cache_cfg)
+
+
+class VarArgs(ExampleConnector):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+
+
+def a_function(config, role, kv_cache_config):
+    return None
+
+
+NOT_A_CLASS = 42

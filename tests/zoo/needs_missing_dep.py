@@ -1,0 +1,1 @@
+import kvconf_no_such_dependency  # noqa: F401
