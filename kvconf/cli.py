@@ -127,6 +127,13 @@ _app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config"
 def main() -> None:
     """Entry point of ``python -m kvconf`` and the ``kvconf`` console script."""
     _state.t0 = time.perf_counter()
+    from .overrides import check_overrides
+
+    try:
+        check_overrides(sys.argv[1:], CONF_DIR)
+    except ConfigError as exc:
+        _report_error(exc, None, None)
+        raise SystemExit(2) from None
     try:
         _app()
     except SystemExit as exc:

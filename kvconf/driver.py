@@ -64,27 +64,35 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
 
     from .pattern import block_pattern
 
-    scheduler = type(worker)(worker.config, KVConnectorRole.SCHEDULER, worker.kv_cache_config)
+    cls, cfg = type(worker), worker.kv_cache_config
+    # A producer saves and a consumer loads: the side that ``worker`` is not is played by a twin
+    # with the other kv_role and the same engine_id, as the other instance of a P/D pair would.
+    saver = worker if worker.is_producer else _twin(worker, "kv_producer", kv_caches)
+    loader = worker if worker.is_consumer else _twin(worker, "kv_consumer", kv_caches)
+    sched_save = cls(saver.config, KVConnectorRole.SCHEDULER, cfg)
+    sched_load = sched_save if loader is saver else cls(loader.config, KVConnectorRole.SCHEDULER, cfg)
+    owned = {id(c): c for c in (saver, loader, sched_save, sched_load) if c is not worker}
     try:
         wl = plan_workload(worker, settings)
         views = _byte_views(kv_caches)
         layers = list(views)
-        n_groups = len(worker.kv_cache_config.kv_cache_groups)
+        n_groups = len(cfg.kv_cache_groups)
         per_req = wl.blocks_per_request
         half = wl.requests * per_req
         save_ids = [list(range(r * per_req, (r + 1) * per_req)) for r in range(wl.requests)]
-        other = worker.kv_cache_config.num_blocks - half
+        other = cfg.num_blocks - half
         load_base = half if other >= half else 0
         load_ids = [[load_base + b for b in ids] for ids in save_ids] if load_base else save_ids
 
-        def forward(r: int, ids: list[int]) -> None:
+        def forward(conn: KVConnectorBase, r: int, ids: list[int]) -> None:
             for li, name in enumerate(layers):
-                worker.wait_for_layer_load(name)
+                conn.wait_for_layer_load(name)
                 for j, b in enumerate(ids):
                     views[name][b].copy_(block_pattern(r, li, j, views[name].shape[1]))
-                worker.save_kv_layer(name, kv_caches[name], None)
+                conn.save_kv_layer(name, kv_caches[name], None)
 
-        def step(reqs: list[tuple[Request, list[int]]], compute: bool) -> int:
+        def step(scheduler: KVConnectorBase, conn: KVConnectorBase, reqs: list[tuple[Request, list[int]]],
+                 compute: bool) -> int:
             matched_total = 0
             for req, ids in reqs:
                 matched, _async = scheduler.get_num_new_matched_tokens(req, 0)
@@ -96,17 +104,17 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
             if not isinstance(meta, KVConnectorMetadata):
                 raise ConnectorRuntimeError(Problem("connector", f"build_connector_meta returned "
                                                     f"{type(meta).__name__}, not KVConnectorMetadata"))
-            worker.bind_connector_metadata(meta)
-            worker.start_load_kv(None)
+            conn.bind_connector_metadata(meta)
+            conn.start_load_kv(None)
             if compute:
-                for r, (req, ids) in enumerate(reqs):
-                    forward(int(req.request_id.split("-")[1]), ids)
+                for req, ids in reqs:
+                    forward(conn, int(req.request_id.split("-")[1]), ids)
             else:
                 for name in layers:
-                    worker.wait_for_layer_load(name)
-            worker.wait_for_save()
-            worker.get_finished({r.request_id for r, _ in reqs})
-            worker.clear_connector_metadata()
+                    conn.wait_for_layer_load(name)
+            conn.wait_for_save()
+            conn.get_finished({r.request_id for r, _ in reqs})
+            conn.clear_connector_metadata()
             for req, ids in reqs:
                 scheduler.request_finished(req, ids)
             return matched_total
@@ -114,15 +122,15 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
         page_bytes = sum(v.shape[1] for v in views.values())
         t0 = time.perf_counter()
         first = [(Request(f"save-{r}", wl.prompt(r)), save_ids[r]) for r in range(wl.requests)]
-        preexisting = step(first, compute=True)
+        preexisting = step(sched_save, saver, first, compute=True)
         t_save = time.perf_counter() - t0
         for v in views.values():
             v.zero_()
         t1 = time.perf_counter()
         second = [(Request(f"load-{r}", wl.prompt(r)), load_ids[r]) for r in range(wl.requests)]
-        matched = step(second, compute=False)
+        matched = step(sched_load, loader, second, compute=False)
         t_load = time.perf_counter() - t1
-        errors = worker.get_block_ids_with_load_errors()
+        errors = loader.get_block_ids_with_load_errors()
 
         expect_tokens = wl.requests * per_req * wl.block_size
         bad = []
@@ -157,7 +165,16 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
                                                 fix="the connector's save or load path is wrong"))
         return result
     finally:
-        scheduler.shutdown()
+        for conn in owned.values():
+            conn.shutdown()
+
+
+def _twin(worker: KVConnectorBase, kv_role: str, kv_caches: dict[str, "torch.Tensor"]) -> KVConnectorBase:
+    """A worker-side connector like ``worker`` but with the other data direction."""
+    twin = type(worker)(worker.config.model_copy(update={"kv_role": kv_role}), KVConnectorRole.WORKER,
+                        worker.kv_cache_config)
+    twin.register_kv_caches(kv_caches)
+    return twin
 
 
 def _scheduler_only(scheduler: KVConnectorBase, settings: Any) -> dict[str, Any]:
