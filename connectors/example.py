@@ -31,7 +31,7 @@ from kvconf.units import parse_bytes
 class ExampleExtra(BaseModel):
     """Settings of the example connector."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     capacity: int | str = "1GiB"
     """Most bytes the host store keeps; when full, the least recently used blocks are dropped."""

@@ -21,7 +21,7 @@ Protocol = Literal[Auto, Tcp, Rdma]
 class MooncakeExtra(BaseModel):
     """Settings of the mooncake connector."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     protocol: Protocol = "auto"
     """Transport: ``rdma``, ``tcp``, or ``auto`` (RDMA when an RDMA device exists, else TCP; the

@@ -21,7 +21,7 @@ EvictionPolicy = Literal[Lru]
 class OffloadingExtra(BaseModel):
     """Settings of the offloading connector (vLLM's names)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cpu_bytes_to_use: int | str
     """Host memory for offloaded blocks (``4GiB``, bytes); replaces vLLM's retired ``num_cpu_blocks``."""

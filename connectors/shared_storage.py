@@ -18,7 +18,7 @@ from ._unfinished import UnfinishedConnector
 class SharedStorageExtra(BaseModel):
     """Settings of the shared_storage connector."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     shared_storage_path: str = "/tmp/kvconf_shared_storage"
     """Directory the blocks are saved under (vLLM's key)."""

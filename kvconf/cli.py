@@ -52,14 +52,17 @@ def _want_traceback(data: Any) -> bool:
 
 
 def _task(cfg: DictConfig) -> None:
+    """The task Hydra's main runs (once, or once per job of a sweep)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    hc = HydraConfig.get()
+    _execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)")
+
+
+def _execute(cfg: DictConfig, *, multirun: bool, label: str) -> None:
     _state.task_started = True
     compose_s = time.perf_counter() - _state.t0
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    label = " ".join(hc.overrides.task) or "(defaults)"
     data: Any = None
     code = 0
     try:
@@ -110,18 +113,40 @@ def _emit(report: dict[str, Any], output: str) -> None:
     print(render_text(report))
 
 
-def _store_help() -> None:
+def _store_help(full: bool) -> None:
     cs = ConfigStore.instance()
     cs.store(group="hydra/help", name="kvconf", package="hydra.help", node={
         "app_name": "kvconf",
         "header": "kvconf: declare, validate and start KV-cache connectors.",
         "footer": "Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.",
-        "template": help_template(),
+        "template": help_template() if full else "",
     })
 
 
-_store_help()
+_store_help(full=False)
 _app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)
+
+
+def _plain_run(argv: list[str]) -> bool:
+    """A single run with overrides only: no flag, no sweep, nothing under ``hydra``. Such a run is
+    composed once through Hydra's compose API (Hydra's main composes twice: once to learn the
+    mode); every other command line goes through Hydra's main."""
+    return not any(a.startswith("-") or a.lstrip("+~").startswith("hydra") for a in argv)
+
+
+def _compose_and_run(overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="kvconf"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except Exception as exc:  # composition failed: Hydra's message, as its main would print it
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in lines), file=sys.stderr)
+        raise SystemExit(2) from None
+    _execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)")
 
 
 def main() -> None:
@@ -134,6 +159,12 @@ def main() -> None:
     except ConfigError as exc:
         _report_error(exc, None, None)
         raise SystemExit(2) from None
+    argv = sys.argv[1:]
+    if _plain_run(argv):
+        _compose_and_run(argv)
+        return
+    if "--help" in argv or "-h" in argv:
+        _store_help(full=True)
     try:
         _app()
     except SystemExit as exc:

@@ -44,8 +44,11 @@ def describe(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) ->
 
 def help_template() -> str:
     """Hydra's help template for kvconf ($APP_CONFIG_GROUPS and $CONFIG are Hydra's)."""
+    from .docs import document
     from .kvcache import FullAttentionGroup, KVCacheLayout, MambaGroup, MLAGroup, SlidingWindowGroup
     from .schema import ConnectorConfig, KVConfConfig, SelfTestConfig
+
+    document(KVConfConfig, FullAttentionGroup, SlidingWindowGroup, MLAGroup, MambaGroup)
 
     parts = [
         "${hydra.help.header}",

@@ -72,7 +72,7 @@ DEFAULT_LAYER_NAME = "model.layers.{i}.self_attn.attn"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class KVCacheInvariantError(ValueError):

@@ -74,7 +74,7 @@ DEVICES_ALLOWED = ("auto", "cpu", "cuda", "cuda:N")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ConnectorConfig(_Frozen):
