@@ -118,7 +118,8 @@ def test_legacy_connector_exits_2_without_traceback_allocation_or_torch(workdir,
     assert "contract error" in proc.stderr and "Legacy(config, role)" in proc.stderr
     assert "fix: accept kv_cache_config as the third argument" in proc.stderr
     seen = json.loads(probe.read_text())
-    assert seen == {"exit": 2, "torch": False, "allocate": False, "cuda_initialized": False}
+    assert seen == {"exit": 2, "torch": False, "allocate": False, "cuda_initialized": False,
+                    "connector_modules": ["kvconf_connectors.example"]}  # the base Legacy subclasses
 
 
 def test_legacy_connector_in_json_mode_reports_the_verdict_on_stdout(workdir):

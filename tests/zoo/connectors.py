@@ -83,3 +83,7 @@ def a_function(config, role, kv_cache_config):
 
 
 NOT_A_CLASS = 42
+
+
+# A class named like a built-in connector: with connector.module_path set, this one must win.
+example = Good

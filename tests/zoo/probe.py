@@ -14,5 +14,6 @@ except SystemExit as exc:
 with open(os.environ["KVCONF_PROBE"], "w") as f:
     json.dump({"exit": code, "torch": "torch" in sys.modules,
                "allocate": "kvconf.allocate" in sys.modules,
+               "connector_modules": sorted(m for m in sys.modules if m.startswith("kvconf_connectors.")),
                "cuda_initialized": bool("torch" in sys.modules and sys.modules["torch"].cuda.is_initialized())}, f)
 sys.exit(code)
