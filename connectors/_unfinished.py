@@ -20,7 +20,7 @@ class UnfinishedConnector(KVConnectorBase):
             "connector.name", f"the {name} connector's data path is not implemented yet ({self.issue})",
             value=name, fix=f"use action=check or action=export with connector={name}, or connector=example to run"))
 
-    def self_test(self, kv_caches: Any, settings: Any) -> dict[str, Any]:
+    def self_test(self, kv_caches: Any, ctx: Any) -> dict[str, Any]:
         raise self._missing()
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:

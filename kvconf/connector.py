@@ -31,6 +31,7 @@ __all__ = [
     "KVConnectorRole",
     "Request",
     "SchedulerOutput",
+    "SelfTestContext",
     "block_hashes",
 ]
 
@@ -81,6 +82,18 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
 
 
+@dataclass
+class SelfTestContext:
+    """What ``action=run`` and ``action=serve`` give a connector besides its KV caches."""
+
+    settings: Any
+    """The job's ``self_test`` settings."""
+    data: dict[str, Any]
+    """The whole composed config as plain data, to start a peer process with."""
+    device: str
+    output: str = "text"
+
+
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     """Chained hashes of the full blocks of ``token_ids``: block ``i``'s hash covers every token up
     to the end of block ``i``, so two prompts that share a prefix share its block hashes.
@@ -108,6 +121,14 @@ class KVConnectorBase(ABC):
     """The name vLLM registers the equivalent connector under (``MooncakeConnector``), if any."""
     vllm_extra_keys: ClassVar[dict[str, str]] = {}
     """``extra`` field -> key of vLLM's ``kv_connector_extra_config``, for ``action=export``."""
+    can_serve: ClassVar[bool] = False
+    """Whether ``action=serve`` (a long-lived producer for separate consumers) applies."""
+
+    @classmethod
+    def check_environment(cls, extra: Any, role: "KVConnectorRole") -> list[Any]:
+        """Problems (``kvconf.errors.Problem``) with what the connector needs installed; checked
+        with the contract, before anything is allocated. Default: none."""
+        return []
 
     def __init__(self, config: "ConnectorConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
@@ -209,12 +230,16 @@ class KVConnectorBase(ABC):
         return False, None
 
     # ---- kvconf --------------------------------------------------------------------------------
-    def self_test(self, kv_caches: Optional[dict[str, "torch.Tensor"]], settings: Any) -> dict[str, Any]:
+    def self_test(self, kv_caches: Optional[dict[str, "torch.Tensor"]], ctx: SelfTestContext) -> dict[str, Any]:
         """What ``action=run`` does once the connector is up: by default, kvconf's driver saves
         blocks with a known pattern through this connector, loads them back and verifies every byte."""
         from .driver import run_self_test
 
-        return run_self_test(self, kv_caches, settings)
+        return run_self_test(self, kv_caches, ctx.settings)
+
+    def serve(self, kv_caches: Optional[dict[str, "torch.Tensor"]], ctx: SelfTestContext) -> dict[str, Any]:
+        """What ``action=serve`` does: serve peers until SIGINT or SIGTERM (``can_serve`` connectors)."""
+        raise NotImplementedError
 
     @classmethod
     def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:

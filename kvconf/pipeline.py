@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from . import contract, factory
-from .connector import KVConnectorRole
+from .connector import KVConnectorRole, SelfTestContext
 from .errors import ConfigError, ConnectorRuntimeError, ContractError, KVConfError, Problem
 from .plan import make_plan, resolve_device
 from .schema import KVConfConfig, problems_from_validation_error, validate
@@ -73,12 +73,25 @@ def load(job: Job) -> None:
                 problems.extend(exc.problems)
                 contract_error = True
         model = getattr(job.cls, "extra_config", None)
+        extra = connector.get("extra") or {}
+        extra_ok = True
         if model is not None:
-            extra = connector.get("extra") or {}
             try:
-                model.model_validate(extra)
+                extra = model.model_validate(extra)
             except ValidationError as exc:
+                extra_ok = False
                 problems.extend(problems_from_validation_error(exc, model, extra, prefix="connector.extra"))
+        if job.cls is not None and extra_ok and job.cfg is not None:
+            if job.cfg.action == "serve" and job.cfg.role != "worker":
+                problems.append(Problem("role", "action=serve needs the worker side: it holds the KV cache it "
+                                        "serves", value=job.cfg.role, allowed=["worker"], fix="set role=worker"))
+            if job.cfg.action == "serve" and not getattr(job.cls, "can_serve", False):
+                problems.append(Problem("action", f"the {name} connector cannot serve: action=serve is for "
+                                        "peer-to-peer connectors (mooncake)", value="serve",
+                                        allowed=["check", "run", "export"], fix="use action=run"))
+            if job.cfg.action in ("run", "serve"):
+                with job.stage("environment"):
+                    problems.extend(job.cls.check_environment(extra, KVConnectorRole.from_name(job.cfg.role)))
     if problems:
         only_contract = contract_error and all(p.path.startswith("connector.name") or
                                                p.path.startswith("connector.module_path") for p in problems)
@@ -114,7 +127,7 @@ def run_job(data: dict[str, Any]) -> dict[str, Any]:
         from .export import to_vllm
 
         report["kv_transfer_config"] = to_vllm(cfg.connector, cls)
-    elif cfg.action == "run":
+    elif cfg.action in ("run", "serve"):
         _run(job, cfg, cls, resolved, kv_cache_config, role, device)
     return report
 
@@ -156,9 +169,14 @@ def _run(job: Job, cfg: KVConfConfig, cls: Any, resolved: factory.Resolved, kv_c
             report["allocated_bytes"] = sum(b.numel() * b.element_size() for b in buffers)
             with job.stage("register"):
                 connector.register_kv_caches(kv_caches)
-        with job.stage("self_test"):
+        ctx = SelfTestContext(settings=cfg.self_test, data=job.data, device=device, output=cfg.output)
+        serve = cfg.action == "serve"
+        with job.stage(cfg.action if serve else "self_test"):
             try:
-                report["self_test"] = connector.self_test(kv_caches, cfg.self_test)
+                if serve:
+                    report["serve"] = connector.serve(kv_caches, ctx)
+                else:
+                    report["self_test"] = connector.self_test(kv_caches, ctx)
             except KVConfError:
                 raise
             except Exception as exc:

@@ -61,7 +61,8 @@ LoadFailurePolicy = Literal[Fail, Recompute]
 Check = Literal["check"]
 Run = Literal["run"]
 Export = Literal["export"]
-Action = Literal[Check, Run, Export]
+Serve = Literal["serve"]
+Action = Literal[Check, Run, Export, Serve]
 
 Text = Literal["text"]
 Json = Literal["json"]
@@ -132,13 +133,18 @@ class SelfTestConfig(_Frozen):
     requests: PositiveInt = 4
     """Requests the driver saves and loads back."""
     max_bytes: int | str = "64MiB"
-    """Upper bound of the bytes one pass moves; the driver uses fewer blocks when the cache is smaller."""
+    """Upper bound of the bytes one save or load pass moves; the driver uses fewer blocks when the
+    cache is smaller."""
+    transfer_bytes: int | str = "64MiB"
+    """Bytes a two-process self-test (mooncake) moves in all, in rounds that each fit the KV cache."""
+    timeout: float = Field(120.0, gt=0)
+    """Seconds a two-process self-test may take before it gives up on its peer."""
 
-    @field_validator("max_bytes")
+    @field_validator("max_bytes", "transfer_bytes")
     @classmethod
     def _bytes(cls, v: int | str) -> int | str:
         if parse_bytes(v) <= 0:
-            raise ValueError("max_bytes must be positive")
+            raise ValueError("must be a positive size")
         return v
 
 
@@ -166,7 +172,8 @@ class KVConfConfig(_Frozen):
     ``cuda`` or ``cuda:N``."""
     action: Action = "run"
     """What to do: ``check`` (validate, resolve, contract, plan; allocate nothing), ``run``
-    (construct, register, self-test, shut down) or ``export`` (print vLLM's --kv-transfer-config)."""
+    (construct, register, self-test, shut down), ``export`` (print vLLM's --kv-transfer-config) or
+    ``serve`` (a long-lived producer for consumers started separately, until SIGINT or SIGTERM)."""
     output: Output = "text"
     """``text`` for people, ``json`` for one JSON object on stdout."""
     debug: bool = False
