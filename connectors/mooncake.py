@@ -443,6 +443,7 @@ class MooncakeConnector(KVConnectorBase):
         """Serves consumers until SIGINT or SIGTERM (or ``stop``): prefills requests on demand and
         pushes their blocks into the consumer's memory."""
         server = _Producer(self)
+        server.verbose = announce
         stop = stop or threading.Event()
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -487,6 +488,8 @@ class _Producer:
         self.sock: Any = None
         self.served = self.failed = self.bytes = self.rejected = 0
         self.busy: set[str] = set()
+        self.verbose = False
+        """One line on stderr per request served (``action=serve``)."""
 
     def bind(self) -> str:
         import zmq
@@ -629,6 +632,9 @@ class _Producer:
             self.free.extend(self.prefilled.pop(msg.request_id, []))
             self.served += 1
             self.bytes += nbytes
+            if self.verbose:
+                print(f"served {msg.request_id}: {nbytes} B in {(time.perf_counter() - t0) * 1000:.1f} ms "
+                      f"to {msg.session}", file=sys.stderr, flush=True)
         else:
             self.failed += 1
             log.warning("transfer of %s failed: %s", msg.request_id, reason)
@@ -775,16 +781,25 @@ def _run_as_consumer(conn: MooncakeConnector, kv_caches: dict[str, Any], ctx: Se
         recomputed: list[str] = []
         mismatched = 0
         deadline_total = time.monotonic() + settings.timeout
+        producer_gone = False
         for rnd in range(rounds):
+            if producer_gone:
+                break
             reqs = []
             for r in range(requests):
                 seed = rnd * requests + r
                 rid = f"req-{conn.config.engine_id[:8]}-{seed}"
                 ids = list(range(r * per_req, (r + 1) * per_req))
+                if producer_gone:
+                    failures[rid] = f"the producer at {peer} stopped answering"
+                    failed += 1
+                    continue
                 try:
                     pack = ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=per_req), conn.extra.transfer_timeout)
                 except TimeoutError:
-                    pack = sc.PrefillAck(request_id=rid, ok=False, reason="the producer did not answer the prefill")
+                    producer_gone = True
+                    pack = sc.PrefillAck(request_id=rid, ok=False, reason=f"the producer at {peer} did not answer "
+                                         f"the prefill within {conn.extra.transfer_timeout:g} s (transfer_timeout)")
                 if not getattr(pack, "ok", False):
                     failures[rid] = getattr(pack, "reason", "prefill failed")
                     failed += 1
@@ -817,6 +832,8 @@ def _run_as_consumer(conn: MooncakeConnector, kv_caches: dict[str, Any], ctx: Se
             for rid in waiting - finished:
                 round_failures.setdefault(rid, f"no result within the self-test's {settings.timeout:g} s")
             failures.update(round_failures)
+            if any("within" in why for why in round_failures.values()):
+                producer_gone = True  # it stopped answering: the remaining requests fail at once
             for req, ids, seed in reqs:
                 if req.request_id in round_failures:
                     failed += 1

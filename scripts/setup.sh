@@ -41,6 +41,16 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
+# The Mooncake Transfer Engine (the mooncake connector) and the Debian libraries it links.
+if ! "$PY" -c "import mooncake.engine" 2>/dev/null; then
+  apt_install libibverbs1 librdmacm1 libnuma1
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    pip install "mooncake-transfer-engine"            # CUDA 12 hosts (CUDA 13: mooncake-transfer-engine-cuda13)
+  else
+    pip install "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+  fi
+fi
+
 stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then

@@ -76,9 +76,10 @@ def test_misspelt_override_key_exits_2_with_did_you_mean(workdir):
 
 
 def test_runtime_failure_exits_1(workdir):
-    proc = run_kvconf("connector=mooncake", cwd=workdir)
+    proc = run_kvconf("connector.module_path=zoo.connectors", "connector.name=FailsAtRuntime", cwd=workdir)
     assert proc.returncode == 1
-    assert "runtime error" in proc.stderr and "Traceback" not in proc.stderr
+    assert "runtime error" in proc.stderr and "the disk is on fire" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_cfg_job_prints_the_composed_config(workdir):
@@ -123,12 +124,13 @@ def test_user_config_dir_typo_is_reported_with_its_path(workdir, tmp_path):
 
 
 def test_multirun_reports_a_failing_job_and_runs_the_others(workdir):
-    proc = run_kvconf("-m", "connector=example,mooncake", "kv_cache=tiny,llama3_8b", "output=json", cwd=workdir)
+    proc = run_kvconf("-m", "connector.module_path=zoo.connectors", "connector.name=Good,FailsAtRuntime",
+                      "kv_cache=tiny,llama3_8b", "output=json", cwd=workdir)
     assert proc.returncode == 1
     outs = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(outs) == 4
     assert [o["ok"] for o in outs].count(True) == 2
-    assert "2 of 4 jobs failed" in proc.stderr and "connector=mooncake kv_cache=tiny" in proc.stderr
+    assert "2 of 4 jobs failed" in proc.stderr and "connector.name=FailsAtRuntime kv_cache=tiny" in proc.stderr
 
 
 def test_runs_from_any_working_directory_with_python_m(tmp_path):

@@ -87,3 +87,10 @@ NOT_A_CLASS = 42
 
 # A class named like a built-in connector: with connector.module_path set, this one must win.
 example = Good
+
+
+class FailsAtRuntime(Good):
+    """Passes the contract, then its load path breaks."""
+
+    def start_load_kv(self, forward_context, **kwargs):
+        raise OSError("the disk is on fire")

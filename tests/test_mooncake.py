@@ -1,0 +1,243 @@
+"""The mooncake connector moves real KV blocks between two processes through the Mooncake
+Transfer Engine (TCP on loopback); every test stops every process it starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, json_out, kvconf_env, run_kvconf
+
+pytest.importorskip("mooncake.engine", reason="the Mooncake Transfer Engine is not installed (scripts/setup.sh)")
+
+MiB = 1 << 20
+
+
+def kvconf_procs() -> list[int]:
+    """PIDs of kvconf peer processes still alive (none may outlive a test)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"kvconf.peer" in cmd or (b"kvconf" in cmd and b"action=serve" in cmd):
+                out.append(int(d.name))
+    return out
+
+
+class Producer:
+    """``python -m kvconf connector=mooncake ... action=serve`` in the background."""
+
+    def __init__(self, cwd: Path, *overrides: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvconf", "connector=mooncake", "role=worker", "connector.kv_role=kv_producer",
+             "action=serve", "output=json", *overrides],
+            cwd=cwd, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.address = self._read_until(self.proc.stdout, "serving on ", 60).split("serving on ", 1)[1].strip()
+
+    def _read_until(self, stream, prefix: str, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(stream, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.1):
+                line = stream.readline()
+                if line.startswith(prefix):
+                    return line
+                if not line and self.proc.poll() is not None:
+                    break
+        self.proc.kill()
+        raise AssertionError(f"producer never printed {prefix!r}: {self.proc.stderr.read()}")
+
+    def wait_served(self, timeout: float = 60) -> str:
+        return self._read_until(self.proc.stderr, "served ", timeout)
+
+    def stop(self, sig=signal.SIGTERM) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def producer(workdir):
+    made = []
+
+    def start(*overrides: str) -> Producer:
+        p = Producer(workdir, *overrides)
+        made.append(p)
+        return p
+
+    yield start
+    for p in made:
+        p.kill()
+
+
+def test_headline_command_moves_64_MiB_verified_between_two_processes(workdir):
+    proc = run_kvconf("connector=mooncake", "role=worker", "output=json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    st = json_out(proc)["self_test"]
+    assert st["verified"] is True and st["bytes"] >= 64 * MiB and st["peer_started"] is True
+    assert st["transport"] == "tcp" and "no RDMA device" in st["transport_reason"]
+    assert st["seconds"] > 0 and st["gbps"] > 0
+    assert kvconf_procs() == []
+
+
+def test_text_report_names_the_transport(workdir):
+    proc = run_kvconf("connector=mooncake", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "transport tcp" in proc.stdout and "verified" in proc.stdout
+
+
+def test_a_producer_started_by_run_starts_and_verifies_a_consumer(workdir):
+    proc = run_kvconf("connector=mooncake", "connector.kv_role=kv_producer", "output=json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    st = json_out(proc)["self_test"]
+    assert st["verified"] and st["bytes"] >= 64 * MiB and st["served_requests"] == st["loaded_requests"]
+
+
+def test_two_terminal_serve_workflow(workdir, producer):
+    p = producer()
+    host, port = p.address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", "action=run",
+                          f"connector.extra.peer={p.address}", "self_test.requests=3", "output=json", cwd=workdir)
+    assert consumer.returncode == 0, consumer.stderr
+    st = json_out(consumer)["self_test"]
+    assert st["verified"] and st["peer_started"] is False and st["peer"] == p.address
+    code, out, err = p.stop(signal.SIGTERM)
+    assert code == 0, err
+    report = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert report["serve"]["served_requests"] == st["loaded_requests"]
+    with socket.socket() as s:  # the side-channel port is free again
+        s.bind((host, int(port)))
+    assert kvconf_procs() == []
+
+
+def test_sigint_stops_the_producer_cleanly(workdir, producer):
+    p = producer()
+    code, _, err = p.stop(signal.SIGINT)
+    assert code == 0, err
+
+
+def test_producer_keeps_serving_after_garbage_on_the_side_channel(workdir, producer):
+    import msgpack
+    import zmq
+
+    p = producer()
+    host, port = p.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as raw:  # not even zmq
+        raw.sendall(os.urandom(4096))
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{p.address}")
+    for junk in (b"\xff\x00garbage", msgpack.packb({"v": 99, "type": "hello"}),
+                 msgpack.packb({"v": 1, "type": "transfer", "request_id": "x"}), msgpack.packb([1, 2, 3]),
+                 b"x" * (5 * MiB)):
+        s.send(junk)
+    replies = []
+    while s.poll(2000):
+        replies.append(msgpack.unpackb(s.recv()))
+        if len(replies) == 4:
+            break
+    s.close()
+    assert [r["type"] for r in replies] == ["rejected"] * 4
+    assert "msgpack" in replies[0]["reason"] and "version" in replies[1]["reason"]
+    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
+                          "self_test.requests=2", cwd=workdir)
+    assert consumer.returncode == 0, consumer.stderr
+    code, out, err = p.stop()
+    assert code == 0 and "rejected a side-channel message" in err
+    assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["rejected_messages"] >= 4
+
+
+def consumer_against(p: Producer, workdir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvconf", "connector=mooncake", "connector.kv_role=kv_consumer",
+         f"connector.extra.peer={p.address}", "kv_cache=llama3_8b", "self_test.transfer_bytes=16GiB",
+         "connector.extra.transfer_timeout=2", "output=json", *overrides],
+        cwd=workdir, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_producer_fails_requests_within_the_timeout(workdir, producer):
+    p = producer("kv_cache=llama3_8b")
+    c = consumer_against(p, workdir)
+    try:
+        p.wait_served()
+        p.proc.kill()
+        killed = time.monotonic()
+        out, err = c.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        c.kill()
+    assert c.returncode == 1, err
+    assert "failed to load" in err and "kv_load_failure_policy=fail" in err
+    assert elapsed < 2 * 2 + 3  # a transfer timeout, then the next prefill's, plus start-up slack
+    out_json = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert out_json["ok"] is False and out_json["error"]["exit_code"] == 1
+
+
+def test_killed_producer_with_policy_recompute_marks_requests_for_recompute(workdir, producer):
+    p = producer("kv_cache=llama3_8b")
+    c = consumer_against(p, workdir, "connector.kv_load_failure_policy=recompute")
+    try:
+        p.wait_served()
+        p.proc.kill()
+        out, err = c.communicate(timeout=60)
+    finally:
+        c.kill()
+    assert c.returncode == 0, err
+    st = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["self_test"]
+    assert st["recomputed"] and st["failed_requests"] == len(st["recomputed"])
+    assert st["loaded_requests"] >= 1 and st["verified"] is True
+
+
+def test_unreachable_producer_fails_within_the_handshake_timeout(workdir):
+    from kvconf.sidechannel import free_port
+
+    t0 = time.monotonic()
+    proc = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer",
+                      f"connector.extra.peer=127.0.0.1:{free_port()}", "connector.extra.handshake_timeout=1",
+                      cwd=workdir)
+    assert proc.returncode == 1 and "did not answer within 1 s" in proc.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_missing_engine_exits_2_with_the_install_command(workdir, tmp_path):
+    env = kvconf_env()
+    env["PYTHONPATH"] = f"{TESTS / 'fake_mooncake'}:{env['PYTHONPATH']}"
+    proc = run_kvconf("connector=mooncake", "role=worker", cwd=workdir, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install mooncake-transfer-engine-non-cuda" in proc.stderr
+    assert "apt-get install libibverbs1 librdmacm1 libnuma1" in proc.stderr
+    assert "Traceback" not in proc.stderr and "libibverbs.so.1" in proc.stderr
+
+
+def test_scheduler_side_needs_no_engine(workdir):
+    env = kvconf_env()
+    env["PYTHONPATH"] = f"{TESTS / 'fake_mooncake'}:{env['PYTHONPATH']}"
+    proc = run_kvconf("connector=mooncake", "role=scheduler", "output=json", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json_out(proc)["allocated_bytes"] == 0
+
+
+def test_serve_is_refused_for_a_connector_that_cannot_serve(workdir):
+    proc = run_kvconf("action=serve", cwd=workdir)
+    assert proc.returncode == 2 and "cannot serve" in proc.stderr
