@@ -488,6 +488,10 @@ class _Producer:
         self.sock: Any = None
         self.served = self.failed = self.bytes = self.rejected = 0
         self.busy: set[str] = set()
+        self.session_locks: "collections.defaultdict[str, threading.Lock]" = collections.defaultdict(threading.Lock)
+        """Pushes to one consumer go one at a time: concurrent batches to the same peer contend for
+        its TCP lanes (measured: 4 at once gave a third of one's throughput); different consumers
+        are served in parallel by up to ``num_workers`` threads."""
         self.verbose = False
         """One line on stderr per request served (``action=serve``)."""
 
@@ -615,15 +619,16 @@ class _Producer:
                     _coalesce(src, dst, lens, base, stride, region.base, region.block_stride, page,
                               src_ids, msg.block_ids)
                 else:
-                    for i in range(0, len(src), MAX_BATCH):
-                        rc = conn._engine.batch_transfer_sync_write(msg.session, src[i:i + MAX_BATCH],
-                                                                    dst[i:i + MAX_BATCH], lens[i:i + MAX_BATCH])
-                        if rc != 0:
-                            reason = (f"the transfer engine returned {rc} writing to {msg.session} "
-                                      "(the consumer is gone, or the addresses are outside its registered memory)")
-                            break
-                    else:
-                        status, nbytes = "done", sum(lens)
+                    with self.session_locks[msg.session]:
+                        for i in range(0, len(src), MAX_BATCH):
+                            rc = conn._engine.batch_transfer_sync_write(msg.session, src[i:i + MAX_BATCH],
+                                                                        dst[i:i + MAX_BATCH], lens[i:i + MAX_BATCH])
+                            if rc != 0:
+                                reason = (f"the transfer engine returned {rc} writing to {msg.session} (the "
+                                          "consumer is gone, or the addresses are outside its registered memory)")
+                                break
+                        else:
+                            status, nbytes = "done", sum(lens)
         except Exception as exc:  # a sender thread must always answer
             reason = f"{type(exc).__name__}: {exc}"
         finally:

@@ -1,0 +1,191 @@
+"""kvconf's mooncake connector against the bare Mooncake engine, same blocks, same two processes.
+
+    .venv/bin/python benchmarks/bench_mooncake.py [--reps 5]
+
+For each block size (16 KiB, 256 KiB, 2 MiB) a producer process is started with one KV layer of
+that page size. The consumer (this process) then, alternately:
+- connector: fetches the blocks through the connector's real path (scheduler metadata,
+  ``start_load_kv``, side-channel request, producer push, per-request result), timed from
+  ``start_load_kv`` to the last result; every byte is verified after each repetition;
+- bare: asks the producer over a control socket to ``batch_transfer_sync_write`` the same source
+  blocks into the same destination blocks (batches of at most 1024 entries), timed inside the
+  producer around the engine calls alone.
+Destination blocks are a random permutation of the consumer's pool, as paged KV is scattered, so
+no transfer can be coalesced. Prints a table of median GB/s and the ratio; asserts nothing.
+Goal (issue #3): connector >= 0.8x bare at each size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+
+SIZES = [(16 << 10, 8192), (256 << 10, 1024), (2 << 20, 128)]  # (block bytes, blocks per repetition)
+REQUESTS = 4
+
+
+def build(block: int, num_blocks: int, kv_role: str):
+    from kvconf.allocate import allocate, layer_views
+    from kvconf.connector import KVConnectorRole
+    from kvconf.kvcache import KVCacheLayout
+    from kvconf.schema import ConnectorConfig
+    from kvconf_connectors.mooncake import MooncakeConnector
+
+    cfg = KVCacheLayout(num_layers=1, block_size=1, dtype="uint8", num_blocks=num_blocks,
+                        groups=[{"type": "full_attention", "num_kv_heads": 1, "head_size": block // 2}]).to_config()
+    extra = {"protocol": "tcp", "num_workers": int(os.environ.get("BENCH_WORKERS", "10"))}
+    conn = MooncakeConnector(ConnectorConfig(name="mooncake", kv_role=kv_role, extra=extra),
+                             KVConnectorRole.WORKER, cfg)
+    buffers = allocate(cfg, "cpu")
+    views = layer_views(cfg, buffers)
+    conn.register_kv_caches(views)
+    return conn, cfg, buffers
+
+
+def producer(block: int, num_blocks: int) -> None:
+    """Child: serves the connector's side channel and a control socket for bare-engine writes."""
+    import zmq
+
+    from kvconf_connectors.mooncake import MAX_BATCH, _Producer
+
+    conn, cfg, buffers = build(block, num_blocks, "kv_producer")
+    server = _Producer(conn)
+    address = server.bind()
+    stop = threading.Event()
+    serving = threading.Thread(target=server.run, args=(stop,), daemon=True)
+    serving.start()
+    ctl = zmq.Context.instance().socket(zmq.REP)
+    ctl_port = ctl.bind_to_random_port("tcp://127.0.0.1")
+    print(json.dumps({"address": address, "control": ctl_port}), flush=True)
+    base, stride, page = conn._regions[next(iter(conn._regions))]
+    while True:
+        cmd = json.loads(ctl.recv())
+        if cmd["op"] == "quit":
+            ctl.send(b"{}")
+            break
+        src = [base + s * stride for s in cmd["src"]]
+        dst = [cmd["dst_base"] + d * cmd["dst_stride"] for d in cmd["dst"]]
+        lens = [page] * len(src)
+        t0 = time.perf_counter()
+        rc = 0
+        for i in range(0, len(src), MAX_BATCH):
+            rc |= conn._engine.batch_transfer_sync_write(cmd["session"], src[i:i + MAX_BATCH], dst[i:i + MAX_BATCH],
+                                                         lens[i:i + MAX_BATCH])
+        ctl.send(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0}).encode())
+    stop.set()
+    serving.join()
+    server.close()
+    conn.shutdown()
+    ctl.close(linger=0)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def consumer(block: int, num_blocks: int, reps: int) -> dict:
+    import torch
+    import zmq
+
+    from kvconf import sidechannel as sc
+    from kvconf.connector import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
+    from kvconf.pattern import block_pattern
+    from kvconf_connectors.mooncake import MooncakeConnector
+
+    child = subprocess.Popen([sys.executable, __file__, "--producer", str(block), str(num_blocks)],
+                             stdout=subprocess.PIPE, text=True)
+    info = json.loads(child.stdout.readline())
+    conn, cfg, buffers = build(block, num_blocks, "kv_consumer")
+    view = next(iter(conn._views.values()))
+    base, stride, page = conn._regions[next(iter(conn._regions))]
+    scheduler = MooncakeConnector(conn.config, KVConnectorRole.SCHEDULER, cfg)
+    zctx = zmq.Context.instance()
+    control = zctx.socket(zmq.DEALER)
+    control.connect(f"tcp://{info['address']}")
+    bare = zctx.socket(zmq.REQ)
+    bare.connect(f"tcp://127.0.0.1:{info['control']}")
+
+    def ask(msg):
+        control.send(sc.encode(msg))
+        return sc.decode(control.recv())
+
+    ask(sc.Hello(engine_id=conn.config.engine_id))
+    rng = random.Random(7)
+    per = num_blocks // REQUESTS
+    results = {"connector": [], "bare": []}
+    for rep in range(reps + 1):  # the first is a warm-up
+        dst = list(range(num_blocks))
+        rng.shuffle(dst)
+        # connector: prefill (untimed), then the engine's load path
+        reqs = []
+        for r in range(REQUESTS):
+            rid = f"bench-{rep}-{r}"
+            ack = ask(sc.Prefill(request_id=rid, seed=rep * REQUESTS + r, num_blocks=per))
+            assert ack.ok, ack.reason
+            ids = dst[r * per:(r + 1) * per]
+            req = Request(rid, [0] * per, {"do_remote_prefill": True, "remote_address": info["address"]})
+            n, _ = scheduler.get_num_new_matched_tokens(req, 0)
+            scheduler.update_state_after_alloc(req, KVCacheBlocks((ids,)), n)
+            reqs.append((rid, ids, rep * REQUESTS + r))
+        meta = scheduler.build_connector_meta(SchedulerOutput())
+        waiting = {rid for rid, _, _ in reqs}
+        t0 = time.perf_counter()
+        conn.bind_connector_metadata(meta)
+        conn.start_load_kv(None)
+        while waiting:
+            _, done = conn.get_finished(set())
+            waiting -= done or set()
+            if waiting:
+                conn.wait_for_results(0.05)
+        dt = time.perf_counter() - t0
+        failures = conn.take_failures()
+        assert not failures, failures
+        for rid, ids, seed in reqs:
+            for j, b in enumerate(ids):
+                assert torch.equal(view[b], block_pattern(seed, 0, j, page)), f"block {b} of {rid} differs"
+        # bare engine: the same source blocks into the same destination blocks
+        src = list(range(num_blocks))
+        bare.send(json.dumps({"op": "write", "session": conn._session, "src": src, "dst": dst,
+                              "dst_base": base, "dst_stride": stride}).encode())
+        reply = json.loads(bare.recv())
+        assert reply["rc"] == 0
+        if rep:
+            results["connector"].append(num_blocks * page / dt / 1e9)
+            results["bare"].append(num_blocks * page / reply["seconds"] / 1e9)
+    bare.send(b'{"op": "quit"}')
+    bare.recv()
+    child.wait(timeout=30)
+    control.close(linger=0)
+    bare.close(linger=0)
+    scheduler.shutdown()
+    conn.shutdown()
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--producer", nargs=2, type=int)
+    args = p.parse_args()
+    if args.producer:
+        producer(*args.producer)
+        return
+    print(f"{'block':>8} {'blocks':>6} {'connector GB/s':>15} {'bare GB/s':>10} {'ratio':>6}   (median of {args.reps})")
+    for block, n in SIZES:
+        r = consumer(block, n, args.reps)
+        c, b = statistics.median(r["connector"]), statistics.median(r["bare"])
+        label = f"{block >> 10} KiB" if block < 1 << 20 else f"{block >> 20} MiB"
+        print(f"{label:>8} {n:>6} {c:>15.2f} {b:>10.2f} {c / b:>6.2f}   "
+              f"connector {min(r['connector']):.2f}-{max(r['connector']):.2f}, bare {min(r['bare']):.2f}-{max(r['bare']):.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
