@@ -483,7 +483,7 @@ class _Producer:
         self.free = collections.deque(range(self.num_blocks))
         self.prefilled: "collections.OrderedDict[str, list[int]]" = collections.OrderedDict()
         self.pool = ThreadPoolExecutor(max_workers=conn.extra.num_workers, thread_name_prefix="kvconf-mooncake-send")
-        self.results: "queue.Queue[tuple[bytes, bytes]]" = queue.Queue()
+        self.results: "queue.Queue[tuple[bytes, bytes, str]]" = queue.Queue()
         self.waker = _Waker()
         self.sock: Any = None
         self.served = self.failed = self.bytes = self.rejected = 0
@@ -527,8 +527,7 @@ class _Producer:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.waker.r, zmq.POLLIN)
         while not stop.is_set():
-            while not self.results.empty():
-                self.sock.send_multipart(self.results.get())
+            self.send_results()
             ready = dict(poller.poll(timeout=100))
             if self.waker.r in ready:
                 self.waker.drain()
@@ -548,8 +547,16 @@ class _Producer:
                 self.sock.send_multipart([ident, sc.encode(sc.Rejected(reason=str(exc)))])
                 continue
             self.handle(ident, msg)
+        self.send_results()
+
+    def send_results(self) -> None:
+        """Answers finished transfers (only this thread touches the socket); in ``action=serve``
+        logs one line per request once its answer is on its way."""
         while not self.results.empty():
-            self.sock.send_multipart(self.results.get())
+            ident, payload, note = self.results.get()
+            self.sock.send_multipart([ident, payload])
+            if note and self.verbose:
+                print(note, file=sys.stderr, flush=True)
 
     def handle(self, ident: bytes, msg: Any) -> None:
         from kvconf import sidechannel as sc
@@ -637,15 +644,15 @@ class _Producer:
             self.free.extend(self.prefilled.pop(msg.request_id, []))
             self.served += 1
             self.bytes += nbytes
-            if self.verbose:
-                print(f"served {msg.request_id}: {nbytes} B in {(time.perf_counter() - t0) * 1000:.1f} ms "
-                      f"to {msg.session}", file=sys.stderr, flush=True)
+            note = (f"served {msg.request_id}: {nbytes} B in {(time.perf_counter() - t0) * 1000:.1f} ms "
+                    f"to {msg.session}")
         else:
             self.failed += 1
+            note = ""
             log.warning("transfer of %s failed: %s", msg.request_id, reason)
         result = sc.TransferResult(request_id=msg.request_id, status=status, reason=reason, bytes=nbytes,
                                    seconds=time.perf_counter() - t0)
-        self.results.put((ident, sc.encode(result)))
+        self.results.put((ident, sc.encode(result), note))
         self.waker.wake()
 
 

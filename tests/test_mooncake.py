@@ -199,6 +199,7 @@ def test_killed_producer_with_policy_recompute_marks_requests_for_recompute(work
     c = consumer_against(p, workdir, "connector.kv_load_failure_policy=recompute")
     try:
         p.wait_served()
+        p.wait_served()  # the first request's answer has surely left
         p.proc.kill()
         out, err = c.communicate(timeout=60)
     finally:
