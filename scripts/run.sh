@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${KVCONF_VENV:-.venv}/bin/python" -m kvconf connector=example role=worker "$@"
+exec "${KVCONF_VENV:-.venv}/bin/python" -m kvconf connector=mooncake role=worker "$@"
