@@ -162,9 +162,11 @@ def _run(job: Job, cfg: KVConfConfig, cls: Any, resolved: factory.Resolved, kv_c
                 try:
                     buffers = allocate(kv_cache_config, device)
                 except (RuntimeError, AssertionError) as exc:
+                    cpu_torch = "not compiled with CUDA" in str(exc)
                     raise ConnectorRuntimeError(Problem(
                         "device", f"allocating {kv_cache_config.total_bytes} B on {device} failed: {exc}",
-                        value=device, fix="choose another device, or a smaller kv_cache")) from exc
+                        value=device, fix="this torch is a CPU build: use device=cpu (or auto), or install a CUDA "
+                        "build of torch" if cpu_torch else "choose another device, or a smaller kv_cache")) from exc
                 kv_caches = layer_views(kv_cache_config, buffers)
             report["allocated_bytes"] = sum(b.numel() * b.element_size() for b in buffers)
             with job.stage("register"):

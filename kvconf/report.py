@@ -22,6 +22,8 @@ def render_text(r: dict[str, Any]) -> str:
     ]
     if plan.get("capacity_bytes") is not None:
         lines.append(f"  capacity   {format_bytes(plan['capacity_bytes'])} free on {r['device']}")
+    elif plan.get("allocates") and r["action"] in ("check", "run", "serve"):
+        lines.append(f"  capacity   unknown on {r['device']} (no NVML here to read free GPU memory)")
     if r["action"] == "run":
         lines.append(f"  allocated  {format_bytes(r['allocated_bytes'])} on {r['device']}"
                      + ("" if r["role"] == "worker" else " (the scheduler side never allocates KV memory)"))
