@@ -207,6 +207,11 @@ class KVConnectorBase(ABC):
         """Block ids whose load failed since the last call."""
         return set()
 
+    def get_load_error_reasons(self) -> dict[int, str]:
+        """kvconf: why each block in ``get_block_ids_with_load_errors`` failed (the file, the
+        check that failed); call it first, as that call clears the errors."""
+        return {}
+
     def shutdown(self) -> None:
         """Releases everything the connector holds."""
 
@@ -223,6 +228,9 @@ class KVConnectorBase(ABC):
     @abstractmethod
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """This step's metadata for the workers; resets the step's state."""
+
+    def update_connector_output(self, finished_sending: set[str], finished_recving: set[str]) -> None:
+        """Takes in what the workers reported this step (vLLM's ``update_connector_output``)."""
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         """Whether the request's blocks must stay allocated (an asynchronous save), and the
