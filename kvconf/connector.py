@@ -229,6 +229,10 @@ class KVConnectorBase(ABC):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """This step's metadata for the workers; resets the step's state."""
 
+    def get_save_errors(self) -> dict[str, str]:
+        """kvconf: request id -> why its blocks could not be saved, since the last call."""
+        return {}
+
     def update_connector_output(self, finished_sending: set[str], finished_recving: set[str]) -> None:
         """Takes in what the workers reported this step (vLLM's ``update_connector_output``)."""
 

@@ -176,7 +176,21 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
                     conn.save_kv_layer(name, kv_caches[name], None)
                 conn.wait_for_save()
                 tally.seconds += time.perf_counter() - t1
-                tally.saved_blocks += per - loaded
+                save_errors = conn.get_save_errors()
+                if save_errors:
+                    why = save_errors.get(req.request_id, next(iter(save_errors.values())))
+                    if policy == "fail":
+                        raise ConnectorRuntimeError(Problem(
+                            "self_test", f"request {req.request_id}: its blocks could not be saved "
+                            "(kv_load_failure_policy=fail)", details=(why,),
+                            fix="make the tier writable; with connector.kv_load_failure_policy=recompute the "
+                                "request goes on and later requests recompute what is missing"))
+                    recompute_reasons[req.request_id] = why
+                    report_failed = getattr(scheduler, "report_save_failed", None)
+                    if report_failed is not None:
+                        report_failed(req.request_id)
+                else:
+                    tally.saved_blocks += per - loaded
             else:
                 tally.misses += per - loaded
                 fill(r, ids, range(loaded, per))  # what the connector did not have is recomputed
@@ -208,7 +222,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
             "bytes": saved + loaded_bytes,
             "saved_bytes": saved,
             "loaded_bytes": loaded_bytes,
-            "verified": mismatched == 0 and load_tally.hits > 0,
+            "verified": mismatched == 0 and (load_tally.hits > 0 or bool(recompute_reasons)),
             "seconds": round(seconds, 6),
             "gbps": round((saved + loaded_bytes) / seconds / 1e9, 3) if seconds > 0 else None,
             "requests": wl.requests,
@@ -227,7 +241,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
             raise ConnectorRuntimeError(Problem(
                 "self_test", f"the self-test failed: {mismatched} block(s) differ from what was saved (first: {where})",
                 fix="the connector's save or load path is wrong"))
-        if load_tally.hits == 0:
+        if load_tally.hits == 0 and not recompute_reasons:
             raise ConnectorRuntimeError(Problem(
                 "self_test", "the self-test failed: the connector loaded nothing back of what it saved",
                 fix="check the connector's capacity and its scheduler side (get_num_new_matched_tokens)"))
