@@ -176,8 +176,10 @@ class OffloadingConnector(TierConnector):
 
         super().register_kv_caches(kv_caches)
         rows = self.index.slots * self.chunk_blocks
-        # one (rows, page) pool per layer: row = slot x chunk_blocks + block within the chunk
-        self._pool = {n: torch.empty((rows, v.shape[1]), dtype=torch.uint8) for n, v in self._views.items()}
+        # one (rows, page) pool per layer: row = slot x chunk_blocks + block within the chunk. Zeroed,
+        # so its pages are faulted in now rather than during saves (fresh memory copies at ~4 GB/s
+        # here, touched memory at ~18), and the host memory the tier is given is really held.
+        self._pool = {n: torch.zeros((rows, v.shape[1]), dtype=torch.uint8) for n, v in self._views.items()}
 
     def _rows(self, chunk: Chunk) -> range:
         return range(chunk.place * self.chunk_blocks, (chunk.place + 1) * self.chunk_blocks)
