@@ -25,15 +25,15 @@ from kvconf.connector import (
     SchedulerOutput,
     block_hashes,
 )
-from kvconf.units import parse_bytes
+from kvconf.units import ByteSize, parse_bytes
 
 
 class ExampleExtra(BaseModel):
     """Settings of the example connector."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    capacity: int | str = "1GiB"
+    capacity: ByteSize = "1GiB"
     """Most bytes the host store keeps; when full, the least recently used blocks are dropped."""
 
     @field_validator("capacity")

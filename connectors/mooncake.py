@@ -56,7 +56,7 @@ MAX_BATCH = 1024
 class MooncakeExtra(BaseModel):
     """Settings of the mooncake connector."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     protocol: Protocol = "auto"
     """Transport: ``rdma``, ``tcp``, or ``auto`` (RDMA when an RDMA device exists, else TCP; the

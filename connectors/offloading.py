@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
 
 from kvconf.errors import ConfigError, Problem
-from kvconf.units import format_bytes, parse_bytes
+from kvconf.units import ByteSize, format_bytes, parse_bytes
 
 from ._tier import Chunk, TierConnector, TierOp
 
@@ -25,9 +25,9 @@ EvictionPolicy = Literal[Lru]
 class OffloadingExtra(BaseModel):
     """Settings of the offloading connector (vLLM's names)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    cpu_bytes_to_use: int | str
+    cpu_bytes_to_use: ByteSize
     """Host memory for offloaded blocks (``4GiB``, bytes); replaces vLLM's retired ``num_cpu_blocks``."""
     block_size: PositiveInt | None = None
     """Tokens per offload chunk, a multiple of the KV cache's block size; unset means the same."""

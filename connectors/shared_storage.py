@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from kvconf.units import parse_bytes
+from kvconf.units import ByteSize, parse_bytes
 
 from ._tier import Chunk, TierConnector, TierOp
 
@@ -36,11 +36,11 @@ SUFFIX = ".kvseg"
 class SharedStorageExtra(BaseModel):
     """Settings of the shared_storage connector."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     shared_storage_path: str = "/tmp/kvconf_shared_storage"
     """Directory the blocks are saved under (vLLM's key); created if missing."""
-    capacity: int | str | None = None
+    capacity: ByteSize | None = None
     """Most bytes kept under the directory for this layout; the oldest files go first. Unset: no limit."""
 
     @field_validator("capacity")

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from .errors import Problem
-from .units import UNITS_HELP, format_bytes, parse_bytes
+from .units import ByteSize, UNITS_HELP, format_bytes, parse_bytes
 
 __all__ = [
     "DTYPE_BYTES",
@@ -72,7 +72,7 @@ DEFAULT_LAYER_NAME = "model.layers.{i}.self_attn.attn"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class KVCacheInvariantError(ValueError):
@@ -391,7 +391,7 @@ class KVCacheLayout(_Frozen):
     """Element type, for every group that does not set its own."""
     num_blocks: PositiveInt | None = None
     """Blocks per layer. Give this or ``memory``, not both."""
-    memory: int | str | None = None
+    memory: ByteSize | None = None
     """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
     largest count that fits. Give this or ``num_blocks``, not both."""
     groups: list[GroupLayout] = Field(min_length=1)

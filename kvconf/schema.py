@@ -28,7 +28,7 @@ from pydantic import (
 
 from .errors import MISSING, ConfigError, Problem
 from .kvcache import KVCacheConfig, KVCacheInvariantError, KVCacheLayout
-from .units import parse_bytes
+from .units import SIZE_PATTERN, UNITS_HELP, ByteSize, parse_bytes
 
 __all__ = [
     "Action",
@@ -75,7 +75,7 @@ DEVICES_ALLOWED = ("auto", "cpu", "cuda", "cuda:N")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ConnectorConfig(_Frozen):
@@ -84,7 +84,7 @@ class ConnectorConfig(_Frozen):
     name: str = Field(min_length=1)
     """A registered connector name (``example``, ``mooncake``, ...), or the class name inside
     ``module_path``."""
-    module_path: str | None = None
+    module_path: str | None = Field(None, json_schema_extra={"pattern": r"\S"})
     """Importable module holding the class ``name``; when set it wins over the registry (as in vLLM
     since PR #38301). Leave it unset (null) to use the registry; an empty string is an error."""
     kv_role: KVRole
@@ -132,17 +132,17 @@ class SelfTestConfig(_Frozen):
 
     requests: PositiveInt = 4
     """Requests the driver saves and loads back."""
-    max_bytes: int | str = "64MiB"
+    max_bytes: ByteSize = "64MiB"
     """Upper bound of the bytes one save or load pass moves; the driver uses fewer blocks when the
     cache is smaller."""
-    transfer_bytes: int | str = "64MiB"
+    transfer_bytes: ByteSize = "64MiB"
     """Bytes a two-process self-test (mooncake) moves in all, in rounds that each fit the KV cache."""
     timeout: float = Field(120.0, gt=0)
     """Seconds a two-process self-test may take before it gives up on its peer."""
 
     @field_validator("max_bytes", "transfer_bytes")
     @classmethod
-    def _bytes(cls, v: int | str) -> int | str:
+    def _bytes(cls, v: ByteSize) -> ByteSize:
         if parse_bytes(v) <= 0:
             raise ValueError("must be a positive size")
         return v
@@ -167,7 +167,7 @@ class KVConfConfig(_Frozen):
     """The KV-cache layout (config group ``kv_cache``): compact (``groups`` and ``num_blocks`` or
     ``memory``) or an explicit KVCacheConfig (``num_blocks``, ``kv_cache_tensors``,
     ``kv_cache_groups``)."""
-    device: str = "auto"
+    device: str = Field("auto", json_schema_extra={"pattern": _DEVICE.pattern})
     """Where the KV cache lives: ``auto`` (the first GPU if there is one, else ``cpu``), ``cpu``,
     ``cuda`` or ``cuda:N``."""
     action: Action = "run"
@@ -254,8 +254,16 @@ def problems_from_validation_error(exc: ValidationError, model: type[BaseModel],
             expected = _expected_type(etype)
             if expected:
                 fix = f"give {path} {expected}"
-        if isinstance(value, (dict, list)) and etype not in ("extra_forbidden",):
-            value = MISSING if etype in ("missing",) else value
+        size_msg, size_fix = f"not a size: expected {UNITS_HELP}", f"give {path} a size such as 2GiB"
+        if etype == "string_pattern_mismatch" and ctx.get("pattern") == SIZE_PATTERN:
+            msg, fix = size_msg, size_fix
+        if problems and problems[-1].path == path and problems[-1].value == value:
+            prev = problems[-1]  # another branch of the same union: one problem
+            if size_msg in (msg, prev.message):
+                problems[-1] = Problem(path, size_msg, value=value, fix=size_fix)
+            elif msg not in prev.message:
+                problems[-1] = Problem(path, f"{prev.message}; or {msg}", value=value, allowed=prev.allowed, fix=prev.fix)
+            continue
         problems.append(Problem(path, msg, value=value, allowed=allowed, fix=fix, typo=typo))
     return problems
 
@@ -284,9 +292,7 @@ def _clean_loc(loc: tuple, data: Any, etype: str) -> tuple:
             cur = cur[part]
         elif last and etype in ("missing", "extra_forbidden"):
             out.append(part)
-        elif not isinstance(cur, (dict, list)):
-            out.append(part)
-        # else: a union tag such as 'compact' or 'full_attention': not part of the path
+        # else: a union tag such as 'compact', 'full_attention' or 'constrained-str': not part of the path
     return tuple(out)
 
 

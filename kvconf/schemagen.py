@@ -1,12 +1,16 @@
-"""JSON Schemas of the config groups, generated from the pydantic models into ``schemas/``.
+"""JSON Schemas (draft 2020-12) of the config, generated from the pydantic models into ``schemas/``.
 
-``python -m kvconf.schemagen`` writes them; ``--check`` exits 1 and names each stale file. Editors
-use them through the ``# yaml-language-server: $schema=...`` line at the top of every conf/ YAML.
+``python -m kvconf.schemagen`` writes them; ``--check`` writes nothing and exits 1 naming each stale
+file and what changed in it (the test suite runs it). One schema for the whole composed config and
+one per config group (connector, role, kv_cache); a built-in connector's ``extra`` settings are
+checked by its own model's schema, chosen by ``name`` (``if``/``then``), as kvconf validates them.
+Editors use the schemas through the ``# yaml-language-server: $schema=...`` line of every conf/ YAML.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,21 +23,52 @@ __all__ = ["generate", "main"]
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
+def _extras() -> dict[str, Any]:
+    """``registry name -> extra-settings model`` of the built-in connectors."""
+    from .factory import _REGISTRY
+
+    out = {}
+    for name, (module, cls_name) in _REGISTRY.items():
+        model = getattr(getattr(importlib.import_module(module), cls_name), "extra_config", None)
+        if model is not None:
+            out[name] = model
+    return out
+
+
+def _with_extras(connector: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The connector schema, its ``extra`` checked by the named built-in connector's model."""
+    rules = []
+    for name, model in _extras().items():
+        sub = model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        defs[model.__name__] = sub
+        rules.append({
+            "if": {"properties": {"name": {"const": name}, "module_path": {"type": "null"}}, "required": ["name"]},
+            "then": {"properties": {"extra": {"$ref": f"#/$defs/{model.__name__}"}}},
+        })
+    return {**connector, "allOf": rules}
+
+
 def generate() -> dict[str, dict[str, Any]]:
     """``file name -> schema`` for the whole config and each config group."""
     from .docs import document
     from .kvcache import KVCacheConfig, KVCacheLayout
     from .schema import ConnectorConfig, KVConfConfig
 
-    document(KVConfConfig, KVCacheLayout, KVCacheConfig)
+    document(KVConfConfig, KVCacheLayout, KVCacheConfig, *_extras().values())
 
     def doc(schema: dict[str, Any], title: str) -> dict[str, Any]:
         return {"$schema": DIALECT, "title": title, **{k: v for k, v in schema.items() if k != "title"}}
 
+    config = KVConfConfig.model_json_schema()
+    config["$defs"]["ConnectorConfig"] = _with_extras(config["$defs"]["ConnectorConfig"], config["$defs"])
+    connector = ConnectorConfig.model_json_schema()
+    connector_defs = connector.setdefault("$defs", {})
+    connector = _with_extras(connector, connector_defs)
     role = KVConfConfig.model_fields["role"]
     return {
-        "config.schema.json": doc(KVConfConfig.model_json_schema(), "kvconf config"),
-        "connector.schema.json": doc(ConnectorConfig.model_json_schema(), "kvconf connector"),
+        "config.schema.json": doc(config, "kvconf config"),
+        "connector.schema.json": doc(connector, "kvconf connector"),
         "kv_cache.schema.json": doc(TypeAdapter(Union[KVCacheLayout, KVCacheConfig]).json_schema(),
                                     "kvconf kv_cache"),
         "role.schema.json": doc({"type": "object", "additionalProperties": False, "required": ["role"],
@@ -42,27 +77,48 @@ def generate() -> dict[str, dict[str, Any]]:
     }
 
 
+def _changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """JSON-pointer-like paths where ``old`` and ``new`` differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            p = f"{path}/{k}"
+            if k not in old:
+                out.append(f"added {p}")
+            elif k not in new:
+                out.append(f"removed {p}")
+            else:
+                out.extend(_changes(old[k], new[k], p))
+        return out
+    return [] if old == new else [f"changed {path or '/'}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvconf.schemagen", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"),
                    help="folder of the schema files (default: the repository's schemas/)")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is missing or stale")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 naming what is stale")
     args = p.parse_args(argv)
     out = Path(args.out)
-    stale = []
-    for name, schema in generate().items():
+    schemas = generate()
+    stale: list[str] = []
+    for name, schema in schemas.items():
         text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
         path = out / name
         if path.exists() and path.read_text() == text:
             continue
-        stale.append(name)
-        if not args.check:
+        if args.check:
+            old = json.loads(path.read_text()) if path.exists() else None
+            what = _changes(old, schema) if old is not None else ["missing"]
+            stale.append(f"{path}: " + ", ".join(what[:8]) + (f", ... ({len(what)} in all)" if len(what) > 8 else ""))
+        else:
             out.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+            stale.append(name)
     if args.check and stale:
-        print(f"stale JSON Schemas in {out}: {', '.join(stale)}; run: python -m kvconf.schemagen", file=sys.stderr)
+        print("stale JSON Schemas (run: python -m kvconf.schemagen):\n  " + "\n  ".join(stale), file=sys.stderr)
         return 1
-    print(f"{'checked' if args.check else 'wrote'} {len(generate())} schemas in {out}"
+    print(f"{'checked' if args.check else 'wrote'} {len(schemas)} schemas in {out}"
           + (f" ({len(stale)} updated)" if stale and not args.check else ""))
     return 0
 

@@ -46,7 +46,7 @@ MAX_MESSAGE_BYTES = 4 << 20
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     v: Literal[1] = 1
 

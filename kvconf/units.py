@@ -16,6 +16,9 @@ Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal units (kB, MB, GB,
 from __future__ import annotations
 
 import re
+from typing import Annotated, Union
+
+from pydantic import Field, PositiveInt
 
 _UNITS = {
     "": 1,
@@ -28,6 +31,10 @@ _UNITS = {
     "mib": 1024**2,
     "gib": 1024**3,
     "tib": 1024**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
     "kb": 1000,
     "mb": 1000**2,
     "gb": 1000**3,
@@ -35,6 +42,11 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 UNITS_HELP = "an integer number of bytes, or a number with a unit: B, KiB, MiB, GiB, TiB, kB, MB, GB, TB"
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT][iI]?[bB]?|[bB])?\s*$"
+"""What a size written as a string looks like (the same in pydantic and the JSON Schema)."""
+
+ByteSize = Union[PositiveInt, Annotated[str, Field(pattern=SIZE_PATTERN)]]
+"""A positive number of bytes, or a string such as ``2GiB``."""
 
 
 def parse_bytes(value: int | str) -> int:
