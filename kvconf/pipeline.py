@@ -8,6 +8,7 @@ KV memory exists. Everything up to construction imports no torch and touches no 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -91,7 +92,14 @@ def load(job: Job) -> None:
                                         allowed=["check", "run", "export"], fix="use action=run"))
             if job.cfg.action in ("run", "serve"):
                 with job.stage("environment"):
-                    problems.extend(job.cls.check_environment(extra, KVConnectorRole.from_name(job.cfg.role)))
+                    role = KVConnectorRole.from_name(job.cfg.role)
+                    if role is KVConnectorRole.WORKER and importlib.util.find_spec("torch") is None:
+                        problems.append(Problem(
+                            "role", "the worker side allocates the KV cache with torch, which is not installed",
+                            value="worker", fix="pip install torch --index-url https://download.pytorch.org/whl/cpu "
+                            "(CPU-only machines; or bash scripts/setup.sh), pip install torch on a GPU host; "
+                            "action=check and role=scheduler work without it"))
+                    problems.extend(job.cls.check_environment(extra, role))
     if problems:
         only_contract = contract_error and all(p.path.startswith("connector.name") or
                                                p.path.startswith("connector.module_path") for p in problems)

@@ -196,3 +196,17 @@ def test_config_error_is_a_value_error_too(base):
     with pytest.raises(ValueError):
         run_job(edit(base, "role", "both"))
     assert issubclass(ConfigError, ValueError) and issubclass(ContractError, ValueError)
+
+
+def test_worker_run_without_torch_says_how_to_install_it(compose, monkeypatch):
+    import importlib.util
+
+    import kvconf.pipeline as pipeline
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(ConfigError) as exc:
+        run_job(compose("action=run"))
+    (p,) = exc.value.problems
+    assert "torch" in p.message and "download.pytorch.org/whl/cpu" in p.fix
+    assert run_job(compose("action=check"))["contract"] == "ok"  # checks need no torch
