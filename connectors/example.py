@@ -166,3 +166,6 @@ class ExampleConnector(KVConnectorBase):
         if self.role is KVConnectorRole.WORKER:
             self._views.clear()
             _STORES.pop(self.config.engine_id, None)
+            with self._store.lock:
+                self._store.blocks.clear()
+                self._store.used = 0

@@ -286,3 +286,4 @@ class SharedStorageConnector(TierConnector):
         super().shutdown()
         self._staging = {}
         self._headers = {}
+        self._arena = self._read_buf = None

@@ -24,7 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
 from .help import help_template
 
-__all__ = ["CONF_DIR", "main"]
+__all__ = ["CONF_DIR", "SUBCOMMANDS", "main"]
+
+SUBCOMMANDS = {"validate": "kvconf.validate", "check-connector": "kvconf.check_connector"}
+"""``kvconf NAME ...`` runs these tools instead of the Hydra app (no override is a bare word)."""
 
 
 def _conf_dir() -> str:
@@ -152,6 +155,10 @@ def _compose_and_run(overrides: list[str]) -> None:
 def main() -> None:
     """Entry point of ``python -m kvconf`` and the ``kvconf`` console script."""
     _state.t0 = time.perf_counter()
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:  # kvconf validate ..., kvconf check-connector ...
+        import importlib
+
+        raise SystemExit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     from .overrides import check_overrides
 
     try:

@@ -152,6 +152,19 @@ def _kv_cache_form(v: Any) -> str:
     return "explicit" if isinstance(v, dict) and "kv_cache_groups" in v else "compact"
 
 
+KVCacheInput = Annotated[
+    Union[Annotated[KVCacheLayout, Tag("compact")], Annotated[KVCacheConfig, Tag("explicit")]],
+    Discriminator(_kv_cache_form),
+]
+"""The ``kv_cache`` group: the compact form, or an explicit KVCacheConfig (it has ``kv_cache_groups``)."""
+
+
+class KVCacheGroupFile(_Frozen):
+    """What a ``kv_cache/*.yaml`` file holds, under its group's key."""
+
+    kv_cache: KVCacheInput
+
+
 class KVConfConfig(_Frozen):
     """One kvconf job: a connector, a process side, a KV-cache layout, a device and an action."""
 
@@ -160,10 +173,7 @@ class KVConfConfig(_Frozen):
     role: RoleName
     """Process side: ``scheduler`` (plans, never allocates KV memory) or ``worker`` (allocates and
     registers the KV cache). Config group ``role``."""
-    kv_cache: Annotated[
-        Union[Annotated[KVCacheLayout, Tag("compact")], Annotated[KVCacheConfig, Tag("explicit")]],
-        Discriminator(_kv_cache_form),
-    ]
+    kv_cache: KVCacheInput
     """The KV-cache layout (config group ``kv_cache``): compact (``groups`` and ``num_blocks`` or
     ``memory``) or an explicit KVCacheConfig (``num_blocks``, ``kv_cache_tensors``,
     ``kv_cache_groups``)."""

@@ -94,3 +94,11 @@ class FailsAtRuntime(Good):
 
     def start_load_kv(self, forward_context, **kwargs):
         raise OSError("the disk is on fire")
+
+
+class LeaksCaches(Good):
+    """Keeps the KV cache after shutdown()."""
+
+    def register_kv_caches(self, kv_caches):
+        super().register_kv_caches(kv_caches)
+        self.kept = dict(kv_caches)

@@ -1,0 +1,388 @@
+"""``kvconf validate``: config files and config-group combinations checked for CI, with no torch,
+no GPU and no allocation.
+
+    kvconf validate FILE...                 group files (group from the folder, or --group) or whole configs
+    kvconf validate --matrix [--config-dir DIR]   every combination of the groups' options, through
+                                            validation, the contract check and the memory plan
+    --format text|json|github               github: one ``::error file=F,line=L,col=C::message`` per error
+
+Every error names the file, the line and column of the offending key (from the YAML's own
+positions), the key path, the bad value and the fix. Exit codes: 0 all valid, 1 something
+invalid, 2 usage error (unknown flag, missing file). Also ``python -m kvconf.validate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import ConfigError, KVConfError, MISSING, Problem
+
+__all__ = ["Finding", "main", "positions", "validate_file", "validate_matrix"]
+
+GROUPS = ("connector", "role", "kv_cache")
+
+
+@dataclass
+class Finding:
+    """One error, where it is."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+    value: Any = None
+    fix: str | None = None
+    combination: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"file": self.file, "line": self.line, "column": self.column, "path": self.path,
+               "message": self.message}
+        if self.value is not None:
+            out["value"] = self.value if isinstance(self.value, (str, int, float, bool)) else repr(self.value)
+        if self.fix:
+            out["fix"] = self.fix
+        if self.combination:
+            out["combination"] = self.combination
+        return out
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    failed_combinations: dict[str, list[Finding]] = field(default_factory=dict)
+
+
+# ---- positions -------------------------------------------------------------------------------------
+
+
+def positions(text: str) -> dict[tuple, tuple[int, int]]:
+    """``key path -> (line, column)`` (1-based) of every mapping key and sequence item in a YAML text."""
+    out: dict[tuple, tuple[int, int]] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                out[p] = (k.start_mark.line + 1, k.start_mark.column + 1)
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                p = path + (i,)
+                out[p] = (item.start_mark.line + 1, item.start_mark.column + 1)
+                walk(item, p)
+
+    if root is not None:
+        out[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
+        walk(root, ())
+    return out
+
+
+def _locate(pos: dict[tuple, tuple[int, int]], path: str) -> tuple[int, int]:
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in path.split(".") if p] if path else []
+    while parts and tuple(parts) not in pos:
+        parts.pop()
+    return pos.get(tuple(parts), (1, 1))
+
+
+def _findings(file: str, text: str, problems: Iterable[Problem], strip: str = "",
+              combination: str | None = None) -> list[Finding]:
+    pos = positions(text)
+    out = []
+    for p in problems:
+        rel = p.path
+        if strip and (rel == strip or rel.startswith(strip + ".")):
+            rel = rel[len(strip) + 1:]
+        line, col = _locate(pos, rel)
+        hint = p.suggestion()
+        msg = p.message + (f" (did you mean {hint}?)" if hint else "")
+        if p.allowed is not None and p.value is not MISSING:
+            msg += f"; allowed: {', '.join(str(a) for a in p.allowed)}"
+        out.append(Finding(file, line, col, p.path, msg, None if p.value is MISSING else p.value, p.fix, combination))
+    return out
+
+
+# ---- one file --------------------------------------------------------------------------------------
+
+
+def _group_problems(group: str, data: Any) -> list[Problem]:
+    """Problems of one config group's content (as the group file holds it)."""
+    from pydantic import ValidationError
+
+    from .schema import ConnectorConfig, KVCacheGroupFile, problems_from_validation_error
+
+    if group == "connector":
+        if not isinstance(data, dict):
+            return [Problem("connector", "a connector file holds a mapping", value=data)]
+        problems = []
+        try:
+            ConnectorConfig.model_validate(data)
+        except ValidationError as exc:
+            problems += problems_from_validation_error(exc, ConnectorConfig, data, prefix="connector")
+        problems += _extra_problems(data)
+        return problems
+    if group == "kv_cache":
+        try:
+            KVCacheGroupFile.model_validate({"kv_cache": data})
+        except ValidationError as exc:
+            return problems_from_validation_error(exc, KVCacheGroupFile, {"kv_cache": data})
+        return []
+    if group == "role":
+        role = data.get("role") if isinstance(data, dict) else None
+        extra = [Problem(k, f"unknown key {k!r} in a role file", value=data[k], allowed=["role"],
+                         fix="a role file holds only role: scheduler | worker")
+                 for k in (data or {}) if k != "role"]
+        if role not in ("scheduler", "worker"):
+            extra.append(Problem("role", "value is not one of the allowed values" if role is not None
+                                 else "required key is missing", value=role if role is not None else MISSING,
+                                 allowed=["scheduler", "worker"], fix="set role: scheduler or role: worker"))
+        return extra
+    raise ValueError(group)
+
+
+def _extra_problems(connector: dict[str, Any]) -> list[Problem]:
+    """A built-in connector's ``extra`` settings against its model (no module_path: no import of user code)."""
+    import importlib
+
+    from pydantic import ValidationError
+
+    from .factory import _REGISTRY
+    from .schema import problems_from_validation_error
+
+    name = connector.get("name")
+    if connector.get("module_path") is not None or name not in _REGISTRY:
+        return []
+    module, cls_name = _REGISTRY[name]
+    model = getattr(getattr(importlib.import_module(module), cls_name), "extra_config", None)
+    extra = connector.get("extra") or {}
+    if model is None:
+        return []
+    try:
+        model.model_validate(extra)
+    except ValidationError as exc:
+        return problems_from_validation_error(exc, model, extra, prefix="connector.extra")
+    return []
+
+
+def validate_file(path: Path, group: str | None = None) -> list[Finding]:
+    """Findings of one file: a group file, or a whole config (top-level connector/role/kv_cache)."""
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return [Finding(str(path), line, col, "", f"not valid YAML: {getattr(exc, 'problem', exc)}")]
+    group = group or (path.parent.name if path.parent.name in GROUPS else None)
+    if group is None and isinstance(data, dict) and any(k in data for k in GROUPS):
+        return _findings(str(path), text, _whole_problems(data))
+    if group is None:
+        return [Finding(str(path), 1, 1, "", "cannot tell which config group this file belongs to",
+                        fix="put it in a connector/, role/ or kv_cache/ folder, or pass --group")]
+    if group == "role" and isinstance(data, dict):
+        return _findings(str(path), text, _group_problems("role", data))
+    return _findings(str(path), text, _group_problems(group, data), strip=group)
+
+
+def _whole_problems(data: dict[str, Any]) -> list[Problem]:
+    from .pipeline import Job, load
+
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    try:
+        load(Job(data))
+    except KVConfError as exc:
+        return exc.problems
+    return []
+
+
+# ---- the matrix ------------------------------------------------------------------------------------
+
+
+def _options(dirs: list[Path]) -> dict[str, dict[str, Path]]:
+    """``group -> option -> file``; a later folder's file wins over an earlier one's."""
+    out: dict[str, dict[str, Path]] = {g: {} for g in GROUPS}
+    for d in dirs:
+        for g in GROUPS:
+            folder = d / g
+            if folder.is_dir():
+                for f in sorted(folder.glob("*.y*ml")):
+                    out[g][f.stem] = f
+    return out
+
+
+def _header(text: str) -> dict[str, str]:
+    head = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if body.startswith("@"):
+            k, _, v = body[1:].partition(" ")
+            head[k] = v.strip()
+    return head
+
+
+def validate_matrix(config_dirs: list[Path]) -> Report:
+    """Every combination of the groups' options, composed in this process, through validation,
+    the contract check and the memory plan (``action=check``: nothing is allocated)."""
+    from omegaconf import OmegaConf
+
+    from .cli import CONF_DIR
+    from .pipeline import run_job
+
+    builtin = Path(CONF_DIR)
+    dirs = [builtin, *config_dirs]
+    options = _options(dirs)
+    primary_path = next((d / "config.yaml" for d in reversed(dirs) if (d / "config.yaml").exists()))
+    primary = OmegaConf.load(primary_path)
+    base = OmegaConf.to_container(primary, resolve=False)
+    base.pop("defaults", None)
+    base.pop("hydra", None)
+    loaded: dict[Path, tuple[str, Any, dict[str, str]]] = {}
+    for g in GROUPS:
+        for f in options[g].values():
+            text = f.read_text()
+            loaded[f] = (text, yaml.safe_load(text), _header(text))
+    report = Report()
+    names = {g: sorted(options[g]) for g in GROUPS}
+    for combo in itertools.product(*(names[g] for g in GROUPS)):
+        chosen = dict(zip(GROUPS, combo))
+        label = " ".join(f"{g}={o}" for g, o in chosen.items())
+        data: dict[str, Any] = json.loads(json.dumps(base))
+        fallback = False
+        for g, o in chosen.items():
+            text, content, head = loaded[options[g][o]]
+            if isinstance(content, dict) and "defaults" in content:
+                fallback = True
+            package = head.get("package")
+            if package == "_global_":
+                data.update(content or {})
+            elif package in (None, g):
+                data[g] = content
+            else:
+                fallback = True
+        if fallback:
+            data = _hydra_compose(config_dirs, chosen)
+        data["action"] = "check"
+        report.checked += 1
+        try:
+            run_job(data)
+        except KVConfError as exc:
+            findings = []
+            for p in exc.problems:
+                g = next((g for g in GROUPS if p.path == g or p.path.startswith(g + ".")), None)
+                if g is None:
+                    f, strip = primary_path, ""
+                else:
+                    f = options[g][chosen[g]]
+                    strip = "" if loaded[f][2].get("package") == "_global_" else g
+                findings += _findings(str(f), f.read_text(), [p], strip=strip, combination=label)
+            report.failed_combinations[label] = findings
+            for fd in findings:
+                key = (fd.file, fd.line, fd.column, fd.message)
+                if not any((x.file, x.line, x.column, x.message) == key for x in report.findings):
+                    report.findings.append(fd)
+    return report
+
+
+def _hydra_compose(config_dirs: list[Path], chosen: dict[str, str]) -> dict[str, Any]:
+    """A combination whose files need Hydra's own composition (defaults lists, other packages)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .cli import CONF_DIR
+
+    overrides = [f"{g}={o}" for g, o in chosen.items()]
+    overrides += [f"hydra.searchpath=[{','.join('file://' + str(d.resolve()) for d in config_dirs)}]"] if config_dirs else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+
+def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
+    if fmt == "json":
+        print(json.dumps({"ok": not report.findings, "checked": report.checked, "what": what,
+                          "seconds": round(seconds, 3), "errors": [f.as_dict() for f in report.findings],
+                          "failed_combinations": sorted(report.failed_combinations)}))
+        return
+    if fmt == "github":
+        for f in report.findings:
+            msg = f"{f.path}: {f.message}" + (f" (value: {f.value!r})" if f.value is not None else "") + (
+                f" - fix: {f.fix}" if f.fix else "")
+            msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+            print(f"::error file={f.file},line={f.line},col={f.column}::{msg}")
+        return
+    if report.failed_combinations:
+        for label, findings in report.failed_combinations.items():
+            print(f"FAIL {label}")
+            for f in findings:
+                print(f"  {f.file}:{f.line}:{f.column}: {f.path}: {f.message}"
+                      + (f" (value: {f.value!r})" if f.value is not None else "") + (f"; fix: {f.fix}" if f.fix else ""))
+    else:
+        for f in report.findings:
+            print(f"{f.file}:{f.line}:{f.column}: {f.path or '<file>'}: {f.message}"
+                  + (f" (value: {f.value!r})" if f.value is not None else "") + (f"; fix: {f.fix}" if f.fix else ""))
+    bad = len(report.failed_combinations) if what == "combinations" else len(report.findings)
+    print(f"kvconf validate: {report.checked} {what} checked, "
+          + (f"{bad} invalid" if report.findings else "all valid") + f" ({seconds:.2f} s)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors exit 2 with the usage line
+        self.print_usage(sys.stderr)
+        print(f"kvconf validate: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="kvconf validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path, help="config files: group files or whole configs")
+    p.add_argument("--group", choices=GROUPS, help="the config group of every FILE (default: its folder's name)")
+    p.add_argument("--matrix", action="store_true", help="check every combination of the config groups' options")
+    p.add_argument("--config-dir", action="append", type=Path, default=[],
+                   help="a folder of your own group options (connector/, role/, kv_cache/), for --matrix")
+    p.add_argument("--format", choices=("text", "json", "github"), default="text")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.matrix == bool(args.files):
+        p.error("give FILE... or --matrix (not both)")
+    for d in args.config_dir:
+        if not d.is_dir():
+            p.error(f"--config-dir {d}: no such folder")
+    if args.matrix:
+        report = validate_matrix(args.config_dir)
+        _emit(report, args.format, "combinations", time.perf_counter() - t0)
+        return 1 if report.findings else 0
+    report = Report()
+    for f in args.files:
+        if not f.is_file():
+            p.error(f"{f}: no such file")
+    for f in args.files:
+        report.checked += 1
+        report.findings += validate_file(f, args.group)
+    _emit(report, args.format, "files", time.perf_counter() - t0)
+    return 1 if report.findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
