@@ -239,62 +239,78 @@ def _header(text: str) -> dict[str, str]:
     return head
 
 
-def validate_matrix(config_dirs: list[Path]) -> Report:
-    """Every combination of the groups' options, composed in this process, through validation,
-    the contract check and the memory plan (``action=check``: nothing is allocated)."""
+@dataclass
+class Combination:
+    label: str
+    chosen: dict[str, str]
+    data: dict[str, Any]
+    files: dict[str, Path]
+    """``group -> file`` that supplied it; ``""`` -> the primary config."""
+    global_groups: set[str]
+    """Groups whose file is ``# @package _global_`` (its keys are top-level paths)."""
+
+
+def combinations(config_dirs: list[Path]) -> Iterable[Combination]:
+    """Every combination of the groups' options, composed as Hydra composes them: the primary
+    config's own keys, then each group file under its group's key (or at the top for
+    ``# @package _global_``). A combination whose files use other Hydra features (a ``defaults``
+    list, another package) is composed by Hydra itself."""
     from omegaconf import OmegaConf
 
     from .cli import CONF_DIR
-    from .pipeline import run_job
 
-    builtin = Path(CONF_DIR)
-    dirs = [builtin, *config_dirs]
+    dirs = [Path(CONF_DIR), *config_dirs]
     options = _options(dirs)
     primary_path = next((d / "config.yaml" for d in reversed(dirs) if (d / "config.yaml").exists()))
-    primary = OmegaConf.load(primary_path)
-    base = OmegaConf.to_container(primary, resolve=False)
+    base = OmegaConf.to_container(OmegaConf.load(primary_path), resolve=False)
     base.pop("defaults", None)
     base.pop("hydra", None)
-    loaded: dict[Path, tuple[str, Any, dict[str, str]]] = {}
+    loaded: dict[Path, tuple[Any, dict[str, str]]] = {}
     for g in GROUPS:
         for f in options[g].values():
             text = f.read_text()
-            loaded[f] = (text, yaml.safe_load(text), _header(text))
-    report = Report()
-    names = {g: sorted(options[g]) for g in GROUPS}
-    for combo in itertools.product(*(names[g] for g in GROUPS)):
+            loaded[f] = (yaml.safe_load(text), _header(text))
+    for combo in itertools.product(*(sorted(options[g]) for g in GROUPS)):
         chosen = dict(zip(GROUPS, combo))
-        label = " ".join(f"{g}={o}" for g, o in chosen.items())
         data: dict[str, Any] = json.loads(json.dumps(base))
         fallback = False
+        global_groups = set()
         for g, o in chosen.items():
-            text, content, head = loaded[options[g][o]]
+            content, head = loaded[options[g][o]]
+            package = head.get("package")
             if isinstance(content, dict) and "defaults" in content:
                 fallback = True
-            package = head.get("package")
             if package == "_global_":
                 data.update(content or {})
+                global_groups.add(g)
             elif package in (None, g):
                 data[g] = content
             else:
                 fallback = True
         if fallback:
             data = _hydra_compose(config_dirs, chosen)
-        data["action"] = "check"
+        files = {"": primary_path, **{g: options[g][o] for g, o in chosen.items()}}
+        yield Combination(" ".join(f"{g}={o}" for g, o in chosen.items()), chosen, data, files, global_groups)
+
+
+def validate_matrix(config_dirs: list[Path]) -> Report:
+    """Every combination through validation, the contract check and the memory plan
+    (``action=check``: nothing is allocated), in this process."""
+    from .pipeline import run_job
+
+    report = Report()
+    for combo in combinations(config_dirs):
         report.checked += 1
         try:
-            run_job(data)
+            run_job({**combo.data, "action": "check"})
         except KVConfError as exc:
             findings = []
             for p in exc.problems:
-                g = next((g for g in GROUPS if p.path == g or p.path.startswith(g + ".")), None)
-                if g is None:
-                    f, strip = primary_path, ""
-                else:
-                    f = options[g][chosen[g]]
-                    strip = "" if loaded[f][2].get("package") == "_global_" else g
-                findings += _findings(str(f), f.read_text(), [p], strip=strip, combination=label)
-            report.failed_combinations[label] = findings
+                g = next((g for g in GROUPS if p.path == g or p.path.startswith(g + ".")), "")
+                f = combo.files[g]
+                strip = "" if (not g or g in combo.global_groups) else g
+                findings += _findings(str(f), f.read_text(), [p], strip=strip, combination=combo.label)
+            report.failed_combinations[combo.label] = findings
             for fd in findings:
                 key = (fd.file, fd.line, fd.column, fd.message)
                 if not any((x.file, x.line, x.column, x.message) == key for x in report.findings):

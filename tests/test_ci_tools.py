@@ -272,3 +272,18 @@ def test_pre_commit_hook_runs_kvconf_validate(workdir):
     proc = subprocess.run([str(Path(sys.executable).with_name("kvconf")), "validate",
                            str(REPO / "conf/connector/mooncake.yaml")], cwd=workdir, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_matrix_composes_each_combination_as_hydra_does(tmp_path):
+    from kvconf.validate import _hydra_compose, combinations
+
+    user = tmp_path / "u"
+    (user / "kv_cache").mkdir(parents=True)
+    (user / "kv_cache" / "mine.yaml").write_text("num_layers: 1\nnum_blocks: 2\ngroups: [{type: mla, head_size: 8}]\n")
+    combos = list(combinations([user]))
+    assert len(combos) == 4 * 2 * 5
+    for combo in combos:
+        hydra = _hydra_compose([user], combo.chosen)
+        for key in ("engine_id",):
+            hydra["connector"].pop(key, None), combo.data["connector"].pop(key, None)
+        assert combo.data == hydra, combo.label
