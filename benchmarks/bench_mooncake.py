@@ -55,7 +55,8 @@ def producer(block: int, num_blocks: int) -> None:
     """Child: serves the connector's side channel and a control socket for bare-engine writes."""
     import zmq
 
-    from kvconf_connectors.mooncake import MAX_BATCH, _Producer
+    from kvconf_connectors._p2p import _Producer
+    from kvconf_connectors.mooncake import MAX_BATCH
 
     conn, cfg, buffers = build(block, num_blocks, "kv_producer")
     server = _Producer(conn)
