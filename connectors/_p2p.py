@@ -94,6 +94,8 @@ class P2PConnector(KVConnectorBase):
     can_serve = True
     pull = False
     """True: the consumer reads from the producer (NIXL's default); False: the producer writes."""
+    needs_progress = False
+    """True when a waiting side must drive the engine's progress itself (NIXL without its thread)."""
 
     def __init__(self, config, role, kv_cache_config) -> None:
         super().__init__(config, role, kv_cache_config)
@@ -255,7 +257,9 @@ class P2PConnector(KVConnectorBase):
         ctx = zmq.Context.instance()
         socks: dict[str, Any] = {}
         acked: dict[str, float] = {}  # peer -> time the handshake was sent (0 once answered)
+        peer_meta: dict[str, bytes] = {}
         pending: dict[str, _Pending] = {}
+        reading: dict[str, tuple[Any, str]] = {}  # request -> (engine handle, peer), pull mode
         poller = zmq.Poller()
         poller.register(self._waker.r, zmq.POLLIN)
         try:
@@ -294,13 +298,36 @@ class P2PConnector(KVConnectorBase):
                     elif not acked.get(peer, 0) and not p.sent:
                         socks[peer].send(sc.encode(sc.Transfer(
                             request_id=rid, session=self._session, layout=self.layout_fingerprint(),
-                            layers=self.layer_regions(), block_ids=p.recv.block_ids)))
+                            layers=self.layer_regions(), block_ids=p.recv.block_ids,
+                            mode="pull" if self.pull else "push", meta=self._engine_meta)))
                         p.sent = True
                     elif now > p.deadline:
                         self._fail(p.recv, f"no transfer result from {peer} within "
                                            f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
                         del pending[rid]
+                self._engine_progress()
+                for rid, (handle, peer) in list(reading.items()):
+                    state = self._engine_poll(handle)
+                    p = pending.get(rid)
+                    if state == "PROC" and p is not None and now <= p.deadline:
+                        continue
+                    del reading[rid]
+                    ok = state == "DONE"
+                    socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
+                    if p is None:
+                        continue
+                    del pending[rid]
+                    if ok:
+                        with self._lock:
+                            self._done.add(rid)
+                        self._finished.set()
+                    else:
+                        self._fail(p.recv, f"reading from the producer at {peer} failed (state {state})"
+                                   if state != "PROC" else f"reading from {peer} took over "
+                                   f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
                 timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
+                if reading or self.needs_progress:
+                    timeout = min(timeout, 0.001)
                 for sock, _ in poller.poll(timeout=max(1, min(int(timeout * 1000) + 1, 500))):
                     if sock == self._waker.r:
                         continue
@@ -318,6 +345,19 @@ class P2PConnector(KVConnectorBase):
                                                        f"({msg.layout}, here {self.layout_fingerprint()})")
                                     del pending[rid]
                         acked[peer] = 0
+                        peer_meta[peer] = msg.meta
+                    elif isinstance(msg, sc.PullSource):
+                        p = pending.get(msg.request_id)
+                        if p is None:
+                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
+                            continue
+                        try:
+                            reading[msg.request_id] = (self._engine_read(peer_meta.get(peer, b""), msg.src, msg.dst,
+                                                                         msg.lens), peer)
+                        except Exception as exc:  # the engine refused: the request fails
+                            del pending[msg.request_id]
+                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
+                            self._fail(p.recv, f"reading from {peer} could not start: {exc}")
                     elif isinstance(msg, sc.TransferResult):
                         p = pending.pop(msg.request_id, None)
                         if p is None:
@@ -398,6 +438,8 @@ class _Producer:
         self.sock: Any = None
         self.served = self.failed = self.bytes = self.rejected = 0
         self.busy: set[str] = set()
+        self.pulling: dict[str, tuple[float, int, str]] = {}
+        """Pull mode: requests whose blocks a consumer is reading (started, bytes, session)."""
         self.session_locks: "collections.defaultdict[str, threading.Lock]" = collections.defaultdict(threading.Lock)
         """Pushes to one consumer go one at a time: concurrent batches to the same peer contend for
         its TCP lanes (measured: 4 at once gave a third of one's throughput); different consumers
@@ -436,9 +478,11 @@ class _Producer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.waker.r, zmq.POLLIN)
+        wait = 1 if self.conn.needs_progress else 100
         while not stop.is_set():
             self.send_results()
-            ready = dict(poller.poll(timeout=100))
+            self.conn._engine_progress()
+            ready = dict(poller.poll(timeout=wait))
             if self.waker.r in ready:
                 self.waker.drain()
             if self.sock not in ready:
@@ -459,6 +503,22 @@ class _Producer:
             self.handle(ident, msg)
         self.send_results()
 
+    def release(self, msg: Any) -> None:
+        """Pull mode: the consumer finished reading (or gave up); the blocks are free again."""
+        started, nbytes, session = self.pulling.pop(msg.request_id, (None, 0, ""))
+        if started is None:
+            return
+        self.busy.discard(msg.request_id)
+        self.free.extend(self.prefilled.pop(msg.request_id, []))
+        if msg.ok:
+            self.served += 1
+            self.bytes += nbytes
+            if self.verbose:
+                print(f"served {msg.request_id}: {nbytes} B read in {(time.perf_counter() - started) * 1000:.1f} ms "
+                      f"by {session}", file=sys.stderr, flush=True)
+        else:
+            self.failed += 1
+
     def send_results(self) -> None:
         """Answers finished transfers (only this thread touches the socket); in ``action=serve``
         logs one line per request once its answer is on its way."""
@@ -474,11 +534,15 @@ class _Producer:
         conn = self.conn
         if isinstance(msg, sc.Hello):
             reply: Any = sc.HelloAck(engine_id=conn.config.engine_id, session=conn._session,
-                                     layout=conn.layout_fingerprint(), transport=conn.transport)
+                                     layout=conn.layout_fingerprint(), transport=conn.transport,
+                                     meta=conn._engine_meta)
         elif isinstance(msg, sc.Prefill):
             reply = self.prefill(msg)
         elif isinstance(msg, sc.Transfer):
             self.pool.submit(self.push, ident, msg)
+            return
+        elif isinstance(msg, sc.Release):
+            self.release(msg)
             return
         else:
             self.rejected += 1
@@ -535,7 +599,13 @@ class _Producer:
                     base, stride, page = local
                     _coalesce(src, dst, lens, base, stride, region.base, region.block_stride, page,
                               src_ids, msg.block_ids)
-                else:
+                else:  # every layer matches
+                    if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
+                        self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session)
+                        self.results.put((ident, sc.encode(sc.PullSource(
+                            request_id=msg.request_id, src=src, dst=dst, lens=lens)), ""))
+                        self.waker.wake()
+                        return
                     with self.session_locks[msg.session]:
                         error = conn._engine_push(msg, src, dst, lens)
                     if error:
@@ -545,7 +615,8 @@ class _Producer:
         except Exception as exc:  # a sender thread must always answer
             reason = f"{type(exc).__name__}: {exc}"
         finally:
-            self.busy.discard(msg.request_id)
+            if msg.request_id not in self.pulling:
+                self.busy.discard(msg.request_id)
         if status == "done":
             self.free.extend(self.prefilled.pop(msg.request_id, []))
             self.served += 1

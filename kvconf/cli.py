@@ -154,6 +154,27 @@ def _compose_and_run(overrides: list[str]) -> None:
 
 def main() -> None:
     """Entry point of ``python -m kvconf`` and the ``kvconf`` console script."""
+    code: Any = 0
+    try:
+        _main()
+    except SystemExit as exc:
+        code = exc.code
+        raise
+    finally:
+        _hard_exit_if_asked(code)
+
+
+def _hard_exit_if_asked(code: Any) -> None:
+    """Ends the process with ``os._exit`` where an engine would crash the normal exit (NIXL)."""
+    from .connector import hard_exit_requested
+
+    if hard_exit_requested():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+def _main() -> None:
     _state.t0 = time.perf_counter()
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:  # kvconf validate ..., kvconf check-connector ...
         import importlib

@@ -82,6 +82,22 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
 
 
+_hard_exit = False
+
+
+def request_hard_exit() -> None:
+    """Says that this process must end with ``os._exit`` once its work is flushed: an engine loaded
+    here crashes the interpreter's normal exit (NIXL's UCX backend segfaults in ``_dl_fini``).
+    kvconf's command line and pytest plugin honour it; a library user calls ``os._exit`` after
+    ``shutdown()``."""
+    global _hard_exit
+    _hard_exit = True
+
+
+def hard_exit_requested() -> bool:
+    return _hard_exit
+
+
 @dataclass
 class SelfTestContext:
     """What ``action=run`` and ``action=serve`` give a connector besides its KV caches."""

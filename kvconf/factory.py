@@ -5,7 +5,7 @@ then the ``kvconf.connectors`` entry-point group of installed packages. Only the
 module is imported, so importing kvconf imports no connector.
 
 >>> sorted(builtin_names())
-['example', 'mooncake', 'offloading', 'shared_storage']
+['example', 'mooncake', 'nixl', 'offloading', 'shared_storage']
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def register_connector(name: str, module: str, class_name: str) -> None:
 
 register_connector("example", "kvconf_connectors.example", "ExampleConnector")
 register_connector("mooncake", "kvconf_connectors.mooncake", "MooncakeConnector")
+register_connector("nixl", "kvconf_connectors.nixl", "NixlConnector")
 register_connector("offloading", "kvconf_connectors.offloading", "OffloadingConnector")
 register_connector("shared_storage", "kvconf_connectors.shared_storage", "SharedStorageConnector")
 

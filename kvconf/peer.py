@@ -19,9 +19,16 @@ def main() -> None:
         raise SystemExit(2)
     with open(sys.argv[1]) as f:
         data = json.load(f)
-    from .cli import _execute
+    from .cli import _execute, _hard_exit_if_asked
 
-    _execute(OmegaConf.create(data), multirun=False, label="peer")
+    code: object = 0
+    try:
+        _execute(OmegaConf.create(data), multirun=False, label="peer")
+    except SystemExit as exc:
+        code = exc.code
+        raise
+    finally:
+        _hard_exit_if_asked(code)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,25 @@ def pytest_generate_tests(metafunc) -> None:
     if "kvconf_target" in metafunc.fixturenames:
         targets = metafunc.config.getoption("--kvconf-connector")
         metafunc.parametrize("kvconf_target", targets, ids=targets)
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config) -> None:
+    """After the last report: where a connector's engine would crash the interpreter's exit (NIXL),
+    end with pytest's own exit status instead."""
+    from .connector import hard_exit_requested
+
+    if hard_exit_requested():
+        import os
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status)

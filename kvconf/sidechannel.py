@@ -31,7 +31,9 @@ __all__ = [
     "Message",
     "Prefill",
     "PrefillAck",
+    "PullSource",
     "Rejected",
+    "Release",
     "Transfer",
     "TransferResult",
     "decode",
@@ -77,6 +79,8 @@ class HelloAck(_Msg):
     layout: str
     """Fingerprint of the producer's KV layout (layer names and page sizes)."""
     transport: str
+    meta: bytes = b""
+    """The producer's engine metadata (a NIXL agent's), for a consumer that reads from it."""
 
 
 class Prefill(_Msg):
@@ -105,6 +109,28 @@ class Transfer(_Msg):
     layout: str
     layers: list[LayerRegion] = Field(min_length=1)
     block_ids: list[int] = Field(min_length=1)
+    mode: Literal["push", "pull"] = "push"
+    """``push``: the producer writes and answers done; ``pull``: it answers with a :class:`PullSource`."""
+    meta: bytes = b""
+    """The consumer's engine metadata (a NIXL agent's), for a producer that writes to it."""
+
+
+class PullSource(_Msg):
+    """Producer -> consumer (pull mode): read these regions of mine into these of yours, then release."""
+
+    type: Literal["pull_source"] = "pull_source"
+    request_id: str
+    src: list[int]
+    dst: list[int]
+    lens: list[int]
+
+
+class Release(_Msg):
+    """Consumer -> producer (pull mode): I am done reading the request's blocks."""
+
+    type: Literal["release"] = "release"
+    request_id: str = Field(min_length=1, max_length=256)
+    ok: bool
 
 
 class TransferResult(_Msg):
@@ -125,7 +151,8 @@ class Rejected(_Msg):
     reason: str
 
 
-Message = Annotated[Union[Hello, HelloAck, Prefill, PrefillAck, Rejected, Transfer, TransferResult],
+Message = Annotated[Union[Hello, HelloAck, Prefill, PrefillAck, PullSource, Rejected, Release, Transfer,
+                          TransferResult],
                     Field(discriminator="type")]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
 
