@@ -51,6 +51,16 @@ if ! "$PY" -c "import mooncake.engine" 2>/dev/null; then
   fi
 fi
 
+# NIXL (the nixl connector). Plain `pip install nixl` drags in a CUDA build of torch (about 6 GB):
+# on a CPU host take the two wheels alone, on top of the CPU torch above.
+if ! "$PY" -c "import nixl._api" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    pip install "nixl==1.5.1"
+  else
+    pip install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
+  fi
+fi
+
 stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-collect_ignore = ["zoo", "fake_mooncake"]  # modules for the tests to import by path, some broken on purpose
+collect_ignore = ["zoo", "fake_mooncake", "fake_nixl"]  # modules for the tests to import by path, some broken on purpose
 REPO = TESTS.parent
 
 

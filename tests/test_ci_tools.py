@@ -249,7 +249,8 @@ def conformance(target: str, cwd: Path, *extra: str) -> subprocess.CompletedProc
 @pytest.mark.parametrize("target", ["kvconf_connectors.example:ExampleConnector",
                                     "kvconf_connectors.offloading:OffloadingConnector",
                                     "kvconf_connectors.shared_storage:SharedStorageConnector",
-                                    "kvconf_connectors.mooncake:MooncakeConnector"])
+                                    "kvconf_connectors.mooncake:MooncakeConnector",
+                                    "kvconf_connectors.nixl:NixlConnector"])
 def test_built_in_connectors_pass_the_conformance_kit(workdir, tmp_path, target):
     extra = ("--kvconf-override", f"connector.extra.shared_storage_path={tmp_path / 'kv'}") if "shared" in target else ()
     proc = conformance(target, workdir, *extra)
@@ -281,7 +282,7 @@ def test_matrix_composes_each_combination_as_hydra_does(tmp_path):
     (user / "kv_cache").mkdir(parents=True)
     (user / "kv_cache" / "mine.yaml").write_text("num_layers: 1\nnum_blocks: 2\ngroups: [{type: mla, head_size: 8}]\n")
     combos = list(combinations([user]))
-    assert len(combos) == 4 * 2 * 5
+    assert len(combos) == 5 * 2 * 5
     for combo in combos:
         hydra = _hydra_compose([user], combo.chosen)
         for key in ("engine_id",):

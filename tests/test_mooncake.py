@@ -39,9 +39,9 @@ def kvconf_procs() -> list[int]:
 class Producer:
     """``python -m kvconf connector=mooncake ... action=serve`` in the background."""
 
-    def __init__(self, cwd: Path, *overrides: str) -> None:
+    def __init__(self, cwd: Path, *overrides: str, connector: str = "mooncake") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvconf", "connector=mooncake", "role=worker", "connector.kv_role=kv_producer",
+            [sys.executable, "-m", "kvconf", f"connector={connector}", "role=worker", "connector.kv_role=kv_producer",
              "action=serve", "output=json", *overrides],
             cwd=cwd, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.address = self._read_until(self.proc.stdout, "serving on ", 60).split("serving on ", 1)[1].strip()
@@ -79,8 +79,8 @@ class Producer:
 def producer(workdir):
     made = []
 
-    def start(*overrides: str) -> Producer:
-        p = Producer(workdir, *overrides)
+    def start(*overrides: str, connector: str = "mooncake") -> Producer:
+        p = Producer(workdir, *overrides, connector=connector)
         made.append(p)
         return p
 

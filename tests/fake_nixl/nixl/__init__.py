@@ -1,0 +1,1 @@
+"""Stands in for a NIXL install that does not load."""

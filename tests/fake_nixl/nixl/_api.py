@@ -1,0 +1,1 @@
+raise ImportError("libucp.so.0: cannot open shared object file")

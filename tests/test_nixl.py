@@ -1,0 +1,145 @@
+"""The nixl connector moves real KV blocks between two processes through NIXL's UCX backend, pull
+and push; every kvconf process that used NIXL exits 0 on success despite NIXL's exit crash."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TESTS, json_out, kvconf_env, run_kvconf
+from test_mooncake import Producer, kvconf_procs, producer  # noqa: F401  (the fixture)
+
+pytest.importorskip("nixl._api", reason="NIXL is not installed (scripts/setup.sh)")
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_two_process_transfer_is_verified_and_every_process_exits_0(workdir, mode):
+    proc = run_kvconf("connector=nixl", "role=worker", f"connector.extra.mode={mode}", "output=json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr  # not 139: the UCX exit crash is sidestepped
+    st = json_out(proc)["self_test"]
+    assert st["verified"] is True and st["bytes"] >= 64 * MiB and st["gbps"] > 0
+    assert st["transport"] == "nixl-ucx" and f"{mode} mode" in st["transport_reason"]
+    assert "exited with" not in proc.stderr  # the producer peer exited 0 too
+    assert kvconf_procs() == []
+
+
+def test_a_producer_started_by_run_starts_and_verifies_a_consumer(workdir):
+    proc = run_kvconf("connector=nixl", "connector.kv_role=kv_producer", "output=json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    st = json_out(proc)["self_test"]
+    assert st["verified"] and st["served_requests"] == st["loaded_requests"] > 0
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_serve_workflow_and_sigterm(workdir, producer, mode):  # noqa: F811
+    p = producer(f"connector.extra.mode={mode}", connector="nixl")
+    consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", f"connector.extra.mode={mode}",
+                          f"connector.extra.peer={p.address}", "self_test.requests=3", "output=json", cwd=workdir)
+    assert consumer.returncode == 0, consumer.stderr
+    st = json_out(consumer)["self_test"]
+    assert st["verified"] and st["peer"] == p.address
+    code, out, err = p.stop(signal.SIGTERM)
+    assert code == 0, err
+    report = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert report["serve"]["served_requests"] == st["loaded_requests"]
+    host, port = p.address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.bind((host, int(port)))
+    assert kvconf_procs() == []
+
+
+def consumer_against(p: Producer, workdir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvconf", "connector=nixl", "connector.kv_role=kv_consumer",
+         f"connector.extra.peer={p.address}", "kv_cache=llama3_8b", "self_test.transfer_bytes=32GiB",
+         "connector.extra.transfer_timeout=2", "output=json", *overrides],
+        cwd=workdir, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_producer_fails_requests_within_the_timeout(workdir, producer):  # noqa: F811
+    p = producer("kv_cache=llama3_8b", connector="nixl")
+    c = consumer_against(p, workdir)
+    try:
+        p.wait_served()
+        p.proc.kill()
+        killed = time.monotonic()
+        out, err = c.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        c.kill()
+    assert c.returncode == 1, err
+    assert "failed to load" in err and elapsed < 2 * 2 + 3
+
+
+def test_frozen_producer_fails_requests_within_the_timeout(workdir, producer):  # noqa: F811
+    p = producer("kv_cache=llama3_8b", connector="nixl")
+    c = consumer_against(p, workdir, "connector.kv_load_failure_policy=recompute")
+    try:
+        p.wait_served()
+        p.proc.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        out, err = c.communicate(timeout=60)
+        elapsed = time.monotonic() - frozen
+    finally:
+        c.kill()
+        p.proc.send_signal(signal.SIGCONT)
+    assert c.returncode == 0, err
+    st = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["self_test"]
+    assert st["recomputed"] and st["loaded_requests"] >= 1 and st["verified"]
+    assert elapsed < 2 * 2 + 3
+
+
+def test_garbage_on_the_side_channel_is_rejected_and_serving_goes_on(workdir, producer):  # noqa: F811
+    import msgpack
+    import zmq
+
+    p = producer(connector="nixl")
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{p.address}")
+    for junk in (b"\x00garbage", msgpack.packb({"v": 1, "type": "release"}), msgpack.packb({"v": 2})):
+        s.send(junk)
+    replies = [msgpack.unpackb(s.recv()) for _ in range(3) if s.poll(2000)]
+    s.close()
+    assert [r["type"] for r in replies] == ["rejected"] * 3
+    consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
+                          "self_test.requests=2", cwd=workdir)
+    assert consumer.returncode == 0, consumer.stderr
+    code, _, err = p.stop()
+    assert code == 0 and "rejected a side-channel message" in err
+
+
+def test_missing_nixl_exits_2_with_the_install_command(workdir):
+    env = kvconf_env()
+    env["PYTHONPATH"] = f"{TESTS / 'fake_nixl'}:{env['PYTHONPATH']}"
+    proc = run_kvconf("connector=nixl", "role=worker", cwd=workdir, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_nixl_and_mooncake_share_one_side_channel_module():
+    from kvconf_connectors._p2p import P2PConnector
+    from kvconf_connectors.mooncake import MooncakeConnector
+    from kvconf_connectors.nixl import NixlConnector
+
+    assert issubclass(MooncakeConnector, P2PConnector) and issubclass(NixlConnector, P2PConnector)
+    servers = [p.name for p in (REPO / "connectors").glob("*.py") if "zmq.ROUTER" in p.read_text()]
+    assert servers == ["_p2p.py"]
+    for name in ("mooncake.py", "nixl.py"):
+        text = (REPO / "connectors" / name).read_text()
+        assert "zmq" not in text and "msgpack" not in text
+
+
+def test_export_names_vllms_nixl_connector(workdir):
+    proc = run_kvconf("connector=nixl", "action=export", "connector.kv_role=kv_consumer", cwd=workdir)
+    out = json.loads(proc.stdout)
+    assert out["kv_connector"] == "NixlConnector" and out["kv_connector_extra_config"] == {"backends": ["UCX"]}
