@@ -280,7 +280,7 @@ class P2PConnector(KVConnectorBase):
                             continue
                         s = ctx.socket(zmq.DEALER)
                         s.setsockopt(zmq.LINGER, 0)
-                        s.setsockopt(zmq.MAXMSGSIZE, sc.MAX_MESSAGE_BYTES)
+                        s.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
                         s.connect(f"tcp://{host}:{port}")
                         s.send(sc.encode(sc.Hello(engine_id=self.config.engine_id)))
                         socks[r.peer] = s
@@ -455,7 +455,7 @@ class _Producer:
         ctx = zmq.Context.instance()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, sc.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
         host, port = self.conn.extra.side_channel_host, self.conn.extra.side_channel_port
         if port:
             self.sock.bind(f"tcp://{host}:{port}")

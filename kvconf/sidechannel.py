@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_SOCKET_BYTES",
     "PROTOCOL_VERSION",
     "BadMessage",
     "Hello",
@@ -44,7 +45,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 << 20
-"""Largest message accepted: a transfer request of 100k blocks is about 1 MiB."""
+"""Largest message accepted: a transfer request of 100k blocks is about 1 MiB. A larger one is
+rejected with a reason (and logged by the server)."""
+MAX_SOCKET_BYTES = 16 * MAX_MESSAGE_BYTES
+"""Beyond this zmq drops the connection without reading the message: memory stays bounded."""
 
 
 class _Msg(BaseModel):

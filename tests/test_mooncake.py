@@ -149,26 +149,28 @@ def test_producer_keeps_serving_after_garbage_on_the_side_channel(workdir, produ
     s.setsockopt(zmq.LINGER, 0)
     s.connect(f"tcp://{p.address}")
     for junk in (b"\xff\x00garbage", msgpack.packb({"v": 99, "type": "hello"}),
-                 msgpack.packb({"v": 1, "type": "transfer", "request_id": "x"}), msgpack.packb([1, 2, 3])):
+                 msgpack.packb({"v": 1, "type": "transfer", "request_id": "x"}), msgpack.packb([1, 2, 3]),
+                 b"x" * (5 * MiB)):
         s.send(junk)
     replies = []
-    while len(replies) < 4 and s.poll(10000):
+    while len(replies) < 5 and s.poll(10000):
         replies.append(msgpack.unpackb(s.recv()))
     s.close()
-    big = ctx.socket(zmq.DEALER)  # over the size limit: zmq drops the connection, serving goes on
-    big.setsockopt(zmq.LINGER, 0)
-    big.connect(f"tcp://{p.address}")
-    big.send(b"x" * (5 * MiB))
-    time.sleep(0.2)
-    big.close()
-    assert [r["type"] for r in replies] == ["rejected"] * 4
+    huge = ctx.socket(zmq.DEALER)  # past the socket's limit: zmq drops the connection, serving goes on
+    huge.setsockopt(zmq.LINGER, 0)
+    huge.connect(f"tcp://{p.address}")
+    huge.send(b"x" * (80 * MiB))
+    time.sleep(0.3)
+    huge.close()
+    assert [r["type"] for r in replies] == ["rejected"] * 5
     assert "msgpack" in replies[0]["reason"] and "version" in replies[1]["reason"]
+    assert "over the" in replies[4]["reason"] and "limit" in replies[4]["reason"]
     consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
                           "self_test.requests=2", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
     code, out, err = p.stop()
     assert code == 0 and "rejected a side-channel message" in err
-    assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["rejected_messages"] >= 4
+    assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["rejected_messages"] >= 5
 
 
 def consumer_against(p: Producer, workdir: Path, *overrides: str) -> subprocess.Popen:
