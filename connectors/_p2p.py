@@ -34,7 +34,7 @@ from kvconf.connector import (
     SchedulerOutput,
     SelfTestContext,
 )
-from kvconf.errors import ConnectorRuntimeError, Problem
+from kvconf.errors import ConnectorRuntimeError, ContractError, Problem
 
 log = logging.getLogger("kvconf.p2p")
 
@@ -120,6 +120,21 @@ class P2PConnector(KVConnectorBase):
             self._engine_start()
 
     # ---- the engine (subclasses) ---------------------------------------------------------------
+    @staticmethod
+    def _engine_import() -> Any:
+        """Imports the engine; a :class:`ContractError` with the install command where it does not."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_environment(cls, extra: Any, role: KVConnectorRole) -> list[Problem]:
+        if role is not KVConnectorRole.WORKER:
+            return []  # the scheduler side moves no bytes
+        try:
+            cls._engine_import()
+        except ContractError as exc:
+            return exc.problems
+        return []
+
     def _engine_start(self) -> None:
         """Starts the worker's transfer engine; sets ``_session``, ``transport``, ``transport_reason``."""
         raise NotImplementedError

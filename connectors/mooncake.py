@@ -17,7 +17,6 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from kvconf.connector import KVConnectorRole
 from kvconf.errors import ConnectorRuntimeError, ContractError, Problem
 
 from ._p2p import P2PConnector
@@ -113,15 +112,7 @@ class MooncakeConnector(P2PConnector):
     vllm_name = "MooncakeConnector"
     vllm_extra_keys = {"protocol": "mooncake_protocol", "device_name": "device_name", "num_workers": "num_workers"}
 
-    @classmethod
-    def check_environment(cls, extra: Any, role: KVConnectorRole) -> list[Problem]:
-        if role is not KVConnectorRole.WORKER:
-            return []  # the scheduler side moves no bytes
-        try:
-            transfer_engine_class()
-        except ContractError as exc:
-            return exc.problems
-        return []
+    _engine_import = staticmethod(transfer_engine_class)
 
     @classmethod
     def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:

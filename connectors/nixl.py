@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from kvconf.connector import KVConnectorRole, request_hard_exit
+from kvconf.connector import request_hard_exit
 from kvconf.errors import ConnectorRuntimeError, ContractError, Problem
 
 from ._p2p import P2PConnector
@@ -90,15 +90,7 @@ class NixlConnector(P2PConnector):
         self.pull = self.extra.mode == "pull"
         self.needs_progress = not self.extra.progress_thread
 
-    @classmethod
-    def check_environment(cls, extra: Any, role: KVConnectorRole) -> list[Problem]:
-        if role is not KVConnectorRole.WORKER:
-            return []
-        try:
-            nixl_api()
-        except ContractError as exc:
-            return exc.problems
-        return []
+    _engine_import = staticmethod(nixl_api)
 
     @classmethod
     def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:

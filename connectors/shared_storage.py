@@ -20,7 +20,7 @@ import struct
 import time
 import uuid
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -159,7 +159,6 @@ class SharedStorageConnector(TierConnector):
 
     def _load_chunks(self, op: TierOp) -> dict[int, str]:
         """Reads each segment's needed rows per layer, checks them, scatters them into the cache."""
-        import torch
 
         errors: dict[int, str] = {}
         by_file: dict[str, list[tuple[int, Chunk]]] = {}

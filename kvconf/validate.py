@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import ConfigError, KVConfError, MISSING, Problem
+from .errors import KVConfError, MISSING, Problem
 
 __all__ = ["Finding", "main", "positions", "validate_file", "validate_matrix"]
 

@@ -3,6 +3,7 @@ Transfer Engine (TCP on loopback); every test stops every process it starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import selectors
@@ -173,17 +174,20 @@ def test_producer_keeps_serving_after_garbage_on_the_side_channel(workdir, produ
     assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["rejected_messages"] >= 5
 
 
-def consumer_against(p: Producer, workdir: Path, *overrides: str) -> subprocess.Popen:
+def consumer_against(p: Producer, workdir: Path, *overrides: str, connector: str = "mooncake") -> subprocess.Popen:
+    """A consumer with a long run of requests against ``p``, and a 2 s transfer timeout."""
     return subprocess.Popen(
-        [sys.executable, "-m", "kvconf", "connector=mooncake", "connector.kv_role=kv_consumer",
-         f"connector.extra.peer={p.address}", "kv_cache=llama3_8b", "self_test.transfer_bytes=16GiB",
+        [sys.executable, "-m", "kvconf", f"connector={connector}", "connector.kv_role=kv_consumer",
+         f"connector.extra.peer={p.address}", "kv_cache=llama3_8b", "self_test.transfer_bytes=32GiB",
          "connector.extra.transfer_timeout=2", "output=json", *overrides],
         cwd=workdir, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_producer_fails_requests_within_the_timeout(workdir, producer):
-    p = producer("kv_cache=llama3_8b")
-    c = consumer_against(p, workdir)
+@pytest.mark.parametrize("connector", ["mooncake", pytest.param("nixl", marks=pytest.mark.skipif(
+    importlib.util.find_spec("nixl") is None, reason="NIXL is not installed"))])
+def test_killed_producer_fails_requests_within_the_timeout(workdir, producer, connector):
+    p = producer("kv_cache=llama3_8b", connector=connector)
+    c = consumer_against(p, workdir, connector=connector)
     try:
         p.wait_served()
         p.proc.kill()

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, TESTS, json_out, kvconf_env, run_kvconf
-from test_mooncake import Producer, kvconf_procs, producer  # noqa: F401  (the fixture)
+from test_mooncake import consumer_against, kvconf_procs, producer  # noqa: F401  (the fixture)
 
 pytest.importorskip("nixl._api", reason="NIXL is not installed (scripts/setup.sh)")
 
@@ -57,32 +54,9 @@ def test_serve_workflow_and_sigterm(workdir, producer, mode):  # noqa: F811
     assert kvconf_procs() == []
 
 
-def consumer_against(p: Producer, workdir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvconf", "connector=nixl", "connector.kv_role=kv_consumer",
-         f"connector.extra.peer={p.address}", "kv_cache=llama3_8b", "self_test.transfer_bytes=32GiB",
-         "connector.extra.transfer_timeout=2", "output=json", *overrides],
-        cwd=workdir, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def test_killed_producer_fails_requests_within_the_timeout(workdir, producer):  # noqa: F811
-    p = producer("kv_cache=llama3_8b", connector="nixl")
-    c = consumer_against(p, workdir)
-    try:
-        p.wait_served()
-        p.proc.kill()
-        killed = time.monotonic()
-        out, err = c.communicate(timeout=60)
-        elapsed = time.monotonic() - killed
-    finally:
-        c.kill()
-    assert c.returncode == 1, err
-    assert "failed to load" in err and elapsed < 2 * 2 + 3
-
-
 def test_frozen_producer_fails_requests_within_the_timeout(workdir, producer):  # noqa: F811
     p = producer("kv_cache=llama3_8b", connector="nixl")
-    c = consumer_against(p, workdir, "connector.kv_load_failure_policy=recompute")
+    c = consumer_against(p, workdir, "connector.kv_load_failure_policy=recompute", connector="nixl")
     try:
         p.wait_served()
         p.proc.send_signal(signal.SIGSTOP)
