@@ -817,6 +817,7 @@ def _run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTes
         mismatched = 0
         deadline_total = time.monotonic() + settings.timeout
         producer_gone = False
+        request_seconds: dict[str, float] = {}
         for rnd in range(rounds):
             if producer_gone:
                 break
@@ -858,6 +859,9 @@ def _run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTes
             finished: set[str] = set()
             while waiting - finished and time.monotonic() < deadline_total:
                 _, recv = conn.get_finished(set())
+                now_s = time.perf_counter() - t0
+                for rid in (recv or set()) - finished:
+                    request_seconds[rid] = now_s  # from the consumer's request to its last block
                 finished |= recv or set()
                 if waiting - finished:
                     conn.wait_for_results(0.05)
@@ -886,6 +890,8 @@ def _run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTes
         result = {
             "bytes": bytes_ok, "verified": mismatched == 0 and loaded > 0, "seconds": round(seconds, 6),
             "gbps": round(bytes_ok / seconds / 1e9, 3) if seconds > 0 else None,
+            "loaded_bytes": bytes_ok, "load_seconds": round(seconds, 6),
+            "request_seconds": [round(v, 6) for k, v in request_seconds.items() if k not in failures],
             "transport": conn.transport, "transport_reason": conn.transport_reason,
             "requests": loaded + failed, "loaded_requests": loaded, "failed_requests": failed,
             "recomputed": recomputed, "rounds": rounds, "blocks_per_request": per_req,

@@ -162,6 +162,11 @@ class ExampleConnector(KVConnectorBase):
     def wait_for_save(self) -> None:
         return None  # saves complete in save_kv_layer
 
+    def raw_path(self, kv_caches: Any, ctx: Any, runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        from kvconf.bench import raw_torch_copy
+
+        return raw_torch_copy(kv_caches, max(r["bytes"] for r in runs)) if runs and kv_caches else None
+
     def shutdown(self) -> None:
         if self.role is KVConnectorRole.WORKER:
             self._views.clear()

@@ -281,6 +281,11 @@ class SharedStorageConnector(TierConnector):
             except FileNotFoundError:
                 pass
 
+    def raw_path(self, kv_caches: Any, ctx: Any, runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        from kvconf.bench import raw_file_io
+
+        return raw_file_io(kv_caches, max(r["bytes"] for r in runs), self.dir) if runs and kv_caches else None
+
     def shutdown(self) -> None:
         super().shutdown()
         self._staging = {}

@@ -19,14 +19,15 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
 from .help import help_template
 
 __all__ = ["CONF_DIR", "SUBCOMMANDS", "main"]
 
-SUBCOMMANDS = {"validate": "kvconf.validate", "check-connector": "kvconf.check_connector"}
+SUBCOMMANDS = {"validate": "kvconf.validate", "check-connector": "kvconf.check_connector",
+               "bench-compare": "kvconf.bench_compare"}
 """``kvconf NAME ...`` runs these tools instead of the Hydra app (no override is a bare word)."""
 
 
@@ -60,14 +61,17 @@ def _task(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    _execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)")
+    _execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)",
+             job_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices))
 
 
-def _execute(cfg: DictConfig, *, multirun: bool, label: str) -> None:
+def _execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None = None,
+             choices: dict[str, Any] | None = None) -> None:
     _state.task_started = True
     compose_s = time.perf_counter() - _state.t0
     data: Any = None
     code = 0
+    err_text = ""
     try:
         try:
             data = OmegaConf.to_container(cfg, resolve=True)
@@ -78,21 +82,38 @@ def _execute(cfg: DictConfig, *, multirun: bool, label: str) -> None:
 
         report = run_job(data)
         report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
+        if report["action"] == "bench":
+            from .results import write_results
+
+            kv_label = (choices or {}).get("kv_cache") or f"{report['plan']['bytes_per_block']} B/block"
+            report["results_file"] = str(write_results(report, data, job_dir or Path.cwd(), kv_label))
         _emit(report, data.get("output", "text"))
     except KVConfError as exc:
         code = exc.exit_code
+        err_text = exc.problems[0].message if exc.problems else str(exc)
         _report_error(exc, data, label if multirun else None)
     except Exception as exc:  # a bug in a connector or in kvconf: a runtime failure
         err = ConnectorRuntimeError(Problem("", f"{type(exc).__name__}: {exc}",
                                             fix="rerun with debug=true (or HYDRA_FULL_ERROR=1) for the traceback"))
         err.__cause__ = exc
         code = 1
+        err_text = f"{type(exc).__name__}: {exc}"
         _report_error(err, data, label if multirun else None, cause=exc)
+    if code and multirun and job_dir is not None and isinstance(data, dict) and data.get("action") == "bench":
+        _write_error(job_dir, choices or {}, code, err_text)
     _state.jobs.append((label, code, ""))
     _state.t0 = time.perf_counter()
     if code and not multirun:
         sys.stdout.flush()
         sys.exit(code)
+
+
+def _write_error(job_dir: Path, choices: dict[str, Any], code: int, message: str) -> None:
+    """A failed sweep job leaves error.json where its results.json would be, for the summary."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "error.json").write_text(json.dumps({
+        "connector": choices.get("connector"), "kv_cache": choices.get("kv_cache"), "exit_code": code,
+        "message": message}) + "\n")
 
 
 def _report_error(exc: KVConfError, data: Any, job: str | None, cause: BaseException | None = None) -> None:
@@ -142,14 +163,17 @@ def _compose_and_run(overrides: list[str]) -> None:
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="kvconf"):
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
     except Exception as exc:  # composition failed: Hydra's message, as its main would print it
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in lines), file=sys.stderr)
         raise SystemExit(2) from None
-    _execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)")
+    _execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)", choices=choices)
 
 
 def main() -> None:

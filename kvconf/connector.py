@@ -108,6 +108,8 @@ class SelfTestContext:
     """The whole composed config as plain data, to start a peer process with."""
     device: str
     output: str = "text"
+    bench: Any = None
+    """The job's ``bench`` settings (``action=bench``)."""
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
@@ -263,7 +265,14 @@ class KVConnectorBase(ABC):
         blocks with a known pattern through this connector, loads them back and verifies every byte."""
         from .driver import run_self_test
 
-        return run_self_test(self, kv_caches, ctx.settings)
+        shared = ctx.bench.shared_prefix if ctx.bench is not None else 0.5
+        return run_self_test(self, kv_caches, ctx.settings, shared)
+
+    def raw_path(self, kv_caches: Optional[dict[str, "torch.Tensor"]], ctx: SelfTestContext,
+                 runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """``action=bench``: the raw path under this connector measured on the same bytes as
+        ``runs`` (``{"path": what, "gbps": ...}``), or None where there is none to compare with."""
+        return None
 
     def serve(self, kv_caches: Optional[dict[str, "torch.Tensor"]], ctx: SelfTestContext) -> dict[str, Any]:
         """What ``action=serve`` does: serve peers until SIGINT or SIGTERM (``can_serve`` connectors)."""

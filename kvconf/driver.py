@@ -45,9 +45,9 @@ class Workload:
         return [(i * 31) % 32000 if i < shared else (r * 7919 + i * 31 + 1) % 32000 for i in range(n)]
 
 
-def plan_workload(connector: KVConnectorBase, settings: Any) -> Workload:
+def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: float = 0.5) -> Workload:
     """As many blocks per request as fit both the cache (save and load sets side by side) and
-    ``settings.max_bytes`` per pass; half of each request's blocks are a shared prefix."""
+    ``settings.max_bytes`` per pass; ``shared_prefix`` of each request's blocks are a shared prefix."""
     cfg = connector.kv_cache_config
     requests = int(getattr(settings, "requests", 4))
     max_bytes = parse_bytes(getattr(settings, "max_bytes", "64MiB"))
@@ -56,7 +56,7 @@ def plan_workload(connector: KVConnectorBase, settings: Any) -> Workload:
     total = min(by_bytes, by_cache)
     requests = max(1, min(requests, total))
     per = max(1, total // requests)
-    return Workload(requests, per, cfg.kv_cache_groups[0].kv_cache_spec.block_size, per // 2)
+    return Workload(requests, per, cfg.kv_cache_groups[0].kv_cache_spec.block_size, int(per * shared_prefix))
 
 
 def _byte_views(kv_caches: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -82,10 +82,14 @@ class _Tally:
     mismatched: int = 0
     recomputed: int = 0
     first_bad: str = ""
+    request_seconds: list = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.request_seconds = []
 
 
 def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.Tensor"]],
-                  settings: Any) -> dict[str, Any]:
+                  settings: Any, shared_prefix: float = 0.5) -> dict[str, Any]:
     """Save then load through ``worker`` (and its scheduler side), as an engine would; every
     block that comes back from the connector is checked byte for byte.
 
@@ -111,7 +115,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
     policy = worker.config.kv_load_failure_policy
     recompute_reasons: dict[str, str] = {}
     try:
-        wl = plan_workload(worker, settings)
+        wl = plan_workload(worker, settings, shared_prefix)
         views = _byte_views(kv_caches)
         layers = list(views)
         page_bytes = sum(v.shape[1] for v in views.values())
@@ -152,7 +156,9 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
             conn.start_load_kv(None)
             for name in layers:
                 conn.wait_for_layer_load(name)
-            tally.seconds += time.perf_counter() - t0
+            load_s = time.perf_counter() - t0
+            tally.seconds += load_s
+            tally.request_seconds.append(load_s)
             reasons = conn.get_load_error_reasons()
             bad_blocks = conn.get_block_ids_with_load_errors() | set(reasons)
             bad = [j for j in range(loaded) if ids[j] in bad_blocks]
@@ -222,6 +228,9 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
             "bytes": saved + loaded_bytes,
             "saved_bytes": saved,
             "loaded_bytes": loaded_bytes,
+            "save_seconds": round(save_tally.seconds, 6),
+            "load_seconds": round(load_tally.seconds, 6),
+            "request_seconds": [round(x, 6) for x in load_tally.request_seconds],
             "verified": mismatched == 0 and (load_tally.hits > 0 or bool(recompute_reasons)),
             "seconds": round(seconds, 6),
             "gbps": round((saved + loaded_bytes) / seconds / 1e9, 3) if seconds > 0 else None,

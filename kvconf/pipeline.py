@@ -90,7 +90,7 @@ def load(job: Job) -> None:
                 problems.append(Problem("action", f"the {name} connector cannot serve: action=serve is for "
                                         "peer-to-peer connectors (mooncake)", value="serve",
                                         allowed=["check", "run", "export"], fix="use action=run"))
-            if job.cfg.action in ("run", "serve"):
+            if job.cfg.action in ("run", "serve", "bench"):
                 with job.stage("environment"):
                     role = KVConnectorRole.from_name(job.cfg.role)
                     if role is KVConnectorRole.WORKER and importlib.util.find_spec("torch") is None:
@@ -135,7 +135,7 @@ def run_job(data: dict[str, Any]) -> dict[str, Any]:
         from .export import to_vllm
 
         report["kv_transfer_config"] = to_vllm(cfg.connector, cls)
-    elif cfg.action in ("run", "serve"):
+    elif cfg.action in ("run", "serve", "bench"):
         _run(job, cfg, cls, resolved, kv_cache_config, role, device)
     return report
 
@@ -179,12 +179,16 @@ def _run(job: Job, cfg: KVConfConfig, cls: Any, resolved: factory.Resolved, kv_c
             report["allocated_bytes"] = sum(b.numel() * b.element_size() for b in buffers)
             with job.stage("register"):
                 connector.register_kv_caches(kv_caches)
-        ctx = SelfTestContext(settings=cfg.self_test, data=job.data, device=device, output=cfg.output)
-        serve = cfg.action == "serve"
-        with job.stage(cfg.action if serve else "self_test"):
+        ctx = SelfTestContext(settings=cfg.self_test, data=job.data, device=device, output=cfg.output,
+                              bench=cfg.bench)
+        with job.stage(cfg.action if cfg.action in ("serve", "bench") else "self_test"):
             try:
-                if serve:
+                if cfg.action == "serve":
                     report["serve"] = connector.serve(kv_caches, ctx)
+                elif cfg.action == "bench":
+                    from .bench import run_bench
+
+                    report["bench"] = run_bench(connector, kv_caches, ctx)
                 else:
                     report["self_test"] = connector.self_test(kv_caches, ctx)
             except KVConfError:

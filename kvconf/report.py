@@ -24,7 +24,7 @@ def render_text(r: dict[str, Any]) -> str:
         lines.append(f"  capacity   {format_bytes(plan['capacity_bytes'])} free on {r['device']}")
     elif plan.get("allocates") and r["action"] in ("check", "run", "serve"):
         lines.append(f"  capacity   unknown on {r['device']} (no NVML here to read free GPU memory)")
-    if r["action"] == "run":
+    if r["action"] in ("run", "bench"):
         lines.append(f"  allocated  {format_bytes(r['allocated_bytes'])} on {r['device']}"
                      + ("" if r["role"] == "worker" else " (the scheduler side never allocates KV memory)"))
     st = r.get("self_test")
@@ -36,5 +36,19 @@ def render_text(r: dict[str, Any]) -> str:
             lines.append(f"  self-test  {'verified' if st['verified'] else 'FAILED'}: {format_bytes(st['bytes'])} "
                          f"moved in {st['seconds']:.3f} s ({st['gbps']} GB/s), {st['requests']} requests"
                          + (f", {st['hits']} block hits" if "hits" in st else "") + extra)
+    b = r.get("bench")
+    if b:
+        f = b["figures"]
+        lat = f["latency_ms"]
+        lines.append(f"  bench      {format_bytes(f['bytes'])} verified in {f['repetitions']} repetitions: "
+                     f"{f['gbps']} GB/s (save {f['save_gbps']}, load {f['load_gbps']}); per request p50 "
+                     f"{lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+        if b.get("raw"):
+            lines.append(f"  raw path   {b['raw']['gbps']} GB/s ({b['raw']['path']}); ratio {b['ratio']}")
+        if b.get("ceilings"):
+            c = b["ceilings"]
+            lines.append(f"  ceilings   memcpy {c['memcpy_gbps']} GB/s, loopback TCP {c['loopback_tcp_gbps']} GB/s")
+        if r.get("results_file"):
+            lines.append(f"  results    {r['results_file']}")
     lines.append("  timings    " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["timings"].items()))
     return "\n".join(lines)

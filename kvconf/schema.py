@@ -38,6 +38,7 @@ __all__ = [
     "LoadFailurePolicy",
     "Output",
     "RoleName",
+    "BenchConfig",
     "SelfTestConfig",
     "problems_from_validation_error",
     "validate",
@@ -62,7 +63,8 @@ Check = Literal["check"]
 Run = Literal["run"]
 Export = Literal["export"]
 Serve = Literal["serve"]
-Action = Literal[Check, Run, Export, Serve]
+Bench = Literal["bench"]
+Action = Literal[Check, Run, Export, Serve, Bench]
 
 Text = Literal["text"]
 Json = Literal["json"]
@@ -148,6 +150,21 @@ class SelfTestConfig(_Frozen):
         return v
 
 
+class BenchConfig(_Frozen):
+    """The synthetic workload of ``action=bench``; the workload's sizes are ``self_test``'s."""
+
+    shared_prefix: float = Field(0.5, ge=0.0, le=1.0)
+    """Fraction of each prompt's blocks that all requests share (prefix reuse for the tiers)."""
+    repetitions: PositiveInt = 3
+    """Measured repetitions of the workload."""
+    warmup: int = Field(1, ge=0)
+    """Unmeasured repetitions first."""
+    raw: bool = True
+    """Measure the raw path under the connector on the same bytes, and the ratio connector/raw."""
+    ceilings: bool = True
+    """Measure this machine's memcpy and loopback-TCP ceilings beside the figures."""
+
+
 def _kv_cache_form(v: Any) -> str:
     return "explicit" if isinstance(v, dict) and "kv_cache_groups" in v else "compact"
 
@@ -183,13 +200,16 @@ class KVConfConfig(_Frozen):
     action: Action = "run"
     """What to do: ``check`` (validate, resolve, contract, plan; allocate nothing), ``run``
     (construct, register, self-test, shut down), ``export`` (print vLLM's --kv-transfer-config) or
-    ``serve`` (a long-lived producer for consumers started separately, until SIGINT or SIGTERM)."""
+    ``serve`` (a long-lived producer for consumers started separately, until SIGINT or SIGTERM) or
+    ``bench`` (repetitions of the self-test against the raw path; writes results.json)."""
     output: Output = "text"
     """``text`` for people, ``json`` for one JSON object on stdout."""
     debug: bool = False
     """Print a traceback with errors (so does ``HYDRA_FULL_ERROR=1``)."""
     self_test: SelfTestConfig = Field(default_factory=SelfTestConfig)
-    """Sizes of the ``action=run`` self-test."""
+    """Sizes of the ``action=run`` self-test (and of each ``action=bench`` repetition)."""
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    """Repetitions and comparisons of ``action=bench``."""
 
     @field_validator("device")
     @classmethod

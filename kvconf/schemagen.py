@@ -66,7 +66,11 @@ def generate() -> dict[str, dict[str, Any]]:
     connector_defs = connector.setdefault("$defs", {})
     connector = _with_extras(connector, connector_defs)
     role = KVConfConfig.model_fields["role"]
+    from .results import BenchResults
+
+    document(BenchResults)
     return {
+        "results.schema.json": doc(BenchResults.model_json_schema(), "kvconf bench results.json"),
         "config.schema.json": doc(config, "kvconf config"),
         "connector.schema.json": doc(connector, "kvconf connector"),
         "kv_cache.schema.json": doc(TypeAdapter(Union[KVCacheLayout, KVCacheConfig]).json_schema(),
