@@ -100,7 +100,8 @@ def _execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | Non
         err_text = f"{type(exc).__name__}: {exc}"
         _report_error(err, data, label if multirun else None, cause=exc)
     if code and multirun and job_dir is not None and isinstance(data, dict) and data.get("action") == "bench":
-        _write_error(job_dir, choices or {}, code, err_text)
+        name = (data.get("connector") or {}).get("name") if isinstance(data.get("connector"), dict) else None
+        _write_error(job_dir, {**(choices or {}), **({"connector": name} if name else {})}, code, err_text)
     _state.jobs.append((label, code, ""))
     _state.t0 = time.perf_counter()
     if code and not multirun:

@@ -64,6 +64,6 @@ fi
 stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then
-  pip install -e ".[test]"
+  pip install -e ".[test,sweep]"
   echo "$want" > "$stamp"
 fi

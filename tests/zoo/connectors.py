@@ -102,3 +102,14 @@ class LeaksCaches(Good):
     def register_kv_caches(self, kv_caches):
         super().register_kv_caches(kv_caches)
         self.kept = dict(kv_caches)
+
+
+class Corrupts(Good):
+    """Loads the blocks, then flips a byte of the first one."""
+
+    def start_load_kv(self, forward_context, **kwargs):
+        super().start_load_kv(forward_context, **kwargs)
+        meta = self._get_connector_metadata()
+        for load in meta.loads:
+            view = next(iter(self._views.values()))
+            view[load.block_ids[0]][0] ^= 0xFF
