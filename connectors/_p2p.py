@@ -429,6 +429,13 @@ class P2PConnector(KVConnectorBase):
                 "bytes": server.bytes, "rejected_messages": server.rejected, "transport": self.transport,
                 "transport_reason": self.transport_reason}
 
+    def raw_path(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext,
+                 runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """``action=bench``: the bare engine moving the same blocks between two processes."""
+        if self.role is KVConnectorRole.SCHEDULER or not kv_caches or self.config.kv_role == "kv_producer":
+            return None
+        return _bare_engine(self, ctx)
+
     # ---- action=run ----------------------------------------------------------------------------
     def self_test(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext) -> dict[str, Any]:
         if self.role is KVConnectorRole.SCHEDULER or kv_caches is None:
@@ -914,6 +921,59 @@ def _run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTes
             code = _stop_peer(proc, path)
             if code not in (0, None):
                 log.warning("the producer peer exited with %s", code)
+
+
+def _bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
+    """The engine alone on the blocks of one round of the self-test: a producer peer prefills the
+    requests; in pull mode this process READs each request's regions with the engine call alone,
+    in push mode the producer WRITEs them and reports the engine's own time."""
+    import zmq
+
+    from kvconf import sidechannel as sc
+
+    proc, path = _start_peer(_peer_data(ctx, "kv_producer", "serve"))
+    control = zmq.Context.instance().socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    try:
+        peer = _wait_serving(proc, ctx.settings.timeout)
+        host, port = sc.parse_address(peer)
+        control.connect(f"tcp://{host}:{port}")
+
+        def ask(msg: Any) -> Any:
+            control.send(sc.encode(msg))
+            if not control.poll(int(conn.extra.transfer_timeout * 1000)):
+                raise ConnectorRuntimeError(Problem("bench", f"the producer at {peer} stopped answering"))
+            return sc.decode(control.recv())
+
+        hello = ask(sc.Hello(engine_id=conn.config.engine_id))
+        cfg = conn.kv_cache_config
+        requests = max(1, min(int(ctx.settings.requests), cfg.num_blocks))
+        per = max(1, cfg.num_blocks // requests)
+        moved, seconds = 0, 0.0
+        for r in range(requests):
+            rid = f"bare-{r}"
+            ask(sc.Prefill(request_id=rid, seed=r, num_blocks=per))
+            ids = list(range(r * per, (r + 1) * per))
+            reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
+                                    layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
+                                    meta=conn._engine_meta))
+            if isinstance(reply, sc.PullSource):
+                t0 = time.perf_counter()
+                handle = conn._engine_read(hello.meta, reply.src, reply.dst, reply.lens)
+                while (state := conn._engine_poll(handle)) == "PROC":
+                    pass
+                seconds += time.perf_counter() - t0
+                control.send(sc.encode(sc.Release(request_id=rid, ok=state == "DONE")))
+                moved += sum(reply.lens) if state == "DONE" else 0
+            elif isinstance(reply, sc.TransferResult) and reply.status == "done":
+                moved += reply.bytes
+                seconds += reply.seconds
+        return {"path": f"the bare engine ({'READ by the consumer' if conn.pull else 'write by the producer'}), "
+                        "same blocks, two processes", "bytes": moved,
+                "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
+    finally:
+        control.close(linger=0)
+        _stop_peer(proc, path)
 
 
 def _run_as_producer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:

@@ -70,3 +70,13 @@ def test_bench_compare_prints_the_change_of_each_figure(workdir, tmp_path):
     text = run_kvconf("bench-compare", str(runs[0]), str(runs[1]), cwd=workdir)
     assert "example tiny" in text.stdout and "%" in text.stdout
     assert run_kvconf("bench-compare", str(runs[0]), str(tmp_path / "nope"), cwd=workdir).returncode == 2
+
+
+@pytest.mark.parametrize("connector", ["mooncake", "nixl"])
+def test_peer_to_peer_bench_compares_with_the_bare_engine(workdir, connector):
+    pytest.importorskip("mooncake.engine" if connector == "mooncake" else "nixl._api")
+    proc = run_kvconf(f"connector={connector}", "action=bench", "output=json", *SMALL, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    b = json_out(proc)["bench"]
+    assert b["figures"]["verified"] and b["figures"]["latency_ms"]["p50"] > 0
+    assert "bare engine" in b["raw"]["path"] and b["raw"]["gbps"] > 0 and b["ratio"] > 0
