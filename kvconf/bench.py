@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Optional
 
-__all__ = ["RESULTS_SCHEMA", "ceilings", "environment", "percentiles", "run_bench"]
+__all__ = ["RESULTS_SCHEMA", "Progress", "ceilings", "environment", "percentiles", "run_bench"]
 
 RESULTS_SCHEMA = "kvconf-bench/1"
 
@@ -113,13 +113,51 @@ def ceilings() -> dict[str, float]:
     return {"memcpy_gbps": _memcpy_gbps(), "loopback_tcp_gbps": _loopback_tcp_gbps()}
 
 
+class Progress:
+    """A one-line progress bar on a terminal, shown once a task has run 2 s; silent when the
+    stream is not a terminal (a pipe, a file, CI) or the output is JSON.
+
+    >>> import io
+    >>> p = Progress(3, "bench", stream=io.StringIO(), enabled=True, after=0.0)
+    >>> p.step("warm-up"); p.step("1/2"); p.done(); p.stream.getvalue().count("bench")
+    2
+    >>> quiet = Progress(3, "bench", stream=io.StringIO())  # a StringIO is not a terminal
+    >>> quiet.step("warm-up"); quiet.stream.getvalue()
+    ''
+    """
+
+    def __init__(self, total: int, label: str, stream: Any = None, enabled: Optional[bool] = None,
+                 after: float = 2.0) -> None:
+        self.total, self.label, self.n = total, label, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled if enabled is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.after, self.t0, self.shown = after, time.monotonic(), False
+
+    def step(self, what: str) -> None:
+        self.n += 1
+        if self.enabled and time.monotonic() - self.t0 >= self.after:
+            filled = int(20 * self.n / max(self.total, 1))
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.n}/{self.total} {what}   ")
+            self.stream.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     """Warm-up, repetitions and the raw path; the figures of ``results.json``."""
     from .errors import ConnectorRuntimeError, Problem
 
     bench = ctx.bench
     runs = []
-    for i in range(bench.warmup + bench.repetitions):
+    total = bench.warmup + bench.repetitions
+    progress = Progress(total + int(bench.raw) + int(bench.ceilings), f"kvconf bench {connector.config.name}",
+                        enabled=None if ctx.output != "json" else False)
+    for i in range(total):
+        progress.step("warm-up" if i < bench.warmup else f"repetition {i - bench.warmup + 1}")
         result = connector.self_test(kv_caches, ctx)
         if not result.get("verified"):
             raise ConnectorRuntimeError(Problem("bench", "a loaded byte differs from what was saved",
@@ -138,10 +176,15 @@ def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
         "repetitions": bench.repetitions, "warmup": bench.warmup,
         "transport": runs[-1].get("transport") if runs else None,
     }
+    if bench.raw:
+        progress.step("raw path")
     raw = connector.raw_path(kv_caches, ctx, runs) if bench.raw else None
+    if bench.ceilings:
+        progress.step("ceilings")
     out = {"figures": figures, "raw": raw,
            "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures["gbps"] else None,
            "ceilings": ceilings() if bench.ceilings else None}
+    progress.done()
     return out
 
 

@@ -80,3 +80,8 @@ def test_peer_to_peer_bench_compares_with_the_bare_engine(workdir, connector):
     b = json_out(proc)["bench"]
     assert b["figures"]["verified"] and b["figures"]["latency_ms"]["p50"] > 0
     assert "bare engine" in b["raw"]["path"] and b["raw"]["gbps"] > 0 and b["ratio"] > 0
+
+
+def test_no_progress_bar_when_not_a_terminal(workdir):
+    proc = run_kvconf("connector=example", "action=bench", "bench.repetitions=2", cwd=workdir)
+    assert proc.returncode == 0 and "kvconf bench example [" not in proc.stderr + proc.stdout
