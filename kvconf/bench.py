@@ -152,6 +152,10 @@ def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     from .errors import ConnectorRuntimeError, Problem
 
     bench = ctx.bench
+    if bench.requests is not None:
+        import dataclasses
+
+        ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"requests": bench.requests}))
     runs = []
     total = bench.warmup + bench.repetitions
     progress = Progress(total + int(bench.raw) + int(bench.ceilings), f"kvconf bench {connector.config.name}",

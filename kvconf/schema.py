@@ -11,7 +11,7 @@ import re
 import types
 import typing
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -153,6 +153,8 @@ class SelfTestConfig(_Frozen):
 class BenchConfig(_Frozen):
     """The synthetic workload of ``action=bench``; the workload's sizes are ``self_test``'s."""
 
+    requests: Optional[PositiveInt] = None
+    """Requests per repetition; unset: ``self_test.requests``."""
     shared_prefix: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of each prompt's blocks that all requests share (prefix reuse for the tiers)."""
     repetitions: PositiveInt = 3
