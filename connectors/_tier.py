@@ -58,7 +58,7 @@ class TierConnector(KVConnectorBase):
         self._unconfirmed: dict[str, list[Chunk]] = {}
         self._views: dict[str, Any] = {}
         self._saver: Optional[ThreadPoolExecutor] = None
-        self._futures: dict[str, list[Future]] = {}
+        self._futures: dict[str, list[tuple[Future, TierOp, str]]] = {}
         self._saved_requests: set[str] = set()
         self._load_errors: dict[int, str] = {}
         self._save_errors: dict[str, str] = {}
@@ -181,7 +181,8 @@ class TierConnector(KVConnectorBase):
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierMetadata) and self._saver is not None
         for op in meta.saves:
-            self._futures.setdefault(op.request_id, []).append(self._saver.submit(self._save_layer, op, layer_name))
+            fut = self._saver.submit(self._save_layer, op, layer_name)
+            self._futures.setdefault(op.request_id, []).append((fut, op, layer_name))
 
     def wait_for_save(self) -> None:
         """Completes this step's saves on the saver thread and waits for them."""
@@ -190,8 +191,11 @@ class TierConnector(KVConnectorBase):
         for op in meta.saves:
             futures = self._futures.pop(op.request_id, [])
             try:
-                for fut in futures:
-                    fut.result()
+                for fut, op_, layer in futures:
+                    if fut.cancel():  # not started: this thread would only wait, so it copies instead
+                        self._save_layer(op_, layer)
+                    else:
+                        fut.result()
                 self._saver.submit(self._finish_save, op).result()
                 self._saved_requests.add(op.request_id)
             except Exception as exc:  # the request's chunks are not in the tier
