@@ -151,10 +151,10 @@ def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     """Warm-up, repetitions and the raw path; the figures of ``results.json``."""
     from .errors import ConnectorRuntimeError, Problem
 
+    import dataclasses
+
     bench = ctx.bench
     if bench.requests is not None:
-        import dataclasses
-
         ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"requests": bench.requests}))
     runs = []
     total = bench.warmup + bench.repetitions
@@ -162,7 +162,7 @@ def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
                         enabled=None if ctx.output != "json" else False)
     for i in range(total):
         progress.step("warm-up" if i < bench.warmup else f"repetition {i - bench.warmup + 1}")
-        result = connector.self_test(kv_caches, ctx)
+        result = connector.self_test(kv_caches, dataclasses.replace(ctx, salt=ctx.salt * 1000 + i + 1))
         if not result.get("verified"):
             raise ConnectorRuntimeError(Problem("bench", "a loaded byte differs from what was saved",
                                                 fix="the connector's data path is wrong"))

@@ -110,6 +110,9 @@ class SelfTestContext:
     output: str = "text"
     bench: Any = None
     """The job's ``bench`` settings (``action=bench``)."""
+    salt: int = 0
+    """Varies the prompts (``action=bench`` repetitions: a persistent tier would otherwise hold
+    every block from the first repetition on, and nothing would be saved again)."""
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
@@ -266,7 +269,7 @@ class KVConnectorBase(ABC):
         from .driver import run_self_test
 
         shared = ctx.bench.shared_prefix if ctx.bench is not None else 0.5
-        return run_self_test(self, kv_caches, ctx.settings, shared)
+        return run_self_test(self, kv_caches, ctx.settings, shared, salt=ctx.salt)
 
     def raw_path(self, kv_caches: Optional[dict[str, "torch.Tensor"]], ctx: SelfTestContext,
                  runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:

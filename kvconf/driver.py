@@ -38,14 +38,16 @@ class Workload:
     blocks_per_request: int
     block_size: int
     shared_blocks: int
+    salt: int = 0
 
     def prompt(self, r: int) -> list[int]:
         shared = self.shared_blocks * self.block_size
         n = self.blocks_per_request * self.block_size + 1
-        return [(i * 31) % 32000 if i < shared else (r * 7919 + i * 31 + 1) % 32000 for i in range(n)]
+        s = self.salt * 1_000_003
+        return [(i * 31 + s) % 32000 if i < shared else (r * 7919 + i * 31 + 1 + s) % 32000 for i in range(n)]
 
 
-def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: float = 0.5) -> Workload:
+def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: float = 0.5, salt: int = 0) -> Workload:
     """As many blocks per request as fit both the cache (save and load sets side by side) and
     ``settings.max_bytes`` per pass; ``shared_prefix`` of each request's blocks are a shared prefix."""
     cfg = connector.kv_cache_config
@@ -56,7 +58,7 @@ def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: floa
     total = min(by_bytes, by_cache)
     requests = max(1, min(requests, total))
     per = max(1, total // requests)
-    return Workload(requests, per, cfg.kv_cache_groups[0].kv_cache_spec.block_size, int(per * shared_prefix))
+    return Workload(requests, per, cfg.kv_cache_groups[0].kv_cache_spec.block_size, int(per * shared_prefix), salt)
 
 
 def _byte_views(kv_caches: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -89,7 +91,7 @@ class _Tally:
 
 
 def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.Tensor"]],
-                  settings: Any, shared_prefix: float = 0.5) -> dict[str, Any]:
+                  settings: Any, shared_prefix: float = 0.5, salt: int = 0) -> dict[str, Any]:
     """Save then load through ``worker`` (and its scheduler side), as an engine would; every
     block that comes back from the connector is checked byte for byte.
 
@@ -115,7 +117,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
     policy = worker.config.kv_load_failure_policy
     recompute_reasons: dict[str, str] = {}
     try:
-        wl = plan_workload(worker, settings, shared_prefix)
+        wl = plan_workload(worker, settings, shared_prefix, salt)
         views = _byte_views(kv_caches)
         layers = list(views)
         page_bytes = sum(v.shape[1] for v in views.values())
