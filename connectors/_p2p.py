@@ -790,8 +790,15 @@ def _run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTes
         layers = list(views)
         per_block = sum(v.shape[1] for v in views.values())
         total_target = parse_bytes(settings.transfer_bytes)
-        requests = max(1, min(int(settings.requests), cfg.num_blocks))
-        per_req = max(1, cfg.num_blocks // requests)
+        requests = max(1, min(int(ctx.concurrency or settings.requests), cfg.num_blocks))
+        per_req = ctx.prompt_blocks or max(1, cfg.num_blocks // requests)
+        if requests * per_req > cfg.num_blocks:
+            from kvconf.errors import ConfigError
+
+            raise ConfigError(Problem(
+                "bench.prompt_blocks", f"{requests} requests in flight of {per_req} blocks need {requests * per_req} "
+                f"blocks; the cache has {cfg.num_blocks}", value=per_req,
+                fix="lower bench.prompt_blocks or bench.concurrency, or raise kv_cache.num_blocks / kv_cache.memory"))
         round_bytes = requests * per_req * per_block
         rounds = max(1, -(-total_target // round_bytes))
         scheduler = type(conn)(conn.config, KVConnectorRole.SCHEDULER, cfg)
@@ -947,8 +954,8 @@ def _bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
 
         hello = ask(sc.Hello(engine_id=conn.config.engine_id))
         cfg = conn.kv_cache_config
-        requests = max(1, min(int(ctx.settings.requests), cfg.num_blocks))
-        per = max(1, cfg.num_blocks // requests)
+        requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks))
+        per = min(ctx.prompt_blocks or cfg.num_blocks // requests, cfg.num_blocks // requests) or 1
         moved, seconds = 0, 0.0
         for r in range(requests):
             rid = f"bare-{r}"

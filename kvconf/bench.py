@@ -156,6 +156,7 @@ def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     bench = ctx.bench
     if bench.requests is not None:
         ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"requests": bench.requests}))
+    ctx = dataclasses.replace(ctx, prompt_blocks=bench.prompt_blocks, concurrency=bench.concurrency)
     runs = []
     total = bench.warmup + bench.repetitions
     progress = Progress(total + int(bench.raw) + int(bench.ceilings), f"kvconf bench {connector.config.name}",

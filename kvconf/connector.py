@@ -110,6 +110,10 @@ class SelfTestContext:
     output: str = "text"
     bench: Any = None
     """The job's ``bench`` settings (``action=bench``)."""
+    prompt_blocks: Optional[int] = None
+    """Blocks per request, where a benchmark sets them."""
+    concurrency: Optional[int] = None
+    """Requests per engine step (or in flight), where a benchmark sets them."""
     salt: int = 0
     """Varies the prompts (``action=bench`` repetitions: a persistent tier would otherwise hold
     every block from the first repetition on, and nothing would be saved again)."""
@@ -269,7 +273,8 @@ class KVConnectorBase(ABC):
         from .driver import run_self_test
 
         shared = ctx.bench.shared_prefix if ctx.bench is not None else 0.5
-        return run_self_test(self, kv_caches, ctx.settings, shared, salt=ctx.salt)
+        return run_self_test(self, kv_caches, ctx.settings, shared, salt=ctx.salt, blocks_per_request=ctx.prompt_blocks,
+                             concurrency=ctx.concurrency or 1)
 
     def raw_path(self, kv_caches: Optional[dict[str, "torch.Tensor"]], ctx: SelfTestContext,
                  runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:

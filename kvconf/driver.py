@@ -47,18 +47,31 @@ class Workload:
         return [(i * 31 + s) % 32000 if i < shared else (r * 7919 + i * 31 + 1 + s) % 32000 for i in range(n)]
 
 
-def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: float = 0.5, salt: int = 0) -> Workload:
+def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: float = 0.5, salt: int = 0,
+                  blocks_per_request: Optional[int] = None) -> Workload:
     """As many blocks per request as fit both the cache (save and load sets side by side) and
-    ``settings.max_bytes`` per pass; ``shared_prefix`` of each request's blocks are a shared prefix."""
+    ``settings.max_bytes`` per pass, or ``blocks_per_request``; ``shared_prefix`` of each request's
+    blocks are a shared prefix."""
     cfg = connector.kv_cache_config
     requests = int(getattr(settings, "requests", 4))
+    bs = cfg.kv_cache_groups[0].kv_cache_spec.block_size
+    if blocks_per_request is not None:
+        if 2 * requests * blocks_per_request > cfg.num_blocks:
+            from .errors import ConfigError
+
+            raise ConfigError(Problem(
+                "bench.prompt_blocks", f"{requests} requests of {blocks_per_request} blocks need "
+                f"{2 * requests * blocks_per_request} blocks (saved and loaded side by side); the cache has "
+                f"{cfg.num_blocks}", value=blocks_per_request,
+                fix="lower bench.prompt_blocks or bench.requests, or raise kv_cache.num_blocks / kv_cache.memory"))
+        return Workload(requests, blocks_per_request, bs, int(blocks_per_request * shared_prefix), salt)
     max_bytes = parse_bytes(getattr(settings, "max_bytes", "64MiB"))
     by_bytes = max(1, max_bytes // max(cfg.bytes_per_block, 1))
     by_cache = max(1, cfg.num_blocks // 2)
     total = min(by_bytes, by_cache)
     requests = max(1, min(requests, total))
     per = max(1, total // requests)
-    return Workload(requests, per, cfg.kv_cache_groups[0].kv_cache_spec.block_size, int(per * shared_prefix), salt)
+    return Workload(requests, per, bs, int(per * shared_prefix), salt)
 
 
 def _byte_views(kv_caches: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -91,7 +104,8 @@ class _Tally:
 
 
 def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.Tensor"]],
-                  settings: Any, shared_prefix: float = 0.5, salt: int = 0) -> dict[str, Any]:
+                  settings: Any, shared_prefix: float = 0.5, salt: int = 0,
+                  blocks_per_request: Optional[int] = None, concurrency: int = 1) -> dict[str, Any]:
     """Save then load through ``worker`` (and its scheduler side), as an engine would; every
     block that comes back from the connector is checked byte for byte.
 
@@ -117,7 +131,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
     policy = worker.config.kv_load_failure_policy
     recompute_reasons: dict[str, str] = {}
     try:
-        wl = plan_workload(worker, settings, shared_prefix, salt)
+        wl = plan_workload(worker, settings, shared_prefix, salt, blocks_per_request)
         views = _byte_views(kv_caches)
         layers = list(views)
         page_bytes = sum(v.shape[1] for v in views.values())
@@ -142,14 +156,19 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
                         tally.mismatched += 1
                         tally.first_bad = tally.first_bad or f"request {r}, layer {name}, block {j}"
 
-        def step(scheduler: KVConnectorBase, conn: KVConnectorBase, r: int, ids: list[int], tag: str,
+        def step(scheduler: KVConnectorBase, conn: KVConnectorBase, batch: list[tuple[int, list[int]]], tag: str,
                  tally: _Tally, compute: bool) -> int:
-            req = Request(f"{tag}-{r}", prompts[r])
-            matched, _async = scheduler.get_num_new_matched_tokens(req, 0)
-            loaded = (matched or 0) // wl.block_size
-            scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(ids) for _ in range(n_groups))),
-                                               loaded * wl.block_size)
-            meta = scheduler.build_connector_meta(SchedulerOutput([req.request_id]))
+            """One engine step for the requests of ``batch`` ((index, block ids) each); blocks loaded."""
+            reqs, loaded = [], []
+            for r, ids in batch:
+                req = Request(f"{tag}-{r}", prompts[r])
+                matched, _async = scheduler.get_num_new_matched_tokens(req, 0)
+                n = (matched or 0) // wl.block_size
+                scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(ids) for _ in range(n_groups))),
+                                                   n * wl.block_size)
+                reqs.append(req)
+                loaded.append(n)
+            meta = scheduler.build_connector_meta(SchedulerOutput([q.request_id for q in reqs]))
             if not isinstance(meta, KVConnectorMetadata):
                 raise ConnectorRuntimeError(Problem("connector", f"build_connector_meta returned "
                                                     f"{type(meta).__name__}, not KVConnectorMetadata"))
@@ -160,33 +179,39 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
                 conn.wait_for_layer_load(name)
             load_s = time.perf_counter() - t0
             tally.seconds += load_s
-            tally.request_seconds.append(load_s)
+            tally.request_seconds.extend([load_s] * len(batch))
             reasons = conn.get_load_error_reasons()
             bad_blocks = conn.get_block_ids_with_load_errors() | set(reasons)
-            bad = [j for j in range(loaded) if ids[j] in bad_blocks]
-            if bad:
-                why = reasons.get(ids[bad[0]], "the connector reported a load error")
-                if policy == "fail":
-                    raise ConnectorRuntimeError(Problem(
-                        "self_test", f"request {req.request_id}: {len(bad)} block(s) failed to load "
-                        "(kv_load_failure_policy=fail)", details=(why,),
-                        fix="connector.kv_load_failure_policy=recompute recomputes such blocks instead"))
-                recompute_reasons[req.request_id] = why
-                tally.recomputed += len(bad)
-                fill(r, ids, range(bad[0], loaded))  # from the first bad block on, as a prefix
-                loaded = bad[0]
-            check(r, ids, range(loaded), tally)
-            tally.loaded_blocks += loaded
+            for k, ((r, ids), req) in enumerate(zip(batch, reqs)):
+                bad = [j for j in range(loaded[k]) if ids[j] in bad_blocks]
+                if bad:
+                    why = reasons.get(ids[bad[0]], "the connector reported a load error")
+                    if policy == "fail":
+                        raise ConnectorRuntimeError(Problem(
+                            "self_test", f"request {req.request_id}: {len(bad)} block(s) failed to load "
+                            "(kv_load_failure_policy=fail)", details=(why,),
+                            fix="connector.kv_load_failure_policy=recompute recomputes such blocks instead"))
+                    recompute_reasons[req.request_id] = why
+                    tally.recomputed += len(bad)
+                    fill(r, ids, range(bad[0], loaded[k]))  # from the first bad block on, as a prefix
+                    loaded[k] = bad[0]
+                check(r, ids, range(loaded[k]), tally)
+                tally.loaded_blocks += loaded[k]
+                fill(r, ids, range(loaded[k], per))  # computed (save pass) or recomputed (load pass)
+                if not compute:
+                    tally.misses += per - loaded[k]
             if compute:
-                fill(r, ids, range(loaded, per))
                 t1 = time.perf_counter()
                 for name in layers:
                     conn.save_kv_layer(name, kv_caches[name], None)
                 conn.wait_for_save()
                 tally.seconds += time.perf_counter() - t1
                 save_errors = conn.get_save_errors()
-                if save_errors:
-                    why = save_errors.get(req.request_id, next(iter(save_errors.values())))
+                for k, req in enumerate(reqs):
+                    why = save_errors.get(req.request_id)
+                    if why is None:
+                        tally.saved_blocks += per - loaded[k]
+                        continue
                     if policy == "fail":
                         raise ConnectorRuntimeError(Problem(
                             "self_test", f"request {req.request_id}: its blocks could not be saved "
@@ -197,28 +222,27 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
                     report_failed = getattr(scheduler, "report_save_failed", None)
                     if report_failed is not None:
                         report_failed(req.request_id)
-                else:
-                    tally.saved_blocks += per - loaded
-            else:
-                tally.misses += per - loaded
-                fill(r, ids, range(loaded, per))  # what the connector did not have is recomputed
-            sending, recving = conn.get_finished({req.request_id})
+            sending, recving = conn.get_finished({q.request_id for q in reqs})
             scheduler.update_connector_output(sending or set(), recving or set())
             conn.clear_connector_metadata()
-            scheduler.request_finished(req, ids)
-            return loaded
+            for (r, ids), req in zip(batch, reqs):
+                scheduler.request_finished(req, ids)
+            return sum(loaded)
 
         import torch
 
         preexisting = sum((sched_save.get_num_new_matched_tokens(Request(f"probe-{r}", prompts[r]), 0)[0] or 0)
                           // wl.block_size for r in range(wl.requests))
         save_tally, load_tally = _Tally(), _Tally()
-        for r in range(wl.requests):
-            save_tally.prefix_hits += step(sched_save, saver, r, save_ids[r], "save", save_tally, compute=True)
+        batches = [list(range(i, min(i + concurrency, wl.requests))) for i in range(0, wl.requests, concurrency)]
+        for batch in batches:
+            save_tally.prefix_hits += step(sched_save, saver, [(r, save_ids[r]) for r in batch], "save", save_tally,
+                                           compute=True)
         for v in views.values():
             v.zero_()
-        for r in range(wl.requests):
-            load_tally.hits += step(sched_load, loader, r, load_ids[r], "load", load_tally, compute=False)
+        for batch in batches:
+            load_tally.hits += step(sched_load, loader, [(r, load_ids[r]) for r in batch], "load", load_tally,
+                                    compute=False)
         for r in range(wl.requests):  # after the load pass every block holds its pattern
             check(r, load_ids[r], range(per), load_tally)
 

@@ -155,6 +155,11 @@ class BenchConfig(_Frozen):
 
     requests: Optional[PositiveInt] = None
     """Requests per repetition; unset: ``self_test.requests``."""
+    prompt_blocks: Optional[PositiveInt] = None
+    """Prompt length, in KV blocks per request; unset: as many as the cache and ``self_test`` sizes allow."""
+    concurrency: Optional[PositiveInt] = None
+    """Requests scheduled in one engine step (tiers) or in flight at once (mooncake, nixl); unset: 1
+    for the tiers, every request of a round for the peer-to-peer connectors."""
     shared_prefix: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of each prompt's blocks that all requests share (prefix reuse for the tiers)."""
     repetitions: PositiveInt = 3

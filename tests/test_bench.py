@@ -85,3 +85,14 @@ def test_peer_to_peer_bench_compares_with_the_bare_engine(workdir, connector):
 def test_no_progress_bar_when_not_a_terminal(workdir):
     proc = run_kvconf("connector=example", "action=bench", "bench.repetitions=2", cwd=workdir)
     assert proc.returncode == 0 and "kvconf bench example [" not in proc.stderr + proc.stdout
+
+
+def test_prompt_length_and_concurrency_shape_the_workload(workdir):
+    proc = run_kvconf("connector=offloading", "action=bench", "output=json", "bench.requests=4",
+                      "bench.prompt_blocks=8", "bench.concurrency=2", *SMALL, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    f = json_out(proc)["bench"]["figures"]
+    block = 32 * 1024  # the tiny layout: 4 layers of 8 KiB pages
+    assert f["requests"] == 4 and f["bytes"] >= 4 * 8 * block  # every block of every request loaded back
+    too_long = run_kvconf("connector=offloading", "action=bench", "bench.prompt_blocks=1000", *SMALL, cwd=workdir)
+    assert too_long.returncode == 2 and "bench.prompt_blocks" in too_long.stderr and "the cache has 128" in too_long.stderr
