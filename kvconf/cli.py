@@ -45,7 +45,9 @@ class _State:
     t0: float = field(default_factory=time.perf_counter)
     task_started: bool = False
     jobs: list[tuple[str, int, str]] = field(default_factory=list)
-    """(overrides, exit code, first line of the error) for each job."""
+    """(overrides, exit code, first line of the error) for each job run in this process."""
+    swept_failures: list[tuple[str, int]] = field(default_factory=list)
+    """(job folder, exit code) of failed jobs that a launcher ran in other processes (joblib)."""
 
 
 _state = _State()
@@ -99,7 +101,7 @@ def _execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | Non
         code = 1
         err_text = f"{type(exc).__name__}: {exc}"
         _report_error(err, data, label if multirun else None, cause=exc)
-    if code and multirun and job_dir is not None and isinstance(data, dict) and data.get("action") == "bench":
+    if code and multirun and job_dir is not None and isinstance(data, dict):
         name = (data.get("connector") or {}).get("name") if isinstance(data.get("connector"), dict) else None
         _write_error(job_dir, {**(choices or {}), **({"connector": name} if name else {})}, code, err_text)
     _state.jobs.append((label, code, ""))
@@ -231,6 +233,11 @@ def _main() -> None:
             traceback.print_exc()
             raise SystemExit(2) from None
         raise
+    if not _state.jobs and _state.swept_failures:  # a launcher ran the jobs in other processes
+        print(f"kvconf: {len(_state.swept_failures)} job(s) failed:", file=sys.stderr)
+        for folder, code in _state.swept_failures:
+            print(f"  exit {code}: {folder}", file=sys.stderr)
+        raise SystemExit(max(code for _, code in _state.swept_failures))
     failed = [j for j in _state.jobs if j[1]]
     if len(_state.jobs) > 1 or (failed and len(_state.jobs) != 1):
         if failed:

@@ -230,6 +230,12 @@ class SweepSummary(Callback):
     multirun sweep of ``action=bench`` jobs."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from .cli import _state
+
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if sweep_dir.is_dir() and any(sweep_dir.glob("*/results.json")):
+        if not sweep_dir.is_dir():
+            return
+        for err in sorted(sweep_dir.glob("*/error.json")):  # jobs a launcher ran elsewhere report here
+            _state.swept_failures.append((str(err.parent), int(json.loads(err.read_text()).get("exit_code", 1))))
+        if any(sweep_dir.glob("*/results.json")):
             summarize(sweep_dir)

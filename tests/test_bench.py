@@ -96,3 +96,14 @@ def test_prompt_length_and_concurrency_shape_the_workload(workdir):
     assert f["requests"] == 4 and f["bytes"] >= 4 * 8 * block  # every block of every request loaded back
     too_long = run_kvconf("connector=offloading", "action=bench", "bench.prompt_blocks=1000", *SMALL, cwd=workdir)
     assert too_long.returncode == 2 and "bench.prompt_blocks" in too_long.stderr and "the cache has 128" in too_long.stderr
+
+
+def test_a_parallel_sweep_through_the_joblib_launcher_reports_failed_jobs(workdir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = run_kvconf("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "action=bench",
+                      "connector.module_path=zoo.connectors", "connector.name=Good,FailsAtRuntime", *SMALL, cwd=workdir)
+    assert proc.returncode == 1, proc.stderr
+    assert "1 job(s) failed" in proc.stderr
+    (sweep,) = (workdir / "multirun").glob("*/*")
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(r["status"][:6] for r in rows) == ["failed", "ok"]
