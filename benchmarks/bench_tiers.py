@@ -18,7 +18,6 @@ ratio connector/raw; asserts nothing. Goal (issue #4): at least 0.7x at 256 KiB 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -117,23 +116,11 @@ def raw_copy(view, n: int, rng: random.Random) -> tuple[float, float, str, str]:
 
 
 def raw_file(view, n: int, folder: str) -> tuple[float, float]:
-    """Write n blocks' bytes as one file (write + fsync) and read them back."""
-    data = view[:n].contiguous()
-    path = os.path.join(folder, "raw.bin")
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, memoryview(data.numpy()).cast("B"))
-    os.fsync(fd)
-    os.close(fd)
-    t_write = time.perf_counter() - t0
-    back = torch.zeros_like(data)  # touched, as the connector's reused read buffer is
-    t0 = time.perf_counter()
-    with open(path, "rb") as f:
-        f.readinto(memoryview(back.numpy()).cast("B"))
-    t_read = time.perf_counter() - t0
-    assert torch.equal(back, data)
-    os.unlink(path)
-    return t_write, t_read
+    """Write n blocks' bytes as one file (write + fsync) and read them back: kvconf's own raw path."""
+    from kvconf.bench import raw_file_io
+
+    r = raw_file_io({"layer": view}, 2 * n * view.shape[1], folder)
+    return r["write_seconds"], r["read_seconds"]
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import struct
 import time
 import uuid
 import zlib
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 

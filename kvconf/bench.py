@@ -264,4 +264,4 @@ def raw_file_io(kv_caches: dict[str, Any], nbytes: int, folder: str) -> dict[str
             os.unlink(path)
     moved = 2 * data.numel()
     return {"path": "one raw file: write + fsync, read", "bytes": moved,
-            "gbps": round(moved / (t_write + t_read) / 1e9, 3)}
+            "gbps": round(moved / (t_write + t_read) / 1e9, 3), "write_seconds": t_write, "read_seconds": t_read}
