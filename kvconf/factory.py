@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigError, ContractError, Problem, did_you_mean
 
-__all__ = ["ENTRY_POINT_GROUP", "Resolved", "builtin_names", "register_connector", "resolve"]
+__all__ = ["ENTRY_POINT_GROUP", "Resolved", "builtin_extra_model", "builtin_names", "register_connector", "resolve"]
 
 ENTRY_POINT_GROUP = "kvconf.connectors"
 
@@ -41,6 +41,15 @@ register_connector("shared_storage", "kvconf_connectors.shared_storage", "Shared
 
 def builtin_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def builtin_extra_model(name: str) -> Any:
+    """The ``extra``-settings model of the built-in connector ``name`` (importing only its module);
+    None for an unknown name or a connector whose settings are free-form."""
+    if name not in _REGISTRY:
+        return None
+    module, attr = _REGISTRY[name]
+    return getattr(getattr(importlib.import_module(module), attr), "extra_config", None)
 
 
 def _entry_points() -> dict[str, str]:

@@ -60,7 +60,7 @@ def check_overrides(argv: list[str], conf_dir: str) -> None:
     """A :class:`ConfigError` listing every override that names a missing option or key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .factory import _REGISTRY
+    from .factory import builtin_extra_model
     from .kvcache import KVCacheConfig, KVCacheLayout
     from .schema import ConnectorConfig, KVConfConfig, SelfTestConfig
 
@@ -92,13 +92,9 @@ def check_overrides(argv: list[str], conf_dir: str) -> None:
         "self_test": _fields(SelfTestConfig),
     }
     name = chosen["connector"]
-    if name in _REGISTRY and name not in user_connectors:
-        import importlib
-
-        module, cls_name = _REGISTRY[name]
-        model = getattr(getattr(importlib.import_module(module), cls_name), "extra_config", None)
-        if model is not None:
-            sections["connector.extra"] = _fields(model)
+    model = builtin_extra_model(name) if name not in user_connectors else None
+    if model is not None:
+        sections["connector.extra"] = _fields(model)
     for o in parsed:
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or key in GROUPS or key.startswith("hydra"):

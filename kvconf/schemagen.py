@@ -10,7 +10,6 @@ Editors use the schemas through the ``# yaml-language-server: $schema=...`` line
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -25,14 +24,10 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def _extras() -> dict[str, Any]:
     """``registry name -> extra-settings model`` of the built-in connectors."""
-    from .factory import _REGISTRY
+    from .factory import builtin_extra_model, builtin_names
 
-    out = {}
-    for name, (module, cls_name) in _REGISTRY.items():
-        model = getattr(getattr(importlib.import_module(module), cls_name), "extra_config", None)
-        if model is not None:
-            out[name] = model
-    return out
+    models = {name: builtin_extra_model(name) for name in builtin_names()}
+    return {name: m for name, m in models.items() if m is not None}
 
 
 def _with_extras(connector: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:

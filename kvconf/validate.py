@@ -156,18 +156,12 @@ def _group_problems(group: str, data: Any) -> list[Problem]:
 
 def _extra_problems(connector: dict[str, Any]) -> list[Problem]:
     """A built-in connector's ``extra`` settings against its model (no module_path: no import of user code)."""
-    import importlib
-
     from pydantic import ValidationError
 
-    from .factory import _REGISTRY
+    from .factory import builtin_extra_model
     from .schema import problems_from_validation_error
 
-    name = connector.get("name")
-    if connector.get("module_path") is not None or name not in _REGISTRY:
-        return []
-    module, cls_name = _REGISTRY[name]
-    model = getattr(getattr(importlib.import_module(module), cls_name), "extra_config", None)
+    model = builtin_extra_model(connector.get("name")) if connector.get("module_path") is None else None
     extra = connector.get("extra") or {}
     if model is None:
         return []
