@@ -44,8 +44,8 @@ CONF_DIR = _conf_dir()
 class _State:
     t0: float = field(default_factory=time.perf_counter)
     task_started: bool = False
-    jobs: list[tuple[str, int, str]] = field(default_factory=list)
-    """(overrides, exit code, first line of the error) for each job run in this process."""
+    jobs: list[tuple[str, int]] = field(default_factory=list)
+    """(overrides, exit code) of each job run in this process."""
     swept_failures: list[tuple[str, int]] = field(default_factory=list)
     """(job folder, exit code) of failed jobs that a launcher ran in other processes (joblib)."""
 
@@ -104,7 +104,7 @@ def _execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | Non
     if code and multirun and job_dir is not None and isinstance(data, dict):
         name = (data.get("connector") or {}).get("name") if isinstance(data.get("connector"), dict) else None
         _write_error(job_dir, {**(choices or {}), **({"connector": name} if name else {})}, code, err_text)
-    _state.jobs.append((label, code, ""))
+    _state.jobs.append((label, code))
     _state.t0 = time.perf_counter()
     if code and not multirun:
         sys.stdout.flush()
@@ -242,6 +242,6 @@ def _main() -> None:
     if len(_state.jobs) > 1 or (failed and len(_state.jobs) != 1):
         if failed:
             print(f"kvconf: {len(failed)} of {len(_state.jobs)} jobs failed:", file=sys.stderr)
-            for label, code, _ in failed:
+            for label, code in failed:
                 print(f"  exit {code}: {label}", file=sys.stderr)
-            raise SystemExit(max(code for _, code, _ in failed))
+            raise SystemExit(max(code for _, code in failed))

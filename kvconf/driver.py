@@ -118,6 +118,8 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
     """
     if worker.role is KVConnectorRole.SCHEDULER or kv_caches is None:
         return _scheduler_only(worker, settings)
+    import torch
+
     from .pattern import block_pattern
 
     cls, cfg = type(worker), worker.kv_cache_config
@@ -228,8 +230,6 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, "torch.
             for (r, ids), req in zip(batch, reqs):
                 scheduler.request_finished(req, ids)
             return sum(loaded)
-
-        import torch
 
         preexisting = sum((sched_save.get_num_new_matched_tokens(Request(f"probe-{r}", prompts[r]), 0)[0] or 0)
                           // wl.block_size for r in range(wl.requests))

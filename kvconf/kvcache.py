@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator, model_validator
 
 from .errors import Problem
 from .units import ByteSize, UNITS_HELP, format_bytes, parse_bytes
@@ -414,13 +414,20 @@ class KVCacheLayout(_Frozen):
             raise ValueError(f"layer_name must contain '{{i}}' (the layer index), got {v!r}")
         return v
 
+    _config: Optional[KVCacheConfig] = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _derivable(self) -> "KVCacheLayout":
-        self.to_config()  # raises KVCacheInvariantError with every problem
+        self._config = self._derive()  # raises KVCacheInvariantError with every problem
         return self
 
     def to_config(self) -> KVCacheConfig:
-        """The full :class:`KVCacheConfig`: one layer-outermost tensor per group."""
+        """The full :class:`KVCacheConfig`: one layer-outermost tensor per group (derived once,
+        when the layout is validated)."""
+        assert self._config is not None
+        return self._config
+
+    def _derive(self) -> KVCacheConfig:
         problems: list[Problem] = []
         names = [self.layer_name.format(i=i) for i in range(self.num_layers or 0)]
         groups: list[tuple[Any, list[str]]] = []
