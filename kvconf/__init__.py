@@ -1,25 +1,45 @@
 """kvconf: declare, validate and start KV-cache connectors.
 
-The public API is flat and cheap to import: no torch, no connector, no Hydra.
+The public API is flat and cheap to import: no torch, no connector, no Hydra app. The package is
+laid out by layer, each importing only the layers before it::
+
+    errors, units, version      leaves every layer uses
+    conf/                       the Hydra config tree (CONF_DIR, GROUPS)
+    config/                     validate: pydantic models, KV-cache layouts, diagnostics, JSON Schemas
+    contract/                   the connector API, its optional capabilities, the registry, the check
+    runtime/                    plan, allocate, the pipeline, the self-test engine, export
+    bench/                      action=bench, raw paths, results.json, sweep summaries, compare
+    ci/                         kvconf validate, check-connector, the conformance kit and plugin
+    cli/                        the Hydra app and the kvconf command
 """
 
-from .connector import (
-    KVCacheBlocks,
-    KVConnectorBase,
-    KVConnectorMetadata,
-    KVConnectorRole,
-    Request,
-    SchedulerOutput,
+from kvconf.config.kvcache import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+from kvconf.config.layout import KVCacheLayout
+from kvconf.config.models import ConnectorConfig, KVConfConfig
+from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, KVConnectorRole, Request, SchedulerOutput
+from kvconf.contract.base import KVConnectorBase
+from kvconf.contract.capabilities import (
+    ChecksEnvironment,
+    ComparesToBaseline,
+    ExplainsFailures,
+    ExportsToVLLM,
+    SelfTestContext,
+    SupportsRawPath,
+    SupportsSelfTest,
+    SupportsServe,
 )
-from .errors import ConfigError, ConnectorRuntimeError, ContractError, KVConfError, Problem
-from .kvcache import KVCacheConfig, KVCacheGroupSpec, KVCacheLayout, KVCacheTensor
-from .schema import ConnectorConfig, KVConfConfig
+from kvconf.errors import ConfigError, ConnectorRuntimeError, ContractError, KVConfError, Problem
+from kvconf.version import __version__
 
 __all__ = [
+    "ChecksEnvironment",
+    "ComparesToBaseline",
     "ConfigError",
     "ConnectorConfig",
     "ConnectorRuntimeError",
     "ContractError",
+    "ExplainsFailures",
+    "ExportsToVLLM",
     "KVCacheBlocks",
     "KVCacheConfig",
     "KVCacheGroupSpec",
@@ -33,6 +53,9 @@ __all__ = [
     "Problem",
     "Request",
     "SchedulerOutput",
+    "SelfTestContext",
+    "SupportsRawPath",
+    "SupportsSelfTest",
+    "SupportsServe",
+    "__version__",
 ]
-
-__version__ = "0.1.0"

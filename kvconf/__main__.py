@@ -1,4 +1,4 @@
-from kvconf.cli import main
+from kvconf.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,9 @@ fix) and renders them the same way, the path on its own line::
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "ConfigError",

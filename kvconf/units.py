@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Union
 
-from pydantic import Field, PositiveInt
+from pydantic import AfterValidator, Field, PositiveInt
 
 _UNITS = {
     "": 1,
@@ -47,6 +47,16 @@ SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT][iI]?[bB]?|[bB])?\s*$"
 
 ByteSize = Union[PositiveInt, Annotated[str, Field(pattern=SIZE_PATTERN)]]
 """A positive number of bytes, or a string such as ``2GiB``."""
+
+
+def _positive_size(value: int | str) -> int | str:
+    if parse_bytes(value) <= 0:
+        raise ValueError(f"must be a positive size: {UNITS_HELP}")
+    return value
+
+
+PositiveByteSize = Annotated[ByteSize, AfterValidator(_positive_size)]
+"""A :data:`ByteSize` that is above zero once parsed (``0GiB`` is not)."""
 
 
 def parse_bytes(value: int | str) -> int:

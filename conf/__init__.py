@@ -1,1 +1,0 @@
-"""kvconf's Hydra config tree, shipped inside the package as ``kvconf.conf``."""

@@ -1,0 +1,130 @@
+"""``results.json``: one ``action=bench`` job's composed config, the environment it ran in
+(versions, CPU, device) and its figures. Its JSON Schema, ``schemas/results.schema.json``, is
+generated from :class:`BenchResults`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["RESULTS_SCHEMA", "BenchResults", "environment", "write_results"]
+
+ResultsSchema = Literal["kvconf-bench/1"]
+RESULTS_SCHEMA: str = typing.get_args(ResultsSchema)[0]
+"""The ``schema_`` of every results.json this version writes."""
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Latency(BaseModel):
+    p50: Optional[float]
+    """Median per-request latency, in ms."""
+    p90: Optional[float]
+    p99: Optional[float]
+
+
+class Figures(_Open):
+    bytes: int
+    """Bytes moved through the connector in the measured repetitions."""
+    seconds: float
+    verified: Literal[True]
+    """Every loaded byte was checked; a wrong byte fails the benchmark instead."""
+    gbps: Optional[float]
+    save_gbps: Optional[float]
+    load_gbps: Optional[float]
+    latency_ms: Latency
+    requests: int
+    repetitions: int
+    warmup: int
+
+
+class Raw(_Open):
+    path: str
+    """What the raw path is (a torch copy, raw file I/O, the bare engine)."""
+    gbps: float
+
+
+class Ceilings(BaseModel):
+    memcpy_gbps: float
+    loopback_tcp_gbps: float
+
+
+class Environment(_Open):
+    python: str
+    cpu: str
+    cpu_count: Optional[int]
+    device: str
+    versions: dict[str, Optional[str]]
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, CPU and device: what a result was measured on."""
+    import importlib.metadata as md
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "device": device,
+        "versions": {n: version(n) for n in ("kvconf", "torch", "hydra-core", "pydantic", "pyzmq",
+                                              "mooncake-transfer-engine-non-cuda", "nixl")},
+    }
+
+
+class BenchResults(BaseModel):
+    """One ``action=bench`` job's ``results.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_: ResultsSchema = RESULTS_SCHEMA  # type: ignore[assignment]
+    connector: str
+    kv_cache: str
+    """The layout's label: its config-group option where known, else its bytes per block."""
+    bytes_per_block: int
+    role: str
+    kv_role: str
+    config: dict[str, Any]
+    """The composed config, as run."""
+    environment: Environment
+    figures: Figures
+    raw: Optional[Raw]
+    ratio: Optional[float]
+    """figures.gbps / raw.gbps."""
+    ceilings: Optional[Ceilings]
+    timings: dict[str, float]
+
+
+def write_results(report: dict[str, Any], data: dict[str, Any], out_dir: Path, kv_label: str) -> Path:
+    """Writes ``results.json`` for one bench job; its path."""
+    bench = report["bench"]
+    doc = {
+        "schema_": RESULTS_SCHEMA, "connector": report["connector"]["name"], "kv_cache": kv_label,
+        "bytes_per_block": report["plan"]["bytes_per_block"], "role": report["role"], "kv_role": report["kv_role"],
+        "config": data, "environment": environment(report["device"]), "figures": bench["figures"],
+        "raw": bench["raw"], "ratio": bench["ratio"], "ceilings": bench["ceilings"], "timings": report["timings"],
+    }
+    BenchResults.model_validate(doc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path

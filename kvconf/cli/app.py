@@ -1,0 +1,272 @@
+"""``python -m kvconf [overrides]``: the Hydra app, and the ``kvconf`` command with its subcommands.
+
+Hydra composes (``kvconf/conf`` inside the package, plus a user's ``--config-dir``); everything after
+that is :func:`kvconf.runtime.pipeline.run_job`. Errors become one message block on stderr and an
+exit code: 2 for config and contract errors (Hydra's own composition errors included), 1 for
+runtime failures. In a multirun sweep a failing job is reported and the others still run.
+``kvconf NAME ...`` runs the subcommand ``NAME`` (:data:`SUBCOMMANDS`) instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kvconf.conf import CONF_DIR, CONFIG_NAME, HYDRA_VERSION_BASE, compose
+from kvconf.errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
+from kvconf.runtime.process import hard_exit
+from kvconf.version import __version__
+
+from .help import help_template
+from .state import state
+
+__all__ = ["CONF_DIR", "SUBCOMMANDS", "execute", "main"]
+
+SUBCOMMANDS = {
+    "validate": ("kvconf.ci.validate", "validate config files, or every combination of the config groups (--matrix)"),
+    "check-connector": ("kvconf.ci.check_connector", "check connector classes' constructor contract (MODULE:CLASS)"),
+    "bench-compare": ("kvconf.bench.compare", "compare two benchmark results (results.json files or sweep folders)"),
+}
+"""``kvconf NAME ...`` runs these tools instead of the Hydra app: name -> (module, what it does)."""
+
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
+"""Flags that only print (help, the config, completion scripts): a closed stdout ends them quietly."""
+
+
+def _want_traceback(data: Any) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(data, dict) and data.get("debug") is True)
+
+
+def _task(cfg: DictConfig) -> None:
+    """The task Hydra's main runs (once, or once per job of a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)",
+            job_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices))
+
+
+def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None = None,
+            choices: dict[str, Any] | None = None) -> None:
+    """Runs one composed job and reports it (stdout) or its error (stderr); outside a sweep a
+    failure ends the process with its exit code."""
+    from kvconf.runtime.pipeline import run_job
+
+    state.task_started = True
+    compose_s = time.perf_counter() - state.t0
+    data: Any = None
+    code = 0
+    err_text = ""
+    try:
+        try:
+            data = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as exc:  # an interpolation that does not resolve
+            raise ConfigError(Problem(getattr(exc, "full_key", "") or "", str(exc).splitlines()[0],
+                                      fix="fix the interpolation")) from None
+        report = run_job(data, actions={"bench": _bench})
+        report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
+        if report["action"] == "bench":
+            from kvconf.bench.results import write_results
+
+            kv_label = (choices or {}).get("kv_cache") or f"{report['plan']['bytes_per_block']} B/block"
+            report["results_file"] = str(write_results(report, data, job_dir or Path.cwd(), kv_label))
+        _emit(report, data.get("output", "text"))
+    except KVConfError as exc:
+        code = exc.exit_code
+        err_text = exc.problems[0].message if exc.problems else str(exc)
+        _report_error(exc, data, label if multirun else None)
+    except Exception as exc:  # a bug in a connector or in kvconf: a runtime failure
+        err = ConnectorRuntimeError(Problem("", f"{type(exc).__name__}: {exc}",
+                                            fix="rerun with debug=true (or HYDRA_FULL_ERROR=1) for the traceback"))
+        err.__cause__ = exc
+        code = 1
+        err_text = f"{type(exc).__name__}: {exc}"
+        _report_error(err, data, label if multirun else None, cause=exc)
+    if code and multirun and job_dir is not None and isinstance(data, dict):
+        name = (data.get("connector") or {}).get("name") if isinstance(data.get("connector"), dict) else None
+        _write_error(job_dir, {**(choices or {}), **({"connector": name} if name else {})}, code, err_text)
+    state.jobs.append((label, code))
+    state.t0 = time.perf_counter()
+    if code and not multirun:
+        _flush()
+        sys.exit(code)
+
+
+def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
+    from kvconf.bench.run import run_bench  # loaded by action=bench alone
+
+    return run_bench(connector, kv_caches, ctx)
+
+
+def _write_error(job_dir: Path, choices: dict[str, Any], code: int, message: str) -> None:
+    """A failed sweep job leaves error.json where its results.json would be, for the summary."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "error.json").write_text(json.dumps({
+        "connector": choices.get("connector"), "kv_cache": choices.get("kv_cache"), "exit_code": code,
+        "message": message}) + "\n")
+
+
+def _report_error(exc: KVConfError, data: Any, job: str | None, cause: BaseException | None = None) -> None:
+    if _want_traceback(data):
+        traceback.print_exception(cause or exc, file=sys.stderr)
+    prefix = f"[job {job}] " if job else ""
+    print(prefix + exc.render(), file=sys.stderr)
+    if isinstance(data, dict) and data.get("output") == "json":
+        _print(json.dumps({"ok": False, "error": exc.as_dict()}, default=str))
+
+
+def _emit(report: dict[str, Any], output: str) -> None:
+    if output == "json":
+        _print(json.dumps({"ok": True, **report}, default=str))
+    elif report["action"] == "export":
+        _print(json.dumps(report["kv_transfer_config"], indent=2))
+    else:
+        from .report import render_text
+
+        _print(render_text(report))
+
+
+def _print(text: str) -> None:
+    """Prints to stdout; a reader that closed it (``| head``) ends the output, quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_closed()
+
+
+def _stdout_closed() -> None:
+    """Points stdout at /dev/null, so that nothing more (the interpreter's last flush included)
+    fails on the pipe its reader closed."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()
+
+
+def _store_help(full: bool) -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/help", name="kvconf", package="hydra.help", node={
+        "app_name": "kvconf",
+        "header": f"kvconf {__version__}: declare, validate and start KV-cache connectors.",
+        "footer": "Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.",
+        "template": help_template(SUBCOMMANDS) if full else "",
+    })
+
+
+_store_help(full=False)
+_app = hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONF_DIR, config_name=CONFIG_NAME)(_task)
+
+
+def _plain_run(argv: list[str]) -> bool:
+    """A single run with overrides only: no flag, no sweep, nothing under ``hydra``. Such a run is
+    composed once through Hydra's compose API (Hydra's main composes twice: once to learn the
+    mode); every other command line goes through Hydra's main."""
+    return not any(a.startswith("-") or a.lstrip("+~").startswith("hydra") for a in argv)
+
+
+def _compose_and_run(overrides: list[str]) -> None:
+    try:
+        cfg = compose(overrides, return_hydra_config=True, job_name="kvconf")
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+    except Exception as exc:  # composition failed: Hydra's message, as its main would print it
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in lines), file=sys.stderr)
+        raise SystemExit(2) from None
+    execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)", choices=choices)
+
+
+def main() -> None:
+    """Entry point of ``python -m kvconf`` and the ``kvconf`` console script."""
+    code: Any = 0
+    try:
+        _main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+        raise
+    except BrokenPipeError:  # a reader closed stdout before we were done: nothing more to say
+        _stdout_closed()
+    finally:
+        hard_exit(code)
+
+
+def _bare_word(arg: str) -> bool:
+    """An argument that is neither a flag nor an override (``key=value``, ``~key``, ``+key=value``)."""
+    return not arg.startswith(("-", "~", "+")) and "=" not in arg
+
+
+def _main(argv: list[str]) -> None:
+    state.t0 = time.perf_counter()
+    if argv and argv[0] in SUBCOMMANDS:  # kvconf validate ..., kvconf check-connector ...
+        raise SystemExit(importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:]))
+    if "--version" in argv or "-V" in argv:
+        _print(f"kvconf {__version__}")
+        return
+    if argv and _bare_word(argv[0]):
+        word = argv[0]
+        _report_error(ConfigError(Problem(
+            "", f"{word!r} is neither a subcommand nor an override", value=word, allowed=list(SUBCOMMANDS),
+            fix="run a subcommand (kvconf validate ...), or give overrides as key=value "
+                "(python -m kvconf --help lists them)")), None, None)
+        raise SystemExit(2)
+    from kvconf.config.overrides import check_overrides
+    from kvconf.contract.registry import builtin_extra_model
+
+    try:
+        check_overrides(argv, CONF_DIR, extra_model=builtin_extra_model)
+    except ConfigError as exc:
+        _report_error(exc, None, None)
+        raise SystemExit(2) from None
+    if _plain_run(argv):
+        _compose_and_run(argv)
+        return
+    if any(a in INFO_FLAGS or a.split("=", 1)[0] in INFO_FLAGS for a in argv):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head`: end as any Unix tool does
+    if "--help" in argv or "-h" in argv:
+        _store_help(full=True)
+    try:
+        _app()
+    except SystemExit as exc:
+        # Hydra exits 1 when composition fails (unknown group option, bad override): our task never
+        # ran, so it is a config error.
+        if exc.code == 1 and not state.task_started:
+            raise SystemExit(2) from None
+        raise
+    except Exception:
+        if not state.task_started:  # HYDRA_FULL_ERROR=1 lets composition errors through
+            traceback.print_exc()
+            raise SystemExit(2) from None
+        raise
+    if not state.jobs and state.swept_failures:  # a launcher ran the jobs in other processes
+        print(f"kvconf: {len(state.swept_failures)} job(s) failed:", file=sys.stderr)
+        for folder, code in state.swept_failures:
+            print(f"  exit {code}: {folder}", file=sys.stderr)
+        raise SystemExit(max(code for _, code in state.swept_failures))
+    failed = [j for j in state.jobs if j[1]]
+    if len(state.jobs) > 1 or (failed and len(state.jobs) != 1):
+        if failed:
+            print(f"kvconf: {len(failed)} of {len(state.jobs)} jobs failed:", file=sys.stderr)
+            for label, code in failed:
+                print(f"  exit {code}: {label}", file=sys.stderr)
+            raise SystemExit(max(code for _, code in failed))

@@ -1,0 +1,103 @@
+"""``--help`` text, generated from the config models' field docstrings (never written twice)."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+__all__ = ["describe", "help_template"]
+
+_SHOWN_ELSEWHERE = ("connector", "kv_cache", "self_test", "bench")
+"""Top-level keys whose fields get a section of their own."""
+
+
+def _type_name(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(ann) if a is not type(None)) + (
+            " | null" if type(None) in typing.get_args(ann) else "")
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(ann)[0])
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def describe(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """One entry per field: ``prefix.name  type = default`` and its docstring, indented."""
+    lines = []
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        default = "" if f.default is PydanticUndefined else f" = {f.default!r}"
+        if f.default_factory is not None:
+            default = ""
+        required = " (required)" if f.is_required() else ""
+        lines.append(f"  {prefix}{name}: {_type_name(f.annotation)}{default}{required}")
+        for doc_line in (f.description or "").split("\n"):
+            lines.append(f"      {doc_line.strip()}")
+    return lines
+
+
+def help_template(subcommands: dict[str, tuple[str, str]]) -> str:
+    """Hydra's help template for kvconf ($APP_CONFIG_GROUPS and $CONFIG are Hydra's):
+    every key, each built-in connector's ``connector.extra.*`` and the ``subcommands``
+    (name -> (module, what it does))."""
+    from kvconf.config.fielddocs import document
+    from kvconf.config.layout import FullAttentionGroup, KVCacheLayout, MambaGroup, MLAGroup, SlidingWindowGroup
+    from kvconf.config.models import BenchConfig, ConnectorConfig, KVConfConfig, SelfTestConfig
+    from kvconf.contract.registry import builtin_extra_models
+
+    extras = builtin_extra_models()
+    document(KVConfConfig, FullAttentionGroup, SlidingWindowGroup, MLAGroup, MambaGroup, *extras.values())
+
+    parts = [
+        "${hydra.help.header}",
+        "",
+        "Usage: python -m kvconf [group=option ...] [key=value ...] [-m] [--cfg job] [--info] [--config-dir DIR]",
+        "       kvconf SUBCOMMAND ...      (kvconf SUBCOMMAND --help for its own flags)",
+        "       kvconf --version",
+        "Examples:",
+        "  python -m kvconf connector=example role=worker",
+        "  python -m kvconf kv_cache=llama3_8b action=check output=json",
+        "  python -m kvconf connector=mooncake action=export",
+        "  python -m kvconf -m kv_cache=tiny,llama3_8b action=check",
+        "",
+        "== Subcommands ==",
+        *(f"  {name:<16} {what}" for name, (_, what) in subcommands.items()),
+        "",
+        "== Config groups ==",
+        "$APP_CONFIG_GROUPS",
+        "",
+        "== Top-level keys ==",
+        *describe(KVConfConfig, "", skip=_SHOWN_ELSEWHERE),
+        "",
+        "== self_test.* ==",
+        *describe(SelfTestConfig, "self_test."),
+        "",
+        "== bench.* (action=bench) ==",
+        *describe(BenchConfig, "bench."),
+        "",
+        "== connector.* ==",
+        *describe(ConnectorConfig, "connector."),
+        "",
+    ]
+    for name, model in extras.items():
+        parts += [f"== connector.extra.* of connector={name} ==", *describe(model, "connector.extra."), ""]
+    parts += [
+        "== kv_cache.* (compact form) ==",
+        *describe(KVCacheLayout, "kv_cache."),
+        "",
+        "== kv_cache.groups[*] by type ==",
+    ]
+    for g in (FullAttentionGroup, SlidingWindowGroup, MLAGroup, MambaGroup):
+        parts.append(f" {g.model_fields['type'].default}:")
+        parts.extend(describe(g, "", skip=("type",)))
+    parts += ["", "== The composed config ==", "$CONFIG", "${hydra.help.footer}"]
+    return "\n".join(parts).replace("${i}", "{i}")

@@ -1,0 +1,40 @@
+"""``python -m kvconf.cli.peer CONFIG.json``: runs one job from a composed config written as JSON.
+
+The peer-to-peer connectors start their other side with it (``action=run`` of a mooncake
+consumer starts a producer with ``action=serve``), so the peer runs the very config of its
+parent, including a user's ``--config-dir`` files, with only the data direction and action changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from omegaconf import OmegaConf
+
+from kvconf.runtime.process import hard_exit
+
+from .app import execute
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m kvconf.cli.peer CONFIG.json", file=sys.stderr)
+        raise SystemExit(2)
+    with open(args[0]) as f:
+        data = json.load(f)
+    code: object = 0
+    try:
+        execute(OmegaConf.create(data), multirun=False, label="peer")
+    except SystemExit as exc:
+        code = exc.code
+        raise
+    finally:
+        hard_exit(code)
+
+
+if __name__ == "__main__":
+    main()

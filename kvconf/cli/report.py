@@ -1,0 +1,54 @@
+"""The text report of a job, for people (``output=json`` prints the same data as one object)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvconf.units import format_bytes
+
+__all__ = ["render_text"]
+
+
+def render_text(r: dict[str, Any]) -> str:
+    c, plan = r["connector"], r["plan"]
+    groups = ", ".join(f"{g['type']} x{g['num_layers']} layers, {format_bytes(g['page_size_bytes'])} pages"
+                       for g in plan["groups"])
+    lines = [
+        f"kvconf: {c['name']} connector ({c['module']}.{c['class']}), role={r['role']}, "
+        f"kv_role={r['kv_role']}, device={r['device']}, action={r['action']}",
+        f"  contract   {r['contract']}: {c['class']}(config, role, kv_cache_config)",
+        f"  plan       {plan['num_blocks']} blocks x {format_bytes(plan['bytes_per_block'])} = "
+        f"{format_bytes(plan['total_bytes'])} ({groups})",
+    ]
+    if plan.get("capacity_bytes") is not None:
+        lines.append(f"  capacity   {format_bytes(plan['capacity_bytes'])} free on {r['device']}")
+    elif plan.get("allocates") and r["action"] in ("check", "run", "serve"):
+        lines.append(f"  capacity   unknown on {r['device']} (no NVML here to read free GPU memory)")
+    if r["action"] in ("run", "bench"):
+        lines.append(f"  allocated  {format_bytes(r['allocated_bytes'])} on {r['device']}"
+                     + ("" if r["role"] == "worker" else " (the scheduler side never allocates KV memory)"))
+    st = r.get("self_test")
+    if st:
+        if st.get("scheduler_only"):
+            lines.append(f"  self-test  scheduler side: {st['requests']} requests planned, metadata built")
+        else:
+            extra = f", transport {st['transport']}" if st.get("transport") else ""
+            lines.append(f"  self-test  {'verified' if st['verified'] else 'FAILED'}: {format_bytes(st['bytes'])} "
+                         f"moved in {st['seconds']:.3f} s ({st['gbps']} GB/s), {st['requests']} requests"
+                         + (f", {st['hits']} block hits" if "hits" in st else "") + extra)
+    b = r.get("bench")
+    if b:
+        f = b["figures"]
+        lat = f["latency_ms"]
+        lines.append(f"  bench      {format_bytes(f['bytes'])} verified in {f['repetitions']} repetitions: "
+                     f"{f['gbps']} GB/s (save {f['save_gbps']}, load {f['load_gbps']}); per request p50 "
+                     f"{lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+        if b.get("raw"):
+            lines.append(f"  raw path   {b['raw']['gbps']} GB/s ({b['raw']['path']}); ratio {b['ratio']}")
+        if b.get("ceilings"):
+            c = b["ceilings"]
+            lines.append(f"  ceilings   memcpy {c['memcpy_gbps']} GB/s, loopback TCP {c['loopback_tcp_gbps']} GB/s")
+        if r.get("results_file"):
+            lines.append(f"  results    {r['results_file']}")
+    lines.append("  timings    " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["timings"].items()))
+    return "\n".join(lines)

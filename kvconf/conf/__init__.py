@@ -1,0 +1,42 @@
+"""kvconf's Hydra config tree (``config.yaml`` and the groups ``connector/``, ``role/``,
+``kv_cache/``), shipped inside the package, and the one place that says how it is composed.
+
+>>> GROUPS
+('connector', 'role', 'kv_cache')
+>>> Path(CONF_DIR, "config.yaml").is_file()
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
+
+__all__ = ["CONF_DIR", "CONFIG_NAME", "GROUPS", "HYDRA_VERSION_BASE", "compose"]
+
+CONF_DIR = str(Path(__file__).resolve().parent)
+"""The folder of the built-in config tree (what Hydra's ``config_path`` points at)."""
+CONFIG_NAME = "config"
+"""The primary config, ``config.yaml``."""
+GROUPS = ("connector", "role", "kv_cache")
+"""The config groups, in the order of the primary config's defaults list."""
+HYDRA_VERSION_BASE = "1.3"
+"""The Hydra behaviour kvconf is written for (``version_base``)."""
+
+
+def compose(overrides: Sequence[str] = (), *, config_dirs: Sequence[str | Path] = (),
+            return_hydra_config: bool = False, job_name: str | None = None) -> DictConfig:
+    """The composed config, through Hydra's compose API, with ``config_dirs`` searched too."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    extra = list(overrides)
+    if config_dirs:
+        extra.append(f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in config_dirs)}]")
+    kwargs: dict[str, Any] = {"job_name": job_name} if job_name else {}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=HYDRA_VERSION_BASE, **kwargs):
+        return hydra_compose(config_name=CONFIG_NAME, overrides=extra, return_hydra_config=return_hydra_config)

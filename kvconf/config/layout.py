@@ -1,0 +1,238 @@
+"""The compact form of a KV-cache layout, as users write it in ``conf/kv_cache/*.yaml``: layer
+count, heads, dtype, which layers form which group, and ``num_blocks`` or a ``memory`` budget.
+:meth:`KVCacheLayout.to_config` derives the full :class:`~kvconf.config.kvcache.KVCacheConfig`
+once, at validation.
+
+>>> layout = KVCacheLayout(num_layers=4, block_size=16, dtype="float16", num_blocks=128,
+...                        groups=[{"type": "full_attention", "num_kv_heads": 2, "head_size": 64}])
+>>> cfg = layout.to_config()
+>>> cfg.bytes_per_block, cfg.total_bytes
+(32768, 4194304)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, PositiveInt, PrivateAttr, field_validator, model_validator
+
+from kvconf.errors import Problem
+from kvconf.units import PositiveByteSize, format_bytes, parse_bytes
+
+from .base import StrictModel
+from .kvcache import (
+    SPEC_TYPES,
+    DType,
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheInvariantError,
+    KVCacheTensor,
+    MambaSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
+
+__all__ = ["DEFAULT_LAYER_NAME", "FullAttentionGroup", "GroupLayout", "KVCacheLayout", "MLAGroup", "MambaGroup",
+           "SlidingWindowGroup"]
+
+DEFAULT_LAYER_NAME = "model.layers.{i}.self_attn.attn"
+
+_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?$")
+
+LayerSelector = Union[Literal["all", "rest"], str, list[Union[int, str]]]
+
+
+class _GroupLayout(StrictModel):
+    """Fields a group adds to its spec in the compact form."""
+
+    layers: LayerSelector = "all"
+    """Which layers form the group: ``all``; ``rest`` (every layer no other group takes); a slice
+    of layer indices such as ``"5::6"`` (5, 11, 17, ...); or a list of indices and names."""
+    block_size: PositiveInt | None = None  # type: ignore[assignment]
+    """Tokens per block; defaults to the layout's ``block_size``."""
+    dtype: DType | None = None  # type: ignore[assignment]
+    """Element type; defaults to the layout's ``dtype``."""
+
+
+class FullAttentionGroup(_GroupLayout, FullAttentionSpec):
+    """A group of full-attention layers."""
+
+
+class SlidingWindowGroup(_GroupLayout, SlidingWindowSpec):
+    """A group of sliding-window layers."""
+
+
+class MLAGroup(_GroupLayout, MLAAttentionSpec):
+    """A group of MLA layers."""
+
+
+class MambaGroup(_GroupLayout, MambaSpec):
+    """A group of Mamba layers."""
+
+    dtypes: list[DType] | None = None  # type: ignore[assignment]
+    """Element type of each state tensor; defaults to the layout's ``dtype`` for every one."""
+
+    @model_validator(mode="after")
+    def _same_length(self) -> MambaGroup:
+        if self.dtypes is not None and len(self.dtypes) != len(self.shapes):
+            raise ValueError(
+                f"mamba group has {len(self.shapes)} shapes but {len(self.dtypes)} dtypes; "
+                "give one dtype per state tensor, or none to use the layout's dtype"
+            )
+        return self
+
+
+GroupLayout = Annotated[
+    Union[FullAttentionGroup, SlidingWindowGroup, MLAGroup, MambaGroup], Field(discriminator="type")
+]
+
+
+class KVCacheLayout(StrictModel):
+    """A model's KV-cache layout as users write it (``conf/kv_cache/*.yaml``)."""
+
+    num_layers: PositiveInt | None = None
+    """Attention (and state) layers in the model; needed unless every group lists names."""
+    layer_name: str = DEFAULT_LAYER_NAME
+    """Name of layer ``i``; ``{i}`` is replaced by the index."""
+    block_size: PositiveInt = 16
+    """Tokens per block, for every group that does not set its own."""
+    dtype: DType = "bfloat16"
+    """Element type, for every group that does not set its own."""
+    num_blocks: PositiveInt | None = None
+    """Blocks per layer. Give this or ``memory``, not both."""
+    memory: PositiveByteSize | None = None
+    """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
+    largest count that fits. Give this or ``num_blocks``, not both."""
+    groups: list[GroupLayout] = Field(min_length=1)
+    """The groups: a spec each (``type`` and its fields) and the layers it covers."""
+
+    @field_validator("layer_name")
+    @classmethod
+    def _layer_name(cls, v: str) -> str:
+        if "{i}" not in v:
+            raise ValueError(f"layer_name must contain '{{i}}' (the layer index), got {v!r}")
+        return v
+
+    _config: Optional[KVCacheConfig] = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _derivable(self) -> KVCacheLayout:
+        self._config = self._derive()  # raises KVCacheInvariantError with every problem
+        return self
+
+    def to_config(self) -> KVCacheConfig:
+        """The full :class:`KVCacheConfig`: one layer-outermost tensor per group (derived once,
+        when the layout is validated)."""
+        assert self._config is not None
+        return self._config
+
+    def _derive(self) -> KVCacheConfig:
+        problems: list[Problem] = []
+        names = [self.layer_name.format(i=i) for i in range(self.num_layers or 0)]
+        groups: list[tuple[Any, list[str]]] = []
+        owner: dict[str, int] = {}
+        rest_index = None
+        for gi, g in enumerate(self.groups):
+            if g.layers == "rest":
+                if rest_index is not None:
+                    problems.append(Problem(f"kv_cache.groups.{gi}.layers", "only one group may take the rest",
+                                            value="rest", fix="give this group an explicit selector"))
+                rest_index = gi
+                groups.append((g, []))
+                continue
+            chosen, sel_problems = self._select(gi, g.layers, names)
+            problems += sel_problems
+            for name in chosen:
+                if name in owner:
+                    where = "twice in this group" if owner[name] == gi else f"in group {owner[name]} and group {gi}"
+                    problems.append(Problem(f"kv_cache.groups.{gi}.layers", f"layer {name!r} is {where}",
+                                            value=name, fix="put every layer in exactly one group"))
+                else:
+                    owner[name] = gi
+            groups.append((g, chosen))
+        if rest_index is not None:
+            groups[rest_index][1].extend(n for n in names if n not in owner)
+            for n in groups[rest_index][1]:
+                owner[n] = rest_index
+        missing = [n for n in names if n not in owner]
+        if missing:
+            problems.append(Problem("kv_cache.groups", f"{len(missing)} layer(s) are in no group: {_short(missing)}",
+                                    fix="cover every layer: add them to a group, or give one group layers: rest"))
+        for gi, (_, chosen) in enumerate(groups):
+            if not chosen and not any(p.path.startswith(f"kv_cache.groups.{gi}") for p in problems):
+                problems.append(Problem(f"kv_cache.groups.{gi}.layers", "the group has no layers",
+                                        fix="select at least one layer, or remove the group"))
+        if problems:
+            raise KVCacheInvariantError(problems)
+
+        specs = []
+        for g, chosen in groups:
+            fields = g.model_dump(exclude={"layers"})
+            fields["block_size"] = fields["block_size"] or self.block_size
+            if isinstance(g, MambaGroup):
+                fields["dtypes"] = fields["dtypes"] or [self.dtype] * len(g.shapes)
+                fields.pop("dtype", None)
+            else:
+                fields["dtype"] = fields["dtype"] or self.dtype
+            specs.append((SPEC_TYPES[g.type](**fields), chosen))
+        bytes_per_block = sum(s.page_size_bytes * len(c) for s, c in specs)
+        num_blocks = self._num_blocks(bytes_per_block, specs)
+        return KVCacheConfig(
+            num_blocks=num_blocks,
+            kv_cache_tensors=[
+                KVCacheTensor(size=s.page_size_bytes * num_blocks * len(c), layers=c,
+                              layer_stride=s.page_size_bytes * num_blocks, block_stride=s.page_size_bytes)
+                for s, c in specs
+            ],
+            kv_cache_groups=[KVCacheGroupSpec(layer_names=c, kv_cache_spec=s) for s, c in specs],
+        )
+
+    def _num_blocks(self, bytes_per_block: int, specs: list) -> int:
+        if (self.num_blocks is None) == (self.memory is None):
+            both = self.num_blocks is not None
+            raise KVCacheInvariantError([Problem(
+                "kv_cache", "both num_blocks and memory are set" if both else "neither num_blocks nor memory is set",
+                fix="set exactly one: kv_cache.num_blocks=N or kv_cache.memory=SIZE (e.g. 2GiB)"
+                + (" (kv_cache.num_blocks=null to use the budget)" if both else ""))])
+        if self.num_blocks is not None:
+            return self.num_blocks
+        budget = parse_bytes(self.memory)  # type: ignore[arg-type]
+        if budget < bytes_per_block:
+            parts = " + ".join(f"{len(c)} x {s.page_size_bytes} B ({s.type})" for s, c in specs)
+            raise KVCacheInvariantError([Problem(
+                "kv_cache.memory", f"the budget {format_bytes(budget)} ({budget} B) is below one block",
+                value=self.memory, details=(f"one block = {parts} = {bytes_per_block} B ({format_bytes(bytes_per_block)})",),
+                fix=f"raise kv_cache.memory to at least {bytes_per_block} B, or set kv_cache.num_blocks")])
+        return budget // bytes_per_block
+
+    def _select(self, gi: int, sel: Any, names: list[str]) -> tuple[list[str], list[Problem]]:
+        path = f"kv_cache.groups.{gi}.layers"
+        if sel == "all":
+            return list(names), []
+        if isinstance(sel, str):
+            m = _SLICE.match(sel)
+            if not m:
+                return [], [Problem(path, "not a layer selector", value=sel,
+                                    allowed=["all", "rest", "start:stop:step", "[index or name, ...]"],
+                                    fix="write a slice of layer indices such as '5::6', or list them")]
+            start, stop, step = (int(x) if x not in (None, "") else None for x in m.groups())
+            if step == 0:
+                return [], [Problem(path, "a slice step cannot be 0", value=sel, fix="use a positive step")]
+            return names[slice(start, stop, step)], []
+        chosen, problems = [], []
+        for item in sel:
+            if isinstance(item, int) and not isinstance(item, bool):
+                if not 0 <= item < len(names):
+                    problems.append(Problem(path, f"layer index {item} is out of range (num_layers={len(names)})",
+                                            value=item, fix=f"use 0..{len(names) - 1}, or raise kv_cache.num_layers"))
+                    continue
+                chosen.append(names[item])
+            else:
+                chosen.append(str(item))
+        return chosen, problems
+
+
+def _short(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")

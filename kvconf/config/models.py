@@ -1,0 +1,246 @@
+"""The validated config: frozen pydantic models, unknown keys rejected everywhere.
+
+:func:`validate` turns the composed config (plain data) into a :class:`KVConfConfig` or raises one
+:class:`~kvconf.errors.ConfigError` listing every problem, each with its config path
+(``connector.kv_role``, never a union tag), the value, what is allowed and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kvconf.errors import ConfigError
+from kvconf.units import PositiveByteSize
+
+from .base import StrictModel
+from .diagnostics import problems_from_validation_error
+from .kvcache import KVCacheConfig
+from .layout import KVCacheLayout
+
+__all__ = [
+    "Action",
+    "ConnectorConfig",
+    "KVConfConfig",
+    "KVRole",
+    "LoadFailurePolicy",
+    "Output",
+    "RoleName",
+    "BenchConfig",
+    "SelfTestConfig",
+    "validate",
+    "validate_extra",
+]
+
+KVProducer = Literal["kv_producer"]
+KVConsumer = Literal["kv_consumer"]
+KVBoth = Literal["kv_both"]
+KVRole = Literal[KVProducer, KVConsumer, KVBoth]
+"""Data direction: a producer (prefill) sends KV, a consumer (decode) receives it, both does both."""
+
+Scheduler = Literal["scheduler"]
+Worker = Literal["worker"]
+RoleName = Literal[Scheduler, Worker]
+"""Process side, as vLLM's ``KVConnectorRole``: the scheduler plans, a worker holds KV memory."""
+
+Fail = Literal["fail"]
+Recompute = Literal["recompute"]
+LoadFailurePolicy = Literal[Fail, Recompute]
+
+Check = Literal["check"]
+Run = Literal["run"]
+Export = Literal["export"]
+Serve = Literal["serve"]
+Bench = Literal["bench"]
+Action = Literal[Check, Run, Export, Serve, Bench]
+
+Text = Literal["text"]
+Json = Literal["json"]
+Output = Literal[Text, Json]
+
+BufferDevice = Literal["cpu", "cuda", "xpu"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICES_ALLOWED = ("auto", "cpu", "cuda", "cuda:N")
+
+
+class ConnectorConfig(StrictModel):
+    """Which connector, in which data direction, with which settings (vLLM's ``KVTransferConfig``)."""
+
+    name: str = Field(min_length=1)
+    """A registered connector name (``example``, ``mooncake``, ...), or the class name inside
+    ``module_path``."""
+    module_path: str | None = Field(None, json_schema_extra={"pattern": r"\S"})
+    """Importable module holding the class ``name``; when set it wins over the registry (as in vLLM
+    since PR #38301). Leave it unset (null) to use the registry; an empty string is an error."""
+    kv_role: KVRole
+    """Data direction: ``kv_producer`` (prefill, sends KV), ``kv_consumer`` (decode, receives KV) or
+    ``kv_both``. Not the process side: that is ``role``."""
+    engine_id: str | None = None
+    """Identifier of this engine instance; a fresh uuid4 when unset."""
+    kv_buffer_device: BufferDevice | None = None
+    """Device of the KV transfer buffer (vLLM's field); unset means the device's type."""
+    kv_port: int = Field(14579, ge=1, le=65535)
+    """Port for connectors that use a fixed one (vLLM's field; mooncake and nixl pick their own)."""
+    kv_load_failure_policy: LoadFailurePolicy = "fail"
+    """What a failed KV load does to its request: ``fail`` it, or ``recompute`` its prefill."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """The connector's own settings; a built-in connector validates them with its own model, so a
+    misspelt key is an error rather than silently ignored (vLLM's ``kv_connector_extra_config``)."""
+
+    @field_validator("module_path")
+    @classmethod
+    def _module_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(
+                "module_path cannot be an empty string: remove it (or set it to null) to use the "
+                "registry, or give an importable module such as my_pkg.my_connector"
+            )
+        return v
+
+    _engine_id_given: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="after")
+    def _engine_id(self) -> ConnectorConfig:
+        self._engine_id_given = self.engine_id is not None
+        if self.engine_id is None:
+            object.__setattr__(self, "engine_id", str(uuid.uuid4()))
+        return self
+
+    @property
+    def engine_id_given(self) -> bool:
+        """Whether ``engine_id`` was written in the config rather than generated."""
+        return self._engine_id_given
+
+
+class SelfTestConfig(StrictModel):
+    """How much ``action=run`` moves through the connector to prove it works."""
+
+    requests: PositiveInt = 4
+    """Requests the driver saves and loads back."""
+    max_bytes: PositiveByteSize = "64MiB"
+    """Upper bound of the bytes one save or load pass moves; the driver uses fewer blocks when the
+    cache is smaller."""
+    transfer_bytes: PositiveByteSize = "64MiB"
+    """Bytes a two-process self-test (mooncake) moves in all, in rounds that each fit the KV cache."""
+    timeout: float = Field(120.0, gt=0)
+    """Seconds a two-process self-test may take before it gives up on its peer."""
+
+
+class BenchConfig(StrictModel):
+    """The synthetic workload of ``action=bench``; the workload's sizes are ``self_test``'s."""
+
+    requests: Optional[PositiveInt] = None
+    """Requests per repetition; unset: ``self_test.requests``."""
+    prompt_blocks: Optional[PositiveInt] = None
+    """Prompt length, in KV blocks per request; unset: as many as the cache and ``self_test`` sizes allow."""
+    concurrency: Optional[PositiveInt] = None
+    """Requests scheduled in one engine step (tiers) or in flight at once (mooncake, nixl); unset: 1
+    for the tiers, every request of a round for the peer-to-peer connectors."""
+    shared_prefix: float = Field(0.5, ge=0.0, le=1.0)
+    """Fraction of each prompt's blocks that all requests share (prefix reuse for the tiers)."""
+    repetitions: PositiveInt = 3
+    """Measured repetitions of the workload."""
+    warmup: int = Field(1, ge=0)
+    """Unmeasured repetitions first."""
+    raw: bool = True
+    """Measure the raw path under the connector on the same bytes, and the ratio connector/raw."""
+    ceilings: bool = True
+    """Measure this machine's memcpy and loopback-TCP ceilings beside the figures."""
+
+
+def _kv_cache_form(v: Any) -> str:
+    return "explicit" if isinstance(v, dict) and "kv_cache_groups" in v else "compact"
+
+
+KVCacheInput = Annotated[
+    Union[Annotated[KVCacheLayout, Tag("compact")], Annotated[KVCacheConfig, Tag("explicit")]],
+    Discriminator(_kv_cache_form),
+]
+"""The ``kv_cache`` group: the compact form, or an explicit KVCacheConfig (it has ``kv_cache_groups``)."""
+
+
+class KVCacheGroupFile(StrictModel):
+    """What a ``kv_cache/*.yaml`` file holds, under its group's key."""
+
+    kv_cache: KVCacheInput
+
+
+class KVConfConfig(StrictModel):
+    """One kvconf job: a connector, a process side, a KV-cache layout, a device and an action."""
+
+    connector: ConnectorConfig
+    """The connector (config group ``connector``)."""
+    role: RoleName
+    """Process side: ``scheduler`` (plans, never allocates KV memory) or ``worker`` (allocates and
+    registers the KV cache). Config group ``role``."""
+    kv_cache: KVCacheInput
+    """The KV-cache layout (config group ``kv_cache``): compact (``groups`` and ``num_blocks`` or
+    ``memory``) or an explicit KVCacheConfig (``num_blocks``, ``kv_cache_tensors``,
+    ``kv_cache_groups``)."""
+    device: str = Field("auto", json_schema_extra={"pattern": _DEVICE.pattern})
+    """Where the KV cache lives: ``auto`` (the first GPU if there is one, else ``cpu``), ``cpu``,
+    ``cuda`` or ``cuda:N``."""
+    action: Action = "run"
+    """What to do: ``check`` (validate, resolve, contract, plan; allocate nothing), ``run``
+    (construct, register, self-test, shut down), ``export`` (print vLLM's --kv-transfer-config) or
+    ``serve`` (a long-lived producer for consumers started separately, until SIGINT or SIGTERM) or
+    ``bench`` (repetitions of the self-test against the raw path; writes results.json)."""
+    output: Output = "text"
+    """``text`` for people, ``json`` for one JSON object on stdout."""
+    debug: bool = False
+    """Print a traceback with errors (so does ``HYDRA_FULL_ERROR=1``)."""
+    self_test: SelfTestConfig = Field(default_factory=SelfTestConfig)
+    """Sizes of the ``action=run`` self-test (and of each ``action=bench`` repetition)."""
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    """Repetitions and comparisons of ``action=bench``."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unsupported device {v!r}; allowed: {', '.join(DEVICES_ALLOWED)}")
+        return v
+
+    @property
+    def kv_cache_config(self) -> KVCacheConfig:
+        """The full KVCacheConfig, derived from the compact form when that is what was written."""
+        kv = self.kv_cache
+        return kv.to_config() if isinstance(kv, KVCacheLayout) else kv
+
+
+def validate(data: dict[str, Any]) -> KVConfConfig:
+    """The validated config, or a :class:`ConfigError` with every problem in ``data``."""
+    try:
+        return KVConfConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation_error(exc, KVConfConfig, data)) from None
+
+
+def validate_extra(model: type[BaseModel] | None, extra: Any) -> Any:
+    """A connector's ``extra`` settings checked by its own model (an instance of it), or as a plain
+    dict where the connector has none; a :class:`ConfigError` naming each ``connector.extra.*``
+    problem otherwise.
+
+    >>> validate_extra(None, {"anything": 1})
+    {'anything': 1}
+    """
+    if model is None:
+        return dict(extra or {})
+    try:
+        return model.model_validate(extra or {})
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation_error(exc, model, extra, prefix="connector.extra")) from None

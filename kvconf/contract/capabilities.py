@@ -1,0 +1,142 @@
+"""kvconf's optional connector capabilities, one small mixin each, as vLLM marks its own optional
+capabilities (``SupportsHMA``): the base class carries vLLM's connector API only, and kvconf asks
+``isinstance(connector, Capability)`` before it uses one.
+
+=====================  ==========================================================================
+mixin                  what a connector that has it adds
+=====================  ==========================================================================
+ChecksEnvironment      ``check_environment``: what it needs installed, checked before allocation
+ExportsToVLLM          its vLLM name and ``kv_connector_extra_config`` keys, for ``action=export``
+ExplainsFailures       why a block did not load or a request's blocks were not saved
+SupportsSelfTest       its own ``action=run`` (else kvconf's engine drives it through save and load)
+SupportsServe          ``action=serve``: a long-lived producer for consumers started separately
+SupportsRawPath        its own raw path for ``action=bench`` (the bare engine under it)
+ComparesToBaseline     a raw path that kvconf measures for it (a plain host copy, or raw file I/O)
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from kvconf.api import KVConnectorRole
+    from kvconf.errors import Problem
+
+__all__ = [
+    "ChecksEnvironment",
+    "ComparesToBaseline",
+    "ExplainsFailures",
+    "ExportsToVLLM",
+    "SelfTestContext",
+    "SupportsRawPath",
+    "SupportsSelfTest",
+    "SupportsServe",
+]
+
+KVCaches = Optional[dict[str, "torch.Tensor"]]
+
+
+@dataclass
+class SelfTestContext:
+    """What ``action=run``, ``serve`` and ``bench`` give a connector besides its KV caches."""
+
+    settings: Any
+    """The job's ``self_test`` settings."""
+    data: dict[str, Any]
+    """The whole composed config as plain data, to start a peer process with."""
+    device: str
+    output: str = "text"
+    bench: Any = None
+    """The job's ``bench`` settings (``action=bench``)."""
+    prompt_blocks: Optional[int] = None
+    """Blocks per request, where a benchmark sets them."""
+    concurrency: Optional[int] = None
+    """Requests per engine step (or in flight), where a benchmark sets them."""
+    salt: int = 0
+    """Varies the prompts (``action=bench`` repetitions: a persistent tier would otherwise hold
+    every block from the first repetition on, and nothing would be saved again)."""
+
+
+class ChecksEnvironment(ABC):
+    """A connector that needs something installed (an engine) checks it before anything is allocated."""
+
+    @classmethod
+    @abstractmethod
+    def check_environment(cls, extra: Any, role: KVConnectorRole) -> list[Problem]:
+        """Problems with what the connector needs for ``role``; empty when all is there."""
+
+
+class ExportsToVLLM:
+    """A connector that vLLM has a counterpart of: ``action=export`` names it and maps its settings."""
+
+    vllm_name: ClassVar[str]
+    """The name vLLM registers the equivalent connector under (``MooncakeConnector``)."""
+    vllm_extra_keys: ClassVar[dict[str, str]] = {}
+    """``extra`` field -> key of vLLM's ``kv_connector_extra_config``; empty: every field as is."""
+
+    @classmethod
+    def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:
+        """``kv_connector_extra_config`` for vLLM, from this connector's validated ``extra``."""
+        data = extra.model_dump() if hasattr(extra, "model_dump") else dict(extra)
+        if not cls.vllm_extra_keys:
+            return data
+        return {vk: data[k] for k, vk in cls.vllm_extra_keys.items() if data.get(k) is not None}
+
+
+class ExplainsFailures:
+    """kvconf's additions to vLLM's failure reporting: the reasons behind the block ids."""
+
+    def get_load_error_reasons(self) -> dict[int, str]:
+        """Why each block of ``get_block_ids_with_load_errors`` failed (the file, the check that
+        failed); call it first, as that call clears the errors."""
+        return {}
+
+    def get_save_errors(self) -> dict[str, str]:
+        """Request id -> why its blocks could not be saved, since the last call."""
+        return {}
+
+    def report_save_failed(self, request_id: str) -> None:
+        """Scheduler side: the worker could not save ``request_id``'s blocks; forget them."""
+
+
+class SupportsSelfTest(ABC):
+    """A connector whose ``action=run`` is its own (a two-process transfer, say)."""
+
+    @abstractmethod
+    def self_test(self, kv_caches: KVCaches, ctx: SelfTestContext) -> dict[str, Any]:
+        """Moves bytes through the connector and verifies them; the ``self_test`` report."""
+
+
+class SupportsServe(ABC):
+    """A connector that can run as a long-lived producer (``action=serve``)."""
+
+    @abstractmethod
+    def serve(self, kv_caches: KVCaches, ctx: SelfTestContext) -> dict[str, Any]:
+        """Serves peers until SIGINT or SIGTERM; what it served."""
+
+
+class SupportsRawPath(ABC):
+    """A connector that measures the raw path under it itself (the bare engine), for ``action=bench``."""
+
+    @abstractmethod
+    def raw_path(self, kv_caches: KVCaches, ctx: SelfTestContext,
+                 runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """``{"path": what, "gbps": ...}`` on the same bytes as ``runs``, or None."""
+
+
+class ComparesToBaseline:
+    """A connector whose raw path kvconf's benchmark measures for it: ``host_copy`` (the fastest
+    plain torch gather and scatter of the same blocks) or ``file_io`` (the same bytes written as
+    one raw file with fsync, and read back, in :meth:`baseline_dir`)."""
+
+    baseline: ClassVar[Literal["host_copy", "file_io"]] = "host_copy"
+
+    def baseline_dir(self) -> str:
+        """Where the ``file_io`` baseline writes its file (the connector's own storage)."""
+        return tempfile.gettempdir()

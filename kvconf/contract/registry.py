@@ -1,0 +1,146 @@
+"""Connector names to classes: a lazy registry, entry points, and ``module_path``.
+
+Resolution order (as vLLM since PR #38301): ``module_path`` wins; then kvconf's built-in names;
+then the ``kvconf.connectors`` entry-point group of installed packages. Only the chosen connector's
+module is imported, so importing kvconf imports no connector.
+
+>>> sorted(builtin_names())
+['example', 'mooncake', 'nixl', 'offloading', 'shared_storage']
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from kvconf.errors import ConfigError, ContractError, Problem, did_you_mean
+
+__all__ = ["ENTRY_POINT_GROUP", "Resolved", "builtin_extra_model", "builtin_extra_models", "builtin_name_of",
+           "builtin_names", "register_connector", "resolve"]
+
+ENTRY_POINT_GROUP = "kvconf.connectors"
+
+_REGISTRY: dict[str, tuple[str, str]] = {}
+
+
+def register_connector(name: str, module: str, class_name: str) -> None:
+    """Adds ``name -> module:class_name`` to the registry; the module is imported only on use."""
+    if name in _REGISTRY:
+        raise ValueError(f"Connector {name!r} is already registered.")
+    _REGISTRY[name] = (module, class_name)
+
+
+register_connector("example", "kvconf_connectors.example", "ExampleConnector")
+register_connector("mooncake", "kvconf_connectors.mooncake", "MooncakeConnector")
+register_connector("nixl", "kvconf_connectors.nixl", "NixlConnector")
+register_connector("offloading", "kvconf_connectors.offloading", "OffloadingConnector")
+register_connector("shared_storage", "kvconf_connectors.shared_storage", "SharedStorageConnector")
+
+
+def builtin_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def builtin_extra_model(name: str) -> Any:
+    """The ``extra``-settings model of the built-in connector ``name`` (importing only its module);
+    None for an unknown name or a connector whose settings are free-form."""
+    if name not in _REGISTRY:
+        return None
+    module, attr = _REGISTRY[name]
+    return getattr(getattr(importlib.import_module(module), attr), "extra_config", None)
+
+
+def builtin_extra_models() -> dict[str, Any]:
+    """``name -> extra-settings model`` of every built-in connector that has one (imports them all)."""
+    models = {name: builtin_extra_model(name) for name in _REGISTRY}
+    return {name: m for name, m in models.items() if m is not None}
+
+
+def builtin_name_of(cls: type) -> str | None:
+    """The registry name of a built-in connector class, or None."""
+    return next((n for n, (m, c) in _REGISTRY.items() if (m, c) == (cls.__module__, cls.__name__)), None)
+
+
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a connector name resolved to."""
+
+    target: Any
+    """The object found (a class, unless the contract check says otherwise)."""
+    module: str
+    attribute: str
+    source: str
+    """``module_path``, ``registry`` or ``entry_point``."""
+    path: str
+    """The config path that chose it (``connector.module_path`` or ``connector.name``)."""
+
+
+def resolve(name: str, module_path: str | None) -> Resolved:
+    """The object ``name`` names; a :class:`ConfigError` or :class:`ContractError` (exit 2) saying
+    what is wrong and how to fix it when there is none."""
+    if module_path is not None:
+        return Resolved(_getattr(_import(module_path, "connector.module_path"), module_path, name),
+                        module_path, name, "module_path", "connector.module_path")
+    if name in _REGISTRY:
+        module, attr = _REGISTRY[name]
+        return Resolved(_getattr(_import(module, "connector.name"), module, attr), module, attr,
+                        "registry", "connector.name")
+    eps = _entry_points()
+    if name in eps:
+        module, _, attr = eps[name].partition(":")
+        obj = _import(module, "connector.name")
+        for part in attr.split("."):
+            obj = _getattr(obj, module, part) if part else obj
+        return Resolved(obj, module, attr, "entry_point", "connector.name")
+    known = sorted(set(_REGISTRY) | set(eps))
+    hint = did_you_mean(name, known)
+    raise ConfigError(Problem(
+        "connector.name", "unknown connector", value=name, allowed=known,
+        fix=(f"use connector={hint}" if hint else "use a registered name")
+        + ", or give the class's module: connector.module_path=my_pkg.my_module connector.name=MyConnector"))
+
+
+def _import(module: str, path: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise ContractError(Problem(
+                path, f"no module named {module!r}", value=module,
+                fix="check the spelling, install the package that provides it, or add its folder "
+                    "to PYTHONPATH")) from None
+        raise ContractError(Problem(
+            path, f"importing {module!r} failed: it needs the module {exc.name!r}, which is not installed",
+            value=module, fix=f"install what provides {exc.name!r} (pip install ...)")) from None
+    except Exception as exc:  # the module itself raised
+        tb = exc.__traceback__
+        where = None
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__") == module:
+                where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        raise ContractError(Problem(
+            path, f"importing {module!r} raised {type(exc).__name__}: {exc}", value=module, location=where,
+            fix="fix the error in that module; it must import without side effects")) from None
+
+
+def _getattr(module: Any, module_name: str, attr: str) -> Any:
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        classes = sorted(n for n, v in vars(module).items()
+                         if inspect.isclass(v) and getattr(v, "__module__", None) == getattr(module, "__name__", None))
+        hint = did_you_mean(attr, classes)
+        raise ContractError(Problem(
+            "connector.name", f"class {attr!r} not found in module {module_name!r}", value=attr,
+            allowed=classes or None,
+            location=getattr(module, "__file__", None),
+            fix=(f"use connector.name={hint}" if hint else "set connector.name to a class defined in that module"))) from None
+

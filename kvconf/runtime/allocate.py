@@ -1,0 +1,48 @@
+"""Allocation: the plan's tensors on the device, and one named view per layer.
+
+The first module on the config path that imports torch; nothing before it does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvconf.config.kvcache import KVCacheConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["allocate", "byte_views", "layer_views"]
+
+
+def allocate(cfg: KVCacheConfig, device: str) -> list[torch.Tensor]:
+    """One zeroed uint8 tensor per ``KVCacheTensor``, exactly ``size`` bytes each."""
+    import torch
+
+    return [torch.zeros(t.size, dtype=torch.uint8, device=device) for t in cfg.kv_cache_tensors]
+
+
+def layer_views(cfg: KVCacheConfig, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``layer -> tensor of shape (num_blocks, *block_shape)`` in the spec's dtype, viewing the
+    layer's blocks inside its backing buffer (raw bytes where the dtype cannot be viewed)."""
+    import torch
+
+    specs = cfg.layer_specs()
+    views = {}
+    for name, (ti, start, block_stride, page) in cfg.placement().items():
+        raw = buffers[ti].as_strided((cfg.num_blocks, page), (block_stride, 1), start)
+        spec = specs[name]
+        dtype = getattr(torch, getattr(spec, "dtype", "uint8"), torch.uint8)
+        try:
+            views[name] = raw.view(dtype).view(cfg.num_blocks, *spec.block_shape)
+        except RuntimeError:
+            views[name] = raw
+    return views
+
+
+def byte_views(kv_caches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's KV tensor as ``(num_blocks, page bytes)`` uint8, viewing the same memory: the
+    rows a connector copies, registers or compares, whatever the layer's dtype and shape."""
+    import torch
+
+    return {name: t.flatten(1).view(torch.uint8) for name, t in kv_caches.items()}

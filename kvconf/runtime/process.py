@@ -1,0 +1,44 @@
+"""How kvconf's processes end, where an engine would crash the interpreter's normal exit.
+
+NIXL's UCX backend segfaults in ``_dl_fini`` at interpreter exit in every process that created an
+agent. A connector that loads such an engine calls :func:`request_hard_exit`; kvconf's command
+line, its peer processes and its pytest plugin then end with :func:`hard_exit` (``os._exit``) once
+their output is flushed. A library user who creates such a connector calls ``shutdown()`` and then
+``os._exit`` too.
+
+>>> hard_exit_requested()
+False
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["hard_exit", "hard_exit_requested", "request_hard_exit"]
+
+_hard_exit = False
+
+
+def request_hard_exit() -> None:
+    """Says that this process must end with ``os._exit`` once its work is flushed."""
+    global _hard_exit
+    _hard_exit = True
+
+
+def hard_exit_requested() -> bool:
+    """Whether a connector of this process asked for :func:`request_hard_exit`."""
+    return _hard_exit
+
+
+def hard_exit(code: object) -> None:
+    """Where asked for, flushes stdout and stderr and ends the process with ``code`` (``None``: 0;
+    a message: 1), as ``sys.exit`` would have; otherwise returns."""
+    if not _hard_exit:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))

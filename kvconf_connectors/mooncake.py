@@ -1,0 +1,143 @@
+"""The mooncake connector: prefill-to-decode KV transfer over the Mooncake Transfer Engine.
+
+As vLLM's MooncakeConnector (``vllm/distributed/kv_transfer/kv_connector/v1/mooncake_connector.py``): the engine runs in
+P2P-handshake mode (no metadata server); each worker registers its KV-cache memory once; the
+consumer (decode) sends the producer (prefill) a request's block ids with its registered base
+addresses and block sizes over the side channel; the producer pushes the blocks with
+``batch_transfer_sync_write`` into the consumer's memory and answers per request: done, or failed
+with a reason. The side channel, the scheduler side and the self-test are shared with the nixl
+connector (:mod:`kvconf_connectors.p2p`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Literal, Optional
+
+from kvconf.errors import ConnectorRuntimeError, ContractError, Problem
+from kvconf_connectors.p2p.connector import P2PConnector, P2PExtra
+
+Auto = Literal["auto"]
+Tcp = Literal["tcp"]
+Rdma = Literal["rdma"]
+Protocol = Literal[Auto, Tcp, Rdma]
+
+INSTALL = ("pip install mooncake-transfer-engine-non-cuda==0.3.13.post1 (CPU hosts; on CUDA 12 hosts "
+           "mooncake-transfer-engine, on CUDA 13 mooncake-transfer-engine-cuda13) and "
+           "apt-get install libibverbs1 librdmacm1 libnuma1 (or run scripts/setup.sh)")
+MAX_BATCH = 1024
+"""Entries per batch call: the engine's TCP queue rejects larger batches silently (rc -1)."""
+
+
+class MooncakeExtra(P2PExtra):
+    """Settings of the mooncake connector: its engine's, beside the peer-to-peer ones."""
+
+    protocol: Protocol = "auto"
+    """Transport: ``rdma``, ``tcp``, or ``auto`` (RDMA when an RDMA device exists, else TCP; the
+    report says which was chosen and why). vLLM's ``mooncake_protocol``."""
+    device_name: str = ""
+    """RDMA device(s) to use, e.g. ``mlx5_0,mlx5_1``; empty lets the engine choose."""
+
+
+def rdma_available() -> bool:
+    """Whether this machine has an RDMA device (``/sys/class/infiniband`` is not empty)."""
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
+def choose_transport(protocol: str) -> tuple[str, str]:
+    """(transport, why): ``auto`` takes RDMA when a device exists, else TCP."""
+    if protocol != "auto":
+        return protocol, f"protocol={protocol} was set"
+    if rdma_available():
+        return "rdma", "auto: an RDMA device exists under /sys/class/infiniband"
+    return "tcp", "auto: no RDMA device under /sys/class/infiniband"
+
+
+def transfer_engine_class() -> Any:
+    """Mooncake's ``TransferEngine``, imported with its log switches set first (they are read when
+    the library loads); a :class:`ContractError` with the install command when it is missing."""
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER", "16384")
+    try:
+        from mooncake.engine import TransferEngine
+    except ImportError as exc:
+        raise ContractError(Problem(
+            "connector.name", f"the mooncake connector needs the Mooncake Transfer Engine, which does not "
+            f"import here ({exc})", value="mooncake", fix=INSTALL)) from None
+    return TransferEngine
+
+
+def _quiet_fd2(fn: Any) -> Any:
+    """Runs ``fn`` with file descriptor 2 sent to /dev/null: the engine prints two harmless lines
+    at initialisation that no log level silences."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        return fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class MooncakeConnector(P2PConnector):
+    """Prefill-to-decode transfer over the Mooncake Transfer Engine (P2P handshake), push mode."""
+
+    extra_config = MooncakeExtra
+    vllm_name = "MooncakeConnector"
+    vllm_extra_keys = {"protocol": "mooncake_protocol", "device_name": "device_name", "num_workers": "num_workers"}
+
+    _engine_import = staticmethod(transfer_engine_class)
+
+    @classmethod
+    def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:
+        out = super().vllm_extra_config(extra)
+        if out.get("mooncake_protocol") == "auto":
+            out["mooncake_protocol"] = choose_transport("auto")[0]
+        if not out.get("device_name"):
+            out.pop("device_name", None)
+        return out
+
+    # ---- the engine ------------------------------------------------------------------------------
+    def _engine_start(self) -> None:
+        self.transport, self.transport_reason = choose_transport(self.extra.protocol)
+        engine = transfer_engine_class()()
+        host = self.extra.side_channel_host
+        rc = _quiet_fd2(lambda: engine.initialize(host, "P2PHANDSHAKE", self.transport, self.extra.device_name))
+        if rc != 0:
+            raise ConnectorRuntimeError(Problem(
+                "connector.extra.protocol", f"the Mooncake Transfer Engine did not initialise over "
+                f"{self.transport} on {host} (rc {rc}; {self.transport_reason})", value=self.extra.protocol,
+                fix="check connector.extra.protocol and device_name (tcp works on any machine)"))
+        self._engine = engine
+        self._registered: list[int] = []
+        self._session = f"{host}:{engine.get_rpc_port()}"
+
+    def _engine_register(self, ptrs: list[int], lens: list[int]) -> None:
+        rc = self._engine.batch_register_memory(ptrs, lens)
+        if rc != 0:
+            raise ConnectorRuntimeError(Problem("connector", f"Mooncake batch memory registration failed (rc {rc})",
+                                                fix="check the device and protocol settings"))
+        self._registered = ptrs
+
+    def _engine_push(self, msg: Any, src: list[int], dst: list[int], lens: list[int]) -> Optional[str]:
+        for i in range(0, len(src), MAX_BATCH):
+            rc = self._engine.batch_transfer_sync_write(msg.session, src[i:i + MAX_BATCH], dst[i:i + MAX_BATCH],
+                                                        lens[i:i + MAX_BATCH])
+            if rc != 0:
+                return (f"the transfer engine returned {rc} writing to {msg.session} (the consumer is gone, "
+                        "or the addresses are outside its registered memory)")
+        return None
+
+    def _engine_stop(self) -> None:
+        if self._engine is not None:
+            for ptr in self._registered:
+                self._engine.unregister_memory(ptr)
+            self._registered = []
+            self._engine = None

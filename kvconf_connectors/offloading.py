@@ -1,0 +1,208 @@
+"""The offloading connector: KV blocks kept in a host-memory tier, reused on a prefix hit.
+
+As vLLM's OffloadingConnector (``vllm/distributed/kv_transfer/kv_connector/v1/offloading_connector.py``): the scheduler side
+keeps the tier's index (prefix-hash key -> slot, least recently used first) and decides what to
+load and save; the worker side holds ``cpu_bytes_to_use`` bytes of host memory and copies blocks
+between it and the KV cache, saves on a worker thread. A full tier evicts; it never fails.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Literal
+
+from pydantic import PositiveInt, model_validator
+
+from kvconf.config.base import StrictModel
+from kvconf.errors import ConfigError, Problem
+from kvconf.units import PositiveByteSize, format_bytes, parse_bytes
+from kvconf_connectors.tier import Chunk, TierConnector, TierOp
+
+Lru = Literal["lru"]
+EvictionPolicy = Literal[Lru]
+
+
+class OffloadingExtra(StrictModel):
+    """Settings of the offloading connector (vLLM's names)."""
+
+    cpu_bytes_to_use: PositiveByteSize
+    """Host memory for offloaded blocks (``4GiB``, bytes); replaces vLLM's retired ``num_cpu_blocks``."""
+    block_size: PositiveInt | None = None
+    """Tokens per offload chunk, a multiple of the KV cache's block size; unset means the same."""
+    eviction_policy: EvictionPolicy = "lru"
+    """Which chunks go when the tier is full: the least recently used."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "num_cpu_blocks" in data:
+            raise ValueError(
+                "num_cpu_blocks was retired (vLLM PR #24498): give the tier's size in bytes with "
+                "cpu_bytes_to_use instead, e.g. connector.extra.cpu_bytes_to_use=4GiB")
+        return data
+
+
+class LRUIndex:
+    """``key -> slot`` of a fixed number of slots, least recently used first.
+
+    >>> idx = LRUIndex(2)
+    >>> a, b = idx.reserve(b"a", set()), idx.reserve(b"b", set())
+    >>> idx.commit(b"a"); idx.commit(b"b"); idx.touch(b"a")
+    >>> idx.reserve(b"c", set()) == b          # b is the least recently used
+    True
+    >>> list(idx.order())
+    [b'a', b'c']
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.free = list(range(slots - 1, -1, -1))
+        self.entries: OrderedDict[bytes, tuple[int, bool]] = OrderedDict()  # key -> (slot, committed)
+        self.evicted = 0
+
+    def has(self, key: bytes) -> bool:
+        e = self.entries.get(key)
+        return e is not None and e[1]
+
+    def touch(self, key: bytes) -> None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+
+    def reserve(self, key: bytes, pinned: set[bytes]) -> int | None:
+        """A slot for ``key``: a free one, else the least recently used committed key's."""
+        if key in self.entries:
+            return None  # already held or being saved
+        if not self.free:
+            victim = next((k for k, (_, done) in self.entries.items() if done and k not in pinned), None)
+            if victim is None:
+                return None
+            self.free.append(self.entries.pop(victim)[0])
+            self.evicted += 1
+        slot = self.free.pop()
+        self.entries[key] = (slot, False)
+        return slot
+
+    def commit(self, key: bytes) -> None:
+        if key in self.entries:
+            self.entries[key] = (self.entries[key][0], True)
+
+    def drop(self, key: bytes) -> None:
+        e = self.entries.pop(key, None)
+        if e is not None:
+            self.free.append(e[0])
+
+    def order(self) -> list[bytes]:
+        """Keys from least to most recently used."""
+        return list(self.entries)
+
+
+class OffloadingConnector(TierConnector):
+    """Host-memory tier with LRU eviction."""
+
+    extra_config = OffloadingExtra
+    vllm_name = "OffloadingConnector"
+    vllm_extra_keys = {"cpu_bytes_to_use": "cpu_bytes_to_use", "block_size": "block_size",
+                       "eviction_policy": "eviction_policy"}
+
+    def __init__(self, config, role, kv_cache_config) -> None:
+        super().__init__(config, role, kv_cache_config)
+        chunk_tokens = self.extra.block_size or self._block_size
+        if chunk_tokens % self._block_size:
+            raise ConfigError(Problem(
+                "connector.extra.block_size", f"an offload chunk of {chunk_tokens} tokens is not a whole number of "
+                f"KV blocks of {self._block_size} tokens", value=chunk_tokens,
+                fix=f"use a multiple of {self._block_size} (kv_cache.block_size)"))
+        self.chunk_blocks = chunk_tokens // self._block_size
+        self.chunk_bytes = self.chunk_blocks * kv_cache_config.bytes_per_block
+        capacity = parse_bytes(self.extra.cpu_bytes_to_use)
+        slots = capacity // self.chunk_bytes
+        if slots < 1:
+            raise ConfigError(Problem(
+                "connector.extra.cpu_bytes_to_use", f"{format_bytes(capacity)} holds no chunk: one chunk is "
+                f"{self.chunk_blocks} block(s) x {kv_cache_config.bytes_per_block} B = {self.chunk_bytes} B",
+                value=self.extra.cpu_bytes_to_use, fix=f"give at least {self.chunk_bytes} B"))
+        self.index = LRUIndex(slots)
+        self._pool: dict[str, Any] = {}
+
+    @classmethod
+    def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:
+        out = super().vllm_extra_config(extra)
+        out["cpu_bytes_to_use"] = parse_bytes(out["cpu_bytes_to_use"])
+        return out
+
+    # ---- the index (scheduler side) ------------------------------------------------------------
+    def _present(self, keys: list[bytes]) -> int:
+        n = 0
+        while n < len(keys) and self.index.has(keys[n]):
+            n += 1
+        return n
+
+    def _touch(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.index.touch(k)
+
+    def _places(self, keys: list[bytes]) -> list[Any]:
+        return [self.index.entries[k][0] for k in keys]
+
+    def _reserve(self, keys: list[bytes], loading: list[bytes]) -> list[Any]:
+        pinned = set(loading)
+        out = []
+        for k in keys:
+            slot = self.index.reserve(k, pinned)
+            out.append(False if slot is None else slot)
+            pinned.add(k)
+        return out
+
+    def _commit(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            self.index.commit(c.key)
+
+    def _abandon(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            self.index.drop(c.key)
+
+    # ---- the host pool (worker side) -----------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        import torch
+
+        super().register_kv_caches(kv_caches)
+        rows = self.index.slots * self.chunk_blocks
+        # one (rows, page) pool per layer: row = slot x chunk_blocks + block within the chunk. Zeroed,
+        # so its pages are faulted in now rather than during saves (fresh memory copies at ~4 GB/s
+        # here, touched memory at ~18), and the host memory the tier is given is really held.
+        self._pool = {n: torch.zeros((rows, v.shape[1]), dtype=torch.uint8) for n, v in self._views.items()}
+
+    def _rows(self, chunk: Chunk) -> range:
+        return range(chunk.place * self.chunk_blocks, (chunk.place + 1) * self.chunk_blocks)
+
+    def _save_layer(self, op: TierOp, layer: str) -> None:
+        import torch
+
+        view, pool = self._views[layer], self._pool[layer]
+        for rows, blocks in _runs([(r, b) for c in op.chunks for r, b in zip(self._rows(c), c.block_ids)]):
+            # gather: index_select straight into the pool's consecutive rows
+            torch.index_select(view, 0, torch.tensor(blocks), out=pool[rows[0]:rows[-1] + 1])
+
+    def _load_chunks(self, op: TierOp) -> dict[int, str]:
+        pairs = [(b, r) for c in op.chunks for b, r in zip(c.block_ids, self._rows(c))]
+        for name, view in self._views.items():
+            pool = self._pool[name]
+            for b, r in pairs:  # scatter: a copy_ per block (index_copy_ is several times slower here)
+                view[b].copy_(pool[r])
+        return {}
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._pool = {}
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
+    """Splits (row, block) pairs into runs of consecutive rows."""
+    out: list[tuple[list[int], list[int]]] = []
+    for r, b in sorted(pairs):
+        if out and out[-1][0][-1] + 1 == r:
+            out[-1][0].append(r)
+            out[-1][1].append(b)
+        else:
+            out.append(([r], [b]))
+    return out

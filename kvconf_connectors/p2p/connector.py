@@ -1,0 +1,442 @@
+"""The peer-to-peer connector base that mooncake and nixl share: the scheduler side, the
+consumer's request loop, and the worker's registered regions; the engines differ only in the
+``_engine_*`` methods.
+
+A consumer (decode) asks a producer (prefill) for a request's blocks over the typed side channel
+(:mod:`kvconf_connectors.p2p.protocol`), naming its block ids and registered regions. In push mode
+the producer (:mod:`kvconf_connectors.p2p.producer`) writes the blocks into the consumer's memory
+and answers done or failed; in pull mode it answers with where the blocks lie, the consumer reads
+them and releases them. A request whose answer does not come within ``transfer_timeout`` fails; no
+block is reported loaded unless all its bytes arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from kvconf.config.base import StrictModel
+from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, KVConnectorRole, Request, SchedulerOutput
+from kvconf.contract.base import KVConnectorBase
+from kvconf.contract.capabilities import (
+    ChecksEnvironment,
+    ExportsToVLLM,
+    SelfTestContext,
+    SupportsRawPath,
+    SupportsSelfTest,
+    SupportsServe,
+)
+from kvconf.errors import ContractError, Problem
+from kvconf.runtime.allocate import byte_views
+from kvconf.runtime.engine import self_test as drive_self_test
+
+from . import protocol as sc
+from .producer import Producer
+from .selftest import bare_engine, run_as_consumer, run_as_producer
+
+__all__ = ["P2PConnector", "P2PExtra", "P2PMetadata"]
+
+log = logging.getLogger("kvconf.p2p")
+
+
+class P2PExtra(StrictModel):
+    """The settings every peer-to-peer connector has (a connector's own model adds its engine's)."""
+
+    side_channel_host: str = "127.0.0.1"
+    """Address a producer's side channel binds to (and a Mooncake engine advertises); loopback
+    unless told otherwise."""
+    side_channel_port: int = Field(0, ge=0, le=65535)
+    """Port of a producer's side channel; 0 picks a free one."""
+    num_workers: PositiveInt = 10
+    """Sender threads of a producer (vLLM's ``num_workers``)."""
+    handshake_timeout: PositiveFloat = 10.0
+    """Seconds to wait for a producer's side channel to answer the first message."""
+    transfer_timeout: PositiveFloat = 30.0
+    """Seconds a request's blocks may take to arrive before the request fails."""
+    peer: Optional[str] = None
+    """``HOST:PORT`` of a serving producer (what it printed as ``serving on HOST:PORT``), for a
+    consumer started separately; unset, ``action=run`` starts its own peer process."""
+
+
+@dataclass
+class _Recv:
+    request_id: str
+    block_ids: list[int]
+    peer: str
+
+
+@dataclass
+class P2PMetadata(KVConnectorMetadata):
+    recv: list[_Recv] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    recv: _Recv
+    deadline: float
+    sent: bool = False
+
+
+class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest, SupportsServe,
+                   SupportsRawPath):
+    """A producer (prefill) pushes, or lets a consumer (decode) read, a request's blocks on the
+    consumer's request over the side channel. Subclasses give the engine: ``_engine_start``,
+    ``_engine_register``, ``_engine_push``, ``_engine_read``/``_engine_poll`` (pull mode),
+    ``_engine_progress`` and ``_engine_stop``."""
+
+    pull = False
+    """True: the consumer reads from the producer (NIXL's default); False: the producer writes."""
+    needs_progress = False
+    """True when a waiting side must drive the engine's progress itself (NIXL without its thread)."""
+
+    def __init__(self, config, role, kv_cache_config) -> None:
+        super().__init__(config, role, kv_cache_config)
+        self.transport, self.transport_reason = "", ""
+        self._engine_meta = b""
+        """This side's engine metadata for the peer (a NIXL agent's; empty where the engine needs none)."""
+        self._recv_pending: list[_Recv] = []
+        self._engine: Any = None
+        self._session = ""
+        self._regions: dict[str, tuple[int, int, int]] = {}
+        self._registered: list[int] = []
+        self._views: dict[str, Any] = {}
+        self._done: set[str] = set()
+        self._failed: dict[str, str] = {}
+        self._error_blocks: set[int] = set()
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue[_Recv] = queue.Queue()
+        self._waker = sc.Waker()
+        self._finished = threading.Event()
+        self._stop = threading.Event()
+        self._puller: Optional[threading.Thread] = None
+        if role is KVConnectorRole.WORKER:
+            self._engine_start()
+
+    # ---- the engine (subclasses) ---------------------------------------------------------------
+    @staticmethod
+    def _engine_import() -> Any:
+        """Imports the engine; a :class:`ContractError` with the install command where it does not."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_environment(cls, extra: Any, role: KVConnectorRole) -> list[Problem]:
+        if role is not KVConnectorRole.WORKER:
+            return []  # the scheduler side moves no bytes
+        try:
+            cls._engine_import()
+        except ContractError as exc:
+            return exc.problems
+        return []
+
+    def _engine_start(self) -> None:
+        """Starts the worker's transfer engine; sets ``_session``, ``transport``, ``transport_reason``."""
+        raise NotImplementedError
+
+    def _engine_register(self, ptrs: list[int], lens: list[int]) -> None:
+        """Registers the KV cache's memory regions once."""
+        raise NotImplementedError
+
+    def _engine_push(self, msg: Any, src: list[int], dst: list[int], lens: list[int]) -> Optional[str]:
+        """Producer: writes local ``src`` regions into the consumer's ``dst``; None, or why it failed."""
+        raise NotImplementedError
+
+    def _engine_read(self, peer_meta: bytes, src: list[int], dst: list[int], lens: list[int]) -> Any:
+        """Consumer, pull mode: starts reading the producer's ``src`` into local ``dst``; a handle."""
+        raise NotImplementedError
+
+    def _engine_poll(self, handle: Any) -> str:
+        """``"DONE"``, ``"ERR"`` or ``"PROC"`` for a read started by ``_engine_read``."""
+        raise NotImplementedError
+
+    def _engine_progress(self) -> None:
+        """Drives the engine's progress from a side that only waits (no-op where a thread does it)."""
+
+    def _engine_stop(self) -> None:
+        """Releases the engine and what it registered."""
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def layout_fingerprint(self) -> str:
+        """Layer names and page sizes: two peers must agree on it."""
+        h = hashlib.sha256()
+        for g in self.kv_cache_config.kv_cache_groups:
+            for name in g.layer_names:
+                h.update(f"{name}:{g.kv_cache_spec.page_size_bytes};".encode())
+        return h.hexdigest()[:16]
+
+    # ---- scheduler side ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        params = request.kv_transfer_params or {}
+        if self.is_consumer and params.get("do_remote_prefill"):
+            return max(0, request.num_tokens - num_computed_tokens), True
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params or {}
+        if num_external_tokens > 0 and params.get("do_remote_prefill"):
+            peer = params.get("remote_address") or self.extra.peer
+            block_ids = blocks.get_block_ids()[0]
+            self._recv_pending.append(_Recv(params.get("remote_request_id", request.request_id),
+                                            list(block_ids), peer))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta, self._recv_pending = P2PMetadata(self._recv_pending), []
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        return False, None
+
+    # ---- worker side -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        """Registers every layer's memory with the engine, once."""
+
+        self._views = byte_views(kv_caches)
+        spans: dict[int, int] = {}
+        for name, v in self._views.items():
+            base, stride, page = v.data_ptr(), v.stride(0), v.shape[1]
+            self._regions[name] = (base, stride, page)
+            end = base + (v.shape[0] - 1) * stride + page
+            spans[base] = max(spans.get(base, 0), end - base)
+        ptrs, lens = list(spans), [spans[p] for p in spans]
+        self._engine_register(ptrs, lens)
+
+    def layer_regions(self) -> list[Any]:
+        return [sc.LayerRegion(name=n, base=b, block_stride=s, page=p) for n, (b, s, p) in self._regions.items()]
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, P2PMetadata)
+        if not meta.recv:
+            return
+        if self._puller is None:
+            self._puller = threading.Thread(target=self._pull_loop, name=f"kvconf-{self.config.name}-recv", daemon=True)
+            self._puller.start()
+        for r in meta.recv:
+            self._outbox.put(r)
+        self._waker.wake()
+
+    def wait_for_results(self, timeout: float) -> None:
+        """Blocks until a load finishes or fails (or ``timeout`` passes): what an engine's step does."""
+        self._finished.wait(timeout)
+        self._finished.clear()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are asynchronous: the engine polls get_finished
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # the producer pushes when a consumer asks
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        with self._lock:
+            done = self._done | set(self._failed)
+            self._done = set()
+            return None, done
+
+    def take_failures(self) -> dict[str, str]:
+        """Requests whose load failed since the last call, with the reason (vLLM's failed_recving)."""
+        with self._lock:
+            failed, self._failed = self._failed, {}
+            return failed
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            ids, self._error_blocks = self._error_blocks, set()
+            return ids
+
+    def _fail(self, recv: _Recv, reason: str) -> None:
+        with self._lock:
+            self._failed[recv.request_id] = reason
+            self._error_blocks.update(recv.block_ids)
+        self._finished.set()
+
+    def _pull_loop(self) -> None:
+        """Owns the consumer's DEALER sockets: sends transfer requests, collects results, fails a
+        request whose result does not come in time."""
+        import zmq
+
+        ctx = zmq.Context.instance()
+        socks: dict[str, Any] = {}
+        acked: dict[str, float] = {}  # peer -> time the handshake was sent (0 once answered)
+        peer_meta: dict[str, bytes] = {}
+        pending: dict[str, _Pending] = {}
+        reading: dict[str, tuple[Any, str]] = {}  # request -> (engine handle, peer), pull mode
+        poller = zmq.Poller()
+        poller.register(self._waker.r, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                self._waker.drain()
+                while True:
+                    try:
+                        r = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not r.peer:
+                        self._fail(r, "no producer address: set connector.extra.peer=HOST:PORT")
+                        continue
+                    if r.peer not in socks:
+                        try:
+                            host, port = sc.parse_address(r.peer)
+                        except ValueError as exc:
+                            self._fail(r, f"bad producer address: {exc}")
+                            continue
+                        s = ctx.socket(zmq.DEALER)
+                        s.setsockopt(zmq.LINGER, 0)
+                        s.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
+                        s.connect(f"tcp://{host}:{port}")
+                        s.send(sc.encode(sc.Hello(engine_id=self.config.engine_id)))
+                        socks[r.peer] = s
+                        acked[r.peer] = time.monotonic()
+                        poller.register(s, zmq.POLLIN)
+                    pending[r.request_id] = _Pending(r, time.monotonic() + self.extra.transfer_timeout)
+                now = time.monotonic()
+                for rid, p in list(pending.items()):
+                    peer = p.recv.peer
+                    if acked.get(peer, 0) and now - acked[peer] > self.extra.handshake_timeout:
+                        self._fail(p.recv, f"the producer at {peer} did not answer within "
+                                           f"{self.extra.handshake_timeout:g} s (handshake_timeout)")
+                        del pending[rid]
+                    elif not acked.get(peer, 0) and not p.sent:
+                        socks[peer].send(sc.encode(sc.Transfer(
+                            request_id=rid, session=self._session, layout=self.layout_fingerprint(),
+                            layers=self.layer_regions(), block_ids=p.recv.block_ids,
+                            mode="pull" if self.pull else "push", meta=self._engine_meta)))
+                        p.sent = True
+                    elif now > p.deadline:
+                        self._fail(p.recv, f"no transfer result from {peer} within "
+                                           f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
+                        del pending[rid]
+                self._engine_progress()
+                for rid, (handle, peer) in list(reading.items()):
+                    state = self._engine_poll(handle)
+                    p = pending.get(rid)
+                    if state == "PROC" and p is not None and now <= p.deadline:
+                        continue
+                    del reading[rid]
+                    ok = state == "DONE"
+                    socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
+                    if p is None:
+                        continue
+                    del pending[rid]
+                    if ok:
+                        with self._lock:
+                            self._done.add(rid)
+                        self._finished.set()
+                    else:
+                        self._fail(p.recv, f"reading from the producer at {peer} failed (state {state})"
+                                   if state != "PROC" else f"reading from {peer} took over "
+                                   f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
+                timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
+                if reading or self.needs_progress:
+                    timeout = min(timeout, 0.001)
+                for sock, _ in poller.poll(timeout=max(1, min(int(timeout * 1000) + 1, 500))):
+                    if sock == self._waker.r:
+                        continue
+                    peer = next(k for k, v in socks.items() if v is sock)
+                    try:
+                        msg = sc.decode(sock.recv())
+                    except sc.BadMessage as exc:
+                        log.warning("ignored a bad side-channel message from %s: %s", peer, exc)
+                        continue
+                    if isinstance(msg, sc.HelloAck):
+                        if msg.layout != self.layout_fingerprint():
+                            for rid, p in list(pending.items()):
+                                if p.recv.peer == peer:
+                                    self._fail(p.recv, f"the producer at {peer} has another KV layout "
+                                                       f"({msg.layout}, here {self.layout_fingerprint()})")
+                                    del pending[rid]
+                        acked[peer] = 0
+                        peer_meta[peer] = msg.meta
+                    elif isinstance(msg, sc.PullSource):
+                        p = pending.get(msg.request_id)
+                        if p is None:
+                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
+                            continue
+                        try:
+                            reading[msg.request_id] = (self._engine_read(peer_meta.get(peer, b""), msg.src, msg.dst,
+                                                                         msg.lens), peer)
+                        except Exception as exc:  # the engine refused: the request fails
+                            del pending[msg.request_id]
+                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
+                            self._fail(p.recv, f"reading from {peer} could not start: {exc}")
+                    elif isinstance(msg, sc.TransferResult):
+                        p = pending.pop(msg.request_id, None)
+                        if p is None:
+                            continue
+                        if msg.status == "done":
+                            with self._lock:
+                                self._done.add(msg.request_id)
+                            self._finished.set()
+                        else:
+                            self._fail(p.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
+                    elif isinstance(msg, sc.Rejected):
+                        log.warning("the producer at %s rejected a message: %s", peer, msg.reason)
+        finally:
+            for s in socks.values():
+                s.close(linger=0)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._waker.wake()
+        if self._puller is not None:
+            self._puller.join(timeout=5)
+            self._puller = None
+        if self._waker is not None:
+            self._waker.close()
+            self._waker = None
+        if self.role is KVConnectorRole.WORKER:
+            self._engine_stop()
+        self._views = {}
+
+    # ---- producer: action=serve ----------------------------------------------------------------
+    def serve(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext,
+              stop: Optional[threading.Event] = None, announce: bool = True) -> dict[str, Any]:
+        """Serves consumers until SIGINT or SIGTERM (or ``stop``): prefills requests on demand and
+        pushes their blocks into the consumer's memory."""
+        server = Producer(self)
+        server.verbose = announce
+        stop = stop or threading.Event()
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            address = server.bind()
+            if announce:
+                print(f"serving on {address}", flush=True)
+                print(f"kvconf: {self.config.name} producer {address}, engine session {self._session}, transport "
+                      f"{self.transport} ({self.transport_reason}); SIGINT or SIGTERM stops it",
+                      file=sys.stderr, flush=True)
+            server.run(stop)
+        finally:
+            server.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+        return {"address": address, "served_requests": server.served, "failed_requests": server.failed,
+                "bytes": server.bytes, "rejected_messages": server.rejected, "transport": self.transport,
+                "transport_reason": self.transport_reason}
+
+    def raw_path(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext,
+                 runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """``action=bench``: the bare engine moving the same blocks between two processes."""
+        if self.role is KVConnectorRole.SCHEDULER or not kv_caches or self.config.kv_role == "kv_producer":
+            return None
+        return bare_engine(self, ctx)
+
+    # ---- action=run ----------------------------------------------------------------------------
+    def self_test(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext) -> dict[str, Any]:
+        if self.role is KVConnectorRole.SCHEDULER or kv_caches is None:
+            return drive_self_test(self, kv_caches, ctx)  # the scheduler side alone: kvconf's engine
+        if self.config.kv_role == "kv_producer":
+            return run_as_producer(self, kv_caches, ctx)
+        return run_as_consumer(self, kv_caches, ctx)

@@ -1,0 +1,336 @@
+"""The two-process self-test of the peer-to-peer connectors: this process is one side (consumer or
+producer), a peer process started with the job's own config (``python -m kvconf.cli.peer``) is the
+other; every block that arrives is verified against the pattern the producer computed. Also the
+bare engine on the same blocks, the raw path of ``action=bench``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
+from kvconf.contract.capabilities import SelfTestContext
+from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
+from kvconf.runtime.pattern import block_pattern
+from kvconf.units import parse_bytes
+
+from . import protocol as sc
+from .producer import Producer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .connector import P2PConnector
+
+__all__ = ["PEER_MODULE", "bare_engine", "peer_config", "run_as_consumer", "run_as_producer", "start_peer",
+           "stop_peer", "wait_serving"]
+
+log = logging.getLogger("kvconf.p2p")
+
+PEER_MODULE = "kvconf.cli.peer"
+"""What a peer process runs: one job from a composed config written as JSON (``-m``)."""
+
+
+def peer_config(ctx: SelfTestContext, kv_role: str, action: str, peer: Optional[str] = None) -> dict[str, Any]:
+    data = copy.deepcopy(ctx.data)
+    conn = data["connector"]
+    conn["kv_role"] = kv_role
+    conn["engine_id"] = None
+    conn.setdefault("extra", {})["peer"] = peer
+    if action == "serve":
+        conn["extra"]["side_channel_port"] = 0
+    data["action"] = action
+    data["output"] = "json"
+    data["role"] = "worker"
+    return data
+
+
+def start_peer(data: dict[str, Any]) -> tuple[subprocess.Popen, str]:
+    fd, path = tempfile.mkstemp(prefix="kvconf-peer-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    proc = subprocess.Popen([sys.executable, "-m", PEER_MODULE, path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, path
+
+
+def wait_serving(proc: subprocess.Popen, timeout: float) -> str:
+    """The address a serving peer prints as ``serving on HOST:PORT``."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(timeout=0.1):
+            line = proc.stdout.readline()
+            if line.startswith("serving on "):
+                return line.split("serving on ", 1)[1].strip()
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    raise ConnectorRuntimeError(Problem("self_test", f"the producer peer did not start serving within {timeout:g} s",
+                                        details=tuple(err.strip().splitlines()[-6:]),
+                                        fix="run the producer by hand: python -m kvconf connector=NAME "
+                                            "connector.kv_role=kv_producer action=serve"))
+
+
+def stop_peer(proc: subprocess.Popen, path: str) -> int:
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+    finally:
+        os.unlink(path)
+
+
+def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
+    """This process is the consumer: start (or reach) a producer, fetch rounds of requests, verify."""
+    import torch
+    import zmq
+
+
+    settings = ctx.settings
+    proc = path = None
+    peer = conn.extra.peer
+    if peer is None:
+        proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"))
+    try:
+        if proc is not None:
+            peer = wait_serving(proc, settings.timeout)
+        cfg = conn.kv_cache_config
+        views = conn._views
+        layers = list(views)
+        per_block = sum(v.shape[1] for v in views.values())
+        total_target = parse_bytes(settings.transfer_bytes)
+        requests = max(1, min(int(ctx.concurrency or settings.requests), cfg.num_blocks))
+        per_req = ctx.prompt_blocks or max(1, cfg.num_blocks // requests)
+        if requests * per_req > cfg.num_blocks:
+            raise ConfigError(Problem(
+                "bench.prompt_blocks", f"{requests} requests in flight of {per_req} blocks need {requests * per_req} "
+                f"blocks; the cache has {cfg.num_blocks}", value=per_req,
+                fix="lower bench.prompt_blocks or bench.concurrency, or raise kv_cache.num_blocks / kv_cache.memory"))
+        round_bytes = requests * per_req * per_block
+        rounds = max(1, -(-total_target // round_bytes))
+        scheduler = type(conn)(conn.config, KVConnectorRole.SCHEDULER, cfg)
+        control = zmq.Context.instance().socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        host, port = sc.parse_address(peer)
+        control.connect(f"tcp://{host}:{port}")
+
+        def ask(msg: Any, timeout: float) -> Any:
+            control.send(sc.encode(msg))
+            if not control.poll(int(timeout * 1000)):
+                raise TimeoutError
+            return sc.decode(control.recv())
+
+        try:
+            ack = ask(sc.Hello(engine_id=conn.config.engine_id), conn.extra.handshake_timeout)
+        except TimeoutError:
+            raise ConnectorRuntimeError(Problem(
+                "connector.extra.peer", f"the producer at {peer} did not answer within "
+                f"{conn.extra.handshake_timeout:g} s", value=peer,
+                fix="start it with action=serve, or check the address it printed")) from None
+        if ack.layout != conn.layout_fingerprint():
+            raise ConnectorRuntimeError(Problem("kv_cache", f"the producer at {peer} has another KV layout",
+                                                fix="start both sides with the same kv_cache"))
+        loaded = failed = 0
+        bytes_ok = 0
+        seconds = 0.0
+        failures: dict[str, str] = {}
+        recomputed: list[str] = []
+        mismatched = 0
+        deadline_total = time.monotonic() + settings.timeout
+        producer_gone = False
+        request_seconds: dict[str, float] = {}
+        for rnd in range(rounds):
+            if producer_gone:
+                break
+            reqs = []
+            for r in range(requests):
+                seed = rnd * requests + r
+                rid = f"req-{conn.config.engine_id[:8]}-{seed}"
+                ids = list(range(r * per_req, (r + 1) * per_req))
+                if producer_gone:
+                    failures[rid] = f"the producer at {peer} stopped answering"
+                    failed += 1
+                    continue
+                try:
+                    pack = ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=per_req), conn.extra.transfer_timeout)
+                except TimeoutError:
+                    producer_gone = True
+                    pack = sc.PrefillAck(request_id=rid, ok=False, reason=f"the producer at {peer} did not answer "
+                                         f"the prefill within {conn.extra.transfer_timeout:g} s (transfer_timeout)")
+                if not getattr(pack, "ok", False):
+                    failures[rid] = getattr(pack, "reason", "prefill failed")
+                    failed += 1
+                    continue
+                reqs.append((Request(rid, [seed] * (per_req * cfg.kv_cache_groups[0].kv_cache_spec.block_size),
+                                     {"do_remote_prefill": True, "remote_address": peer}), ids, seed))
+            if not reqs:
+                if failures:
+                    break
+                continue
+            n_groups = len(cfg.kv_cache_groups)
+            for req, ids, _ in reqs:
+                n, _async = scheduler.get_num_new_matched_tokens(req, 0)
+                scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(ids) for _ in range(n_groups))), n or 0)
+            meta = scheduler.build_connector_meta(SchedulerOutput([r.request_id for r, _, _ in reqs]))
+            waiting = {r.request_id for r, _, _ in reqs}
+            t0 = time.perf_counter()
+            conn.bind_connector_metadata(meta)
+            conn.start_load_kv(None)
+            conn.clear_connector_metadata()
+            finished: set[str] = set()
+            while waiting - finished and time.monotonic() < deadline_total:
+                _, recv = conn.get_finished(set())
+                now_s = time.perf_counter() - t0
+                for rid in (recv or set()) - finished:
+                    request_seconds[rid] = now_s  # from the consumer's request to its last block
+                finished |= recv or set()
+                if waiting - finished:
+                    conn.wait_for_results(0.05)
+            seconds += time.perf_counter() - t0
+            round_failures = conn.take_failures()
+            conn.get_block_ids_with_load_errors()
+            for rid in waiting - finished:
+                round_failures.setdefault(rid, f"no result within the self-test's {settings.timeout:g} s")
+            failures.update(round_failures)
+            if any("within" in why for why in round_failures.values()):
+                producer_gone = True  # it stopped answering: the remaining requests fail at once
+            for req, ids, seed in reqs:
+                if req.request_id in round_failures:
+                    failed += 1
+                    continue
+                loaded += 1
+                for li, name in enumerate(layers):
+                    for j, b in enumerate(ids):
+                        if not torch.equal(views[name][b], block_pattern(seed, li, j, views[name].shape[1])):
+                            mismatched += 1
+                bytes_ok += len(ids) * per_block
+        control.close(linger=0)
+        scheduler.shutdown()
+        if conn.config.kv_load_failure_policy == "recompute":
+            recomputed = sorted(failures)
+        result = {
+            "bytes": bytes_ok, "verified": mismatched == 0 and loaded > 0, "seconds": round(seconds, 6),
+            "gbps": round(bytes_ok / seconds / 1e9, 3) if seconds > 0 else None,
+            "loaded_bytes": bytes_ok, "load_seconds": round(seconds, 6),
+            "request_seconds": [round(v, 6) for k, v in request_seconds.items() if k not in failures],
+            "transport": conn.transport, "transport_reason": conn.transport_reason,
+            "requests": loaded + failed, "loaded_requests": loaded, "failed_requests": failed,
+            "recomputed": recomputed, "rounds": rounds, "blocks_per_request": per_req,
+            "mismatched_blocks": mismatched, "peer": peer, "peer_started": proc is not None,
+        }
+        if mismatched:
+            raise ConnectorRuntimeError(Problem("self_test", f"{mismatched} loaded block(s) differ from what the "
+                                                "producer computed", fix="the transfer path is wrong"))
+        if failures and conn.config.kv_load_failure_policy == "fail":
+            first = sorted(failures.items())[:5]
+            raise ConnectorRuntimeError(Problem(
+                "self_test", f"{len(failures)} of {loaded + failed} requests failed to load (kv_load_failure_policy=fail)",
+                details=tuple(f"{rid}: {why}" for rid, why in first),
+                fix="check the producer; with connector.kv_load_failure_policy=recompute they are recomputed"))
+        if failures:
+            log.warning("%d request(s) will be recomputed: %s", len(failures), ", ".join(sorted(failures)[:5]))
+        return result
+    finally:
+        if proc is not None:
+            code = stop_peer(proc, path)
+            if code not in (0, None):
+                log.warning("the producer peer exited with %s", code)
+
+
+def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
+    """The engine alone on the blocks of one round of the self-test: a producer peer prefills the
+    requests; in pull mode this process READs each request's regions with the engine call alone,
+    in push mode the producer WRITEs them and reports the engine's own time."""
+    import zmq
+
+
+    proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"))
+    control = zmq.Context.instance().socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    try:
+        peer = wait_serving(proc, ctx.settings.timeout)
+        host, port = sc.parse_address(peer)
+        control.connect(f"tcp://{host}:{port}")
+
+        def ask(msg: Any) -> Any:
+            control.send(sc.encode(msg))
+            if not control.poll(int(conn.extra.transfer_timeout * 1000)):
+                raise ConnectorRuntimeError(Problem("bench", f"the producer at {peer} stopped answering"))
+            return sc.decode(control.recv())
+
+        hello = ask(sc.Hello(engine_id=conn.config.engine_id))
+        cfg = conn.kv_cache_config
+        requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks))
+        per = min(ctx.prompt_blocks or cfg.num_blocks // requests, cfg.num_blocks // requests) or 1
+        moved, seconds = 0, 0.0
+        for r in range(requests):
+            rid = f"bare-{r}"
+            ask(sc.Prefill(request_id=rid, seed=r, num_blocks=per))
+            ids = list(range(r * per, (r + 1) * per))
+            reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
+                                    layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
+                                    meta=conn._engine_meta))
+            if isinstance(reply, sc.PullSource):
+                t0 = time.perf_counter()
+                handle = conn._engine_read(hello.meta, reply.src, reply.dst, reply.lens)
+                while (state := conn._engine_poll(handle)) == "PROC":
+                    pass
+                seconds += time.perf_counter() - t0
+                control.send(sc.encode(sc.Release(request_id=rid, ok=state == "DONE")))
+                moved += sum(reply.lens) if state == "DONE" else 0
+            elif isinstance(reply, sc.TransferResult) and reply.status == "done":
+                moved += reply.bytes
+                seconds += reply.seconds
+        return {"path": f"the bare engine ({'READ by the consumer' if conn.pull else 'write by the producer'}), "
+                        "same blocks, two processes", "bytes": moved,
+                "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
+    finally:
+        control.close(linger=0)
+        stop_peer(proc, path)
+
+
+def run_as_producer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
+    """This process is the producer: serve, start a consumer peer, report what it verified."""
+    stop = threading.Event()
+    server = Producer(conn)
+    address = server.bind()
+    thread = threading.Thread(target=server.run, args=(stop,), name=f"kvconf-{conn.config.name}-serve", daemon=True)
+    thread.start()
+    proc, path = start_peer(peer_config(ctx, "kv_consumer", "run", peer=address))
+    try:
+        out, err = proc.communicate(timeout=ctx.settings.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.close()
+        os.unlink(path)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {}
+    if proc.returncode != 0 or not report.get("ok"):
+        problems = report.get("error", {}).get("problems", [])
+        raise ConnectorRuntimeError(Problem(
+            "self_test", f"the consumer peer exited {proc.returncode}",
+            details=tuple(p.get("message", "") for p in problems) or tuple(err.strip().splitlines()[-6:])))
+    st = dict(report["self_test"])
+    st.update({"served_requests": server.served, "peer": "consumer process", "peer_started": True})
+    return st
