@@ -92,7 +92,7 @@ class ExampleConnector(KVConnectorBase, ComparesToBaseline):
     def __init__(self, config, role, kv_cache_config) -> None:
         super().__init__(config, role, kv_cache_config)
         capacity = parse_bytes(self.extra.capacity)
-        self._store = _STORES.setdefault(config.engine_id, _HostStore(capacity))
+        self._store = _STORES.setdefault(str(config.engine_id), _HostStore(capacity))
         self._block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self._num_layers = sum(len(g.layer_names) for g in kv_cache_config.kv_cache_groups)
         self._pending = ExampleMetadata()
@@ -156,7 +156,7 @@ class ExampleConnector(KVConnectorBase, ComparesToBaseline):
     def shutdown(self) -> None:
         if self.role is KVConnectorRole.WORKER:
             self._views.clear()
-            _STORES.pop(self.config.engine_id, None)
+            _STORES.pop(str(self.config.engine_id), None)
             with self._store.lock:
                 self._store.blocks.clear()
                 self._store.used = 0

@@ -91,7 +91,7 @@ class NixlConnector(P2PConnector):
         nixl_agent, nixl_agent_config = nixl_api()
         cfg = nixl_agent_config(enable_prog_thread=self.extra.progress_thread, backends=list(self.extra.backends),
                                 num_threads=self.extra.num_threads)
-        name = f"kvconf-{self.config.engine_id[:8]}-{uuid.uuid4().hex[:8]}"
+        name = f"kvconf-{str(self.config.engine_id)[:8]}-{uuid.uuid4().hex[:8]}"
         try:
             self._agent = nixl_agent(name, cfg)
         except Exception as exc:

@@ -26,7 +26,7 @@ from pydantic import field_validator
 
 from kvconf.config.base import StrictModel
 from kvconf.units import PositiveByteSize, parse_bytes
-from kvconf_connectors.tier import Chunk, TierConnector, TierOp
+from kvconf_connectors.tier import Chunk, TierConnector, TierMetadata, TierOp
 
 MAGIC = b"KVCSEG01"
 _PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
@@ -187,7 +187,8 @@ class SharedStorageConnector(TierConnector):
     # ---- writing segments ----------------------------------------------------------------------
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not getattr(meta, "staged", False):  # the step's first layer: lay out every save op's staging
+        assert isinstance(meta, TierMetadata)
+        if not meta.staged:  # the step's first layer: lay out every save op's staging
             meta.staged = True
             self._stage(meta.saves)
         super().save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
@@ -238,7 +239,7 @@ class SharedStorageConnector(TierConnector):
         except OSError as exc:
             raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
         try:
-            bufs = [_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw,
+            bufs: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw,
                     *(memoryview(staging[name].numpy()).cast("B") for name, _ in self.layers)]
             total = sum(len(b) for b in bufs)
             written = os.writev(fd, bufs)
@@ -257,6 +258,7 @@ class SharedStorageConnector(TierConnector):
 
     def _evict(self) -> None:
         """Removes the oldest segments until the directory is within ``capacity``."""
+        assert self.capacity is not None
         files = []
         with os.scandir(self.dir) as it:
             for e in it:

@@ -38,6 +38,8 @@ class TierOp:
 class TierMetadata(KVConnectorMetadata):
     loads: list[TierOp] = field(default_factory=list)
     saves: list[TierOp] = field(default_factory=list)
+    staged: bool = False
+    """Whether the worker has laid out this step's staging (a disk tier, on the step's first layer)."""
 
 
 class TierConnector(KVConnectorBase, ExplainsFailures, ExportsToVLLM, ComparesToBaseline):

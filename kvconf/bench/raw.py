@@ -111,13 +111,13 @@ def raw_file_io(kv_caches: dict[str, Any], nbytes: int, folder: str) -> dict[str
     try:
         t0 = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, memoryview(data.numpy()).cast("B"))
+        os.write(fd, data.numpy().data.cast("B"))
         os.fsync(fd)
         os.close(fd)
         t_write = time.perf_counter() - t0
         t0 = time.perf_counter()
         with open(path, "rb") as f:
-            f.readinto(memoryview(back.numpy()).cast("B"))
+            f.readinto(back.numpy().data.cast("B"))
         t_read = time.perf_counter() - t0
     finally:
         if os.path.exists(path):

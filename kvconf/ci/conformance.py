@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kvconf.conf import compose
+from kvconf.conf import compose_data
 from kvconf.config.models import validate
 from kvconf.contract import signature as contract
 from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
@@ -34,13 +34,10 @@ def _load(target: str) -> type:
 def _compose(cls: type, overrides: list[str]) -> dict[str, Any]:
     """The composed config the connector is built with: its built-in YAML when it is a built-in
     connector, else the default config pointed at the class by module path."""
-    from omegaconf import OmegaConf
-
     builtin = builtin_name_of(cls)
     base = [f"connector={builtin}"] if builtin else [
         f"connector.module_path={cls.__module__}", f"connector.name={cls.__qualname__}"]
-    data = OmegaConf.to_container(compose([*base, "device=cpu", "role=worker", *overrides]), resolve=True)
-    assert isinstance(data, dict)
+    data = compose_data([*base, "device=cpu", "role=worker", *overrides])
     if not builtin and getattr(cls, "extra_config", None) is not None and not any(
             o.startswith("connector.extra") for o in overrides):
         data["connector"]["extra"] = {}  # the class's own defaults, not the example connector's settings

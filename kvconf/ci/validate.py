@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-from kvconf.conf import CONF_DIR, GROUPS, compose
+from kvconf.conf import CONF_DIR, GROUPS, compose_data
 from kvconf.config.diagnostics import problems_from_validation_error
 from kvconf.config.models import ConnectorConfig, KVCacheGroupFile, validate_extra
 from kvconf.contract.registry import builtin_extra_model
@@ -250,6 +250,7 @@ def combinations(config_dirs: list[Path]) -> Iterable[Combination]:
     options = _options(dirs)
     primary_path = next(d / "config.yaml" for d in reversed(dirs) if (d / "config.yaml").exists())
     base = OmegaConf.to_container(OmegaConf.load(primary_path), resolve=False)
+    assert isinstance(base, dict)
     base.pop("defaults", None)
     base.pop("hydra", None)
     loaded: dict[Path, tuple[Any, dict[str, str]]] = {}
@@ -305,10 +306,7 @@ def validate_matrix(config_dirs: list[Path]) -> Report:
 
 def _hydra_compose(config_dirs: list[Path], chosen: dict[str, str]) -> dict[str, Any]:
     """A combination whose files need Hydra's own composition (defaults lists, other packages)."""
-    from omegaconf import OmegaConf
-
-    cfg = compose([f"{g}={o}" for g, o in chosen.items()], config_dirs=config_dirs)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_data([f"{g}={o}" for g, o in chosen.items()], config_dirs=config_dirs)
 
 
 # ---- output ----------------------------------------------------------------------------------------
@@ -343,7 +341,7 @@ def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2 with the usage line
+    def error(self, message: str) -> NoReturn:  # usage errors exit 2 with the usage line
         self.print_usage(sys.stderr)
         print(f"kvconf validate: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
 
-__all__ = ["CONF_DIR", "CONFIG_NAME", "GROUPS", "HYDRA_VERSION_BASE", "compose"]
+__all__ = ["CONF_DIR", "CONFIG_NAME", "GROUPS", "HYDRA_VERSION_BASE", "compose", "compose_data"]
 
 CONF_DIR = str(Path(__file__).resolve().parent)
 """The folder of the built-in config tree (what Hydra's ``config_path`` points at)."""
@@ -40,3 +40,13 @@ def compose(overrides: Sequence[str] = (), *, config_dirs: Sequence[str | Path] 
     kwargs: dict[str, Any] = {"job_name": job_name} if job_name else {}
     with initialize_config_dir(config_dir=CONF_DIR, version_base=HYDRA_VERSION_BASE, **kwargs):
         return hydra_compose(config_name=CONFIG_NAME, overrides=extra, return_hydra_config=return_hydra_config)
+
+
+def compose_data(overrides: Sequence[str] = (), *, config_dirs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The composed config as plain data: interpolations resolved, no ``hydra`` node."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(compose(overrides, config_dirs=config_dirs), resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return {str(k): v for k, v in data.items()}

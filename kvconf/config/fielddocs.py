@@ -64,6 +64,6 @@ def document(*roots: Any) -> None:
             if f.description is None and name in docs:
                 f.description = docs[name]
                 changed = True
-        m.__kvconf_documented__ = True
+        setattr(m, "__kvconf_documented__", True)  # noqa: B010  (a mark of kvconf's, not a model field)
         if changed:
             m.model_rebuild(force=True)

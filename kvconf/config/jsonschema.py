@@ -52,6 +52,7 @@ def generate(extras: dict[str, type[BaseModel]],
     connector_defs = connector.setdefault("$defs", {})
     connector = _with_extras(connector, connector_defs, extras)
     role = KVConfConfig.model_fields["role"]
+    assert role.annotation is not None
     return {
         **{name: doc(model.model_json_schema(), title) for name, (model, title) in documents.items()},
         "config.schema.json": doc(config, "kvconf config"),

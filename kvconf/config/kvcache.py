@@ -310,7 +310,9 @@ def check_kv_cache_config(cfg: KVCacheConfig) -> list[Problem]:
     return problems
 
 
-SPEC_TYPES: dict[str, type[StrictModel]] = {
+AnySpec = Union[FullAttentionSpec, SlidingWindowSpec, MLAAttentionSpec, MambaSpec]
+
+SPEC_TYPES: dict[str, type[AnySpec]] = {
     "full_attention": FullAttentionSpec,
     "sliding_window": SlidingWindowSpec,
     "mla": MLAAttentionSpec,

@@ -50,9 +50,9 @@ class _GroupLayout(StrictModel):
     layers: LayerSelector = "all"
     """Which layers form the group: ``all``; ``rest`` (every layer no other group takes); a slice
     of layer indices such as ``"5::6"`` (5, 11, 17, ...); or a list of indices and names."""
-    block_size: PositiveInt | None = None  # type: ignore[assignment]
+    block_size: PositiveInt | None = None
     """Tokens per block; defaults to the layout's ``block_size``."""
-    dtype: DType | None = None  # type: ignore[assignment]
+    dtype: DType | None = None
     """Element type; defaults to the layout's ``dtype``."""
 
 

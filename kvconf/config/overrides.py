@@ -111,7 +111,7 @@ def check_overrides(argv: list[str], conf_dir: str,
                 break
             if parts[depth] not in sections[section]:
                 path = ".".join(parts[: depth + 1])
-                problems.append(Problem(path, f"unknown key {parts[depth]!r}", value=o.input_line.split("=", 1)[-1],
+                problems.append(Problem(path, f"unknown key {parts[depth]!r}", value=(o.input_line or "").split("=", 1)[-1],
                                         allowed=sections[section], typo=parts[depth],
                                         fix="correct the key's spelling (see python -m kvconf --help)"))
                 break

@@ -78,7 +78,7 @@ def _location(cls: Any) -> str | None:
 
 def check(target: Any, name: str | None = None) -> Verdict:
     """The contract verdict for ``target``; never raises and never calls ``target``."""
-    label = name or getattr(target, "__qualname__", repr(target))
+    label = str(name or getattr(target, "__qualname__", repr(target)))
     if not inspect.isclass(target):
         kind = "a function" if inspect.isroutine(target) else f"a {type(target).__name__}"
         return Verdict("not_a_class", f"{label} is {kind}, not a class",

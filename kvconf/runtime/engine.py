@@ -217,17 +217,17 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
                 tally.seconds += time.perf_counter() - t1
                 save_errors = conn.get_save_errors() if isinstance(conn, ExplainsFailures) else {}
                 for k, req in enumerate(reqs):
-                    why = save_errors.get(req.request_id)
-                    if why is None:
+                    save_error = save_errors.get(req.request_id)
+                    if save_error is None:
                         tally.saved_blocks += per - loaded[k]
                         continue
                     if policy == "fail":
                         raise ConnectorRuntimeError(Problem(
                             "self_test", f"request {req.request_id}: its blocks could not be saved "
-                            "(kv_load_failure_policy=fail)", details=(why,),
+                            "(kv_load_failure_policy=fail)", details=(save_error,),
                             fix="make the tier writable; with connector.kv_load_failure_policy=recompute the "
                                 "request goes on and later requests recompute what is missing"))
-                    recompute_reasons[req.request_id] = why
+                    recompute_reasons[req.request_id] = save_error
                     if isinstance(scheduler, ExplainsFailures):
                         scheduler.report_save_failed(req.request_id)
             sending, recving = conn.get_finished({q.request_id for q in reqs})

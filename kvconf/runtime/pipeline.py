@@ -84,6 +84,7 @@ def load(job: Job) -> None:
     if not isinstance(name, str) or not name or (module_path is not None and
                                                   (not isinstance(module_path, str) or not module_path.strip())):
         raise ConfigError(problems)  # validate has reported why there is no name to resolve
+    assert isinstance(connector, dict)
     contract_error = False
     with job.stage("resolve"):
         try:

@@ -265,7 +265,7 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
         request whose result does not come in time."""
         import zmq
 
-        ctx = zmq.Context.instance()
+        ctx: Any = zmq.Context.instance()
         socks: dict[str, Any] = {}
         acked: dict[str, float] = {}  # peer -> time the handshake was sent (0 once answered)
         peer_meta: dict[str, bytes] = {}
@@ -294,7 +294,7 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
                         s.setsockopt(zmq.LINGER, 0)
                         s.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
                         s.connect(f"tcp://{host}:{port}")
-                        s.send(sc.encode(sc.Hello(engine_id=self.config.engine_id)))
+                        s.send(sc.encode(sc.Hello(engine_id=str(self.config.engine_id))))
                         socks[r.peer] = s
                         acked[r.peer] = time.monotonic()
                         poller.register(s, zmq.POLLIN)
@@ -319,13 +319,13 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
                 self._engine_progress()
                 for rid, (handle, peer) in list(reading.items()):
                     state = self._engine_poll(handle)
-                    p = pending.get(rid)
-                    if state == "PROC" and p is not None and now <= p.deadline:
+                    waiting = pending.get(rid)
+                    if state == "PROC" and waiting is not None and now <= waiting.deadline:
                         continue
                     del reading[rid]
                     ok = state == "DONE"
                     socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
-                    if p is None:
+                    if waiting is None:
                         continue
                     del pending[rid]
                     if ok:
@@ -333,7 +333,7 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
                             self._done.add(rid)
                         self._finished.set()
                     else:
-                        self._fail(p.recv, f"reading from the producer at {peer} failed (state {state})"
+                        self._fail(waiting.recv, f"reading from the producer at {peer} failed (state {state})"
                                    if state != "PROC" else f"reading from {peer} took over "
                                    f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
                 timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
@@ -358,8 +358,8 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
                         acked[peer] = 0
                         peer_meta[peer] = msg.meta
                     elif isinstance(msg, sc.PullSource):
-                        p = pending.get(msg.request_id)
-                        if p is None:
+                        asked = pending.get(msg.request_id)
+                        if asked is None:
                             sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
                             continue
                         try:
@@ -368,17 +368,17 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
                         except Exception as exc:  # the engine refused: the request fails
                             del pending[msg.request_id]
                             sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                            self._fail(p.recv, f"reading from {peer} could not start: {exc}")
+                            self._fail(asked.recv, f"reading from {peer} could not start: {exc}")
                     elif isinstance(msg, sc.TransferResult):
-                        p = pending.pop(msg.request_id, None)
-                        if p is None:
+                        result_for = pending.pop(msg.request_id, None)
+                        if result_for is None:
                             continue
                         if msg.status == "done":
                             with self._lock:
                                 self._done.add(msg.request_id)
                             self._finished.set()
                         else:
-                            self._fail(p.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
+                            self._fail(result_for.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
                     elif isinstance(msg, sc.Rejected):
                         log.warning("the producer at %s rejected a message: %s", peer, msg.reason)
         finally:
@@ -391,9 +391,7 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
         if self._puller is not None:
             self._puller.join(timeout=5)
             self._puller = None
-        if self._waker is not None:
-            self._waker.close()
-            self._waker = None
+        self._waker.close()
         if self.role is KVConnectorRole.WORKER:
             self._engine_stop()
         self._views = {}

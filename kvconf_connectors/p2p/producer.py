@@ -11,7 +11,7 @@ import queue
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kvconf.runtime.pattern import block_pattern
 
@@ -53,7 +53,7 @@ class Producer:
         import zmq
 
 
-        ctx = zmq.Context.instance()
+        ctx: Any = zmq.Context.instance()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
@@ -153,7 +153,7 @@ class Producer:
 
         conn = self.conn
         if isinstance(msg, sc.Hello):
-            reply: Any = sc.HelloAck(engine_id=conn.config.engine_id, session=conn._session,
+            reply: Any = sc.HelloAck(engine_id=str(conn.config.engine_id), session=conn._session,
                                      layout=conn.layout_fingerprint(), transport=conn.transport,
                                      meta=conn._engine_meta)
         elif isinstance(msg, sc.Prefill):
@@ -196,7 +196,8 @@ class Producer:
 
         conn = self.conn
         t0 = time.perf_counter()
-        status, reason, nbytes = "failed", "", 0
+        status: Literal["done", "failed"] = "failed"
+        reason, nbytes = "", 0
         src_ids = self.prefilled.get(msg.request_id)
         try:
             if src_ids is None:
@@ -207,7 +208,9 @@ class Producer:
                 reason = f"the consumer asks for {len(msg.block_ids)} blocks; the request has {len(src_ids)}"
             else:
                 self.busy.add(msg.request_id)
-                src, dst, lens = [], [], []
+                src: list[int] = []
+                dst: list[int] = []
+                lens: list[int] = []
                 for region in msg.layers:
                     local = conn._regions.get(region.name)
                     if local is None or local[2] != region.page:

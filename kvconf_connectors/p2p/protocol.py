@@ -219,6 +219,8 @@ class Waker:
         os.set_blocking(self.w, False)
 
     def wake(self) -> None:
+        if self.w < 0:  # closed: nobody waits any more
+            return
         try:
             os.write(self.w, b"x")
         except BlockingIOError:  # already pending
@@ -232,5 +234,9 @@ class Waker:
             pass
 
     def close(self) -> None:
+        """Closes the pipe (once; a second call does nothing)."""
+        if self.r < 0:
+            return
         os.close(self.r)
         os.close(self.w)
+        self.r = self.w = -1

@@ -65,6 +65,7 @@ def start_peer(data: dict[str, Any]) -> tuple[subprocess.Popen, str]:
 
 def wait_serving(proc: subprocess.Popen, timeout: float) -> str:
     """The address a serving peer prints as ``serving on HOST:PORT``."""
+    assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
@@ -126,7 +127,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
         round_bytes = requests * per_req * per_block
         rounds = max(1, -(-total_target // round_bytes))
         scheduler = type(conn)(conn.config, KVConnectorRole.SCHEDULER, cfg)
-        control = zmq.Context.instance().socket(zmq.DEALER)
+        control: Any = zmq.Context.instance().socket(zmq.DEALER)
         control.setsockopt(zmq.LINGER, 0)
         host, port = sc.parse_address(peer)
         control.connect(f"tcp://{host}:{port}")
@@ -138,7 +139,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
             return sc.decode(control.recv())
 
         try:
-            ack = ask(sc.Hello(engine_id=conn.config.engine_id), conn.extra.handshake_timeout)
+            ack = ask(sc.Hello(engine_id=str(conn.config.engine_id)), conn.extra.handshake_timeout)
         except TimeoutError:
             raise ConnectorRuntimeError(Problem(
                 "connector.extra.peer", f"the producer at {peer} did not answer within "
@@ -162,7 +163,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
             reqs = []
             for r in range(requests):
                 seed = rnd * requests + r
-                rid = f"req-{conn.config.engine_id[:8]}-{seed}"
+                rid = f"req-{str(conn.config.engine_id)[:8]}-{seed}"
                 ids = list(range(r * per_req, (r + 1) * per_req))
                 if producer_gone:
                     failures[rid] = f"the producer at {peer} stopped answering"
@@ -248,7 +249,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
             log.warning("%d request(s) will be recomputed: %s", len(failures), ", ".join(sorted(failures)[:5]))
         return result
     finally:
-        if proc is not None:
+        if proc is not None and path is not None:
             code = stop_peer(proc, path)
             if code not in (0, None):
                 log.warning("the producer peer exited with %s", code)
@@ -262,7 +263,7 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
 
 
     proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"))
-    control = zmq.Context.instance().socket(zmq.DEALER)
+    control: Any = zmq.Context.instance().socket(zmq.DEALER)
     control.setsockopt(zmq.LINGER, 0)
     try:
         peer = wait_serving(proc, ctx.settings.timeout)
@@ -275,7 +276,7 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
                 raise ConnectorRuntimeError(Problem("bench", f"the producer at {peer} stopped answering"))
             return sc.decode(control.recv())
 
-        hello = ask(sc.Hello(engine_id=conn.config.engine_id))
+        hello = ask(sc.Hello(engine_id=str(conn.config.engine_id)))
         cfg = conn.kv_cache_config
         requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks))
         per = min(ctx.prompt_blocks or cfg.num_blocks // requests, cfg.num_blocks // requests) or 1
