@@ -25,7 +25,7 @@ from kvconf.contract.api import (
 )
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline
-from kvconf.runtime.allocate import byte_views
+from kvconf.runtime.views import byte_views
 from kvconf.units import PositiveByteSize, parse_bytes
 
 

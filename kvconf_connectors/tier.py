@@ -17,7 +17,7 @@ from typing import Any, Optional
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, Request, SchedulerOutput, block_hashes
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline, ExplainsFailures, ExportsToVLLM
-from kvconf.runtime.allocate import byte_views
+from kvconf.runtime.views import byte_views
 
 
 @dataclass

@@ -1,11 +1,21 @@
-"""Helpers: run kvconf as a user does (a subprocess), or compose in-process for speed."""
+"""Helpers: run kvconf as a user does (a subprocess), or compose in-process for speed.
+
+Each test owns what it starts: every process a test starts (and every process those start) carries
+the test's own ``KVCONF_TEST_OWNER`` token in its environment, so :func:`owned_processes` finds
+exactly those and nothing else that runs on the machine; each test gets its own ``TMPDIR`` (the
+shared_storage connector's default folder lives there). A test that needs torch, an engine or
+network namespaces is marked and skips with the reason where it is missing.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +24,62 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 collect_ignore = ["zoo", "fake_mooncake", "fake_nixl"]  # modules for the tests to import by path, some broken on purpose
 REPO = TESTS.parent
+CONF = REPO / "kvconf" / "conf"
+OWNER = "KVCONF_TEST_OWNER"
+
+_NEEDS = {
+    "torch": ("torch", "torch is not installed (bash scripts/setup.sh installs the CPU build)"),
+    "mooncake": ("mooncake.engine", "the Mooncake Transfer Engine is not installed (bash scripts/setup.sh)"),
+    "nixl": ("nixl._api", "NIXL is not installed (bash scripts/setup.sh)"),
+}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skips, with the reason, each test whose marker names something this machine lacks."""
+    missing = {name: why for name, (module, why) in _NEEDS.items() if not _importable(module)}
+    for item in items:
+        for name, why in missing.items():
+            if item.get_closest_marker(name) is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+def owned_processes() -> list[int]:
+    """PIDs of live processes that the running test started (directly or not): those whose
+    environment carries its token. What else runs on the machine is never counted."""
+    token = os.environ.get(OWNER)
+    if not token:
+        return []
+    needle = f"{OWNER}={token}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _owned(tmp_path_factory, monkeypatch):
+    """Marks what this test starts, gives it its own TMPDIR, and stops whatever it left running."""
+    monkeypatch.setenv(OWNER, uuid.uuid4().hex)
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+    yield
+    for pid in owned_processes():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def kvconf_env(**extra: str) -> dict[str, str]:
@@ -48,19 +114,11 @@ def workdir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def compose():
     """``compose(*overrides)``: the composed config as plain data, through Hydra's compose API."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from kvconf.cli import CONF_DIR
+    from kvconf.conf import compose_data
 
     sys.path.insert(0, str(TESTS))
 
     def _compose(*overrides: str) -> dict[str, Any]:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
-            data = OmegaConf.to_container(cfg, resolve=True)
-        data.pop("hydra", None)
-        return data
+        return compose_data(list(overrides))
 
     return _compose

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, kvconf_env, run_kvconf
+from conftest import CONF, REPO, kvconf_env, run_kvconf
 
 
 def kvconf_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def test_validate_files_takes_the_group_from_the_folder(workdir, broken_dir, tmp
 
 
 def test_validate_accepts_every_shipped_file_and_a_whole_config(workdir, tmp_path):
-    files = sorted(str(p) for p in (REPO / "conf").glob("*/*.yaml"))
+    files = sorted(str(p) for p in CONF.glob("*/*.yaml"))
     assert kvconf_tool("validate", *files, cwd=workdir).returncode == 0
     whole = run_kvconf("--cfg", "job", "kv_cache=llama3_8b", cwd=workdir).stdout
     (tmp_path / "whole.yaml").write_text(whole)
@@ -87,14 +87,14 @@ def test_validate_usage_errors_exit_2(workdir, args):
 
 
 def test_validate_is_also_a_module(workdir):
-    proc = subprocess.run([sys.executable, "-m", "kvconf.validate", str(REPO / "conf/kv_cache/tiny.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "kvconf.validate", str(CONF / "kv_cache/tiny.yaml")],
                           cwd=workdir, capture_output=True, text=True)
     assert proc.returncode == 0 and "1 files checked, all valid" in proc.stdout
 
 
 def test_matrix_imports_no_torch_and_allocates_nothing():
     code = ("import sys; from kvconf.validate import validate_matrix; r = validate_matrix([]); "
-            "print(r.checked, 'torch' in sys.modules, 'kvconf.allocate' in sys.modules)")
+            "print(r.checked, 'torch' in sys.modules, 'kvconf.runtime.allocate' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) >= 32 and out[1:] == ["False", "False"]
 
@@ -152,15 +152,13 @@ def test_check_connector_usage_error_exits_2(workdir):
 
 def test_schema_check_fails_when_a_field_changes_without_regenerating(tmp_path):
     copy_root = tmp_path / "copy"
-    shutil.copytree(REPO / "kvconf", copy_root / "kvconf")
-    shutil.copytree(REPO / "conf", copy_root / "kvconf" / "conf", dirs_exist_ok=True)
-    shutil.copytree(REPO / "connectors", copy_root / "kvconf_connectors")
-    shutil.copytree(REPO / "schemas", copy_root / "schemas")
+    for folder in ("kvconf", "kvconf_connectors", "schemas"):
+        shutil.copytree(REPO / folder, copy_root / folder)
     env = {**kvconf_env(), "PYTHONPATH": str(copy_root)}
     cmd = [sys.executable, "-m", "kvconf.schemagen", "--check", "--out", str(copy_root / "schemas")]
     # cwd: not the repository, whose kvconf/ would be found before the copy
     assert subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True).returncode == 0
-    schema_py = copy_root / "kvconf" / "schema.py"
+    schema_py = copy_root / "kvconf" / "config" / "models.py"
     schema_py.write_text(schema_py.read_text().replace("kv_port: int = Field(14579,", "kv_port: int = Field(14580,"))
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 1
@@ -175,7 +173,7 @@ def jsonschema_verdict(schema_name: str, data) -> bool:
 
 
 def pydantic_verdict(group: str, data) -> bool:
-    from kvconf.validate import _group_problems
+    from kvconf.ci.validate import _group_problems
 
     return not _group_problems(group, data)
 
@@ -183,10 +181,10 @@ def pydantic_verdict(group: str, data) -> bool:
 def variants():
     """(group, label, data): every shipped file, and bad ones, one constraint each."""
     out = []
-    for p in sorted((REPO / "conf").glob("*/*.yaml")):
+    for p in sorted(CONF.glob("*/*.yaml")):
         out.append((p.parent.name, f"shipped {p.parent.name}/{p.name}", yaml.safe_load(p.read_text())))
-    conn = yaml.safe_load((REPO / "conf/connector/mooncake.yaml").read_text())
-    kv = yaml.safe_load((REPO / "conf/kv_cache/llama3_8b.yaml").read_text())
+    conn = yaml.safe_load((CONF / "connector/mooncake.yaml").read_text())
+    kv = yaml.safe_load((CONF / "kv_cache/llama3_8b.yaml").read_text())
 
     def edit(base, path, value, delete=False):
         d = copy.deepcopy(base)
@@ -276,12 +274,12 @@ def test_pre_commit_hook_runs_kvconf_validate(workdir):
     (hook,) = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
     assert hook["id"] == "kvconf-validate" and hook["entry"].split()[:2] == ["kvconf", "validate"]
     proc = subprocess.run([str(Path(sys.executable).with_name("kvconf")), "validate",
-                           str(REPO / "conf/connector/mooncake.yaml")], cwd=workdir, capture_output=True, text=True)
+                           str(CONF / "connector/mooncake.yaml")], cwd=workdir, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
 def test_matrix_composes_each_combination_as_hydra_does(tmp_path):
-    from kvconf.validate import _hydra_compose, combinations
+    from kvconf.ci.validate import _hydra_compose, combinations
 
     user = tmp_path / "u"
     (user / "kv_cache").mkdir(parents=True)

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from kvconf.errors import ConfigError, ContractError, KVConfError
-from kvconf.pipeline import run_job
+from kvconf.runtime.pipeline import run_job
 
 
 def problems(data) -> list:
@@ -201,7 +201,7 @@ def test_config_error_is_a_value_error_too(base):
 def test_worker_run_without_torch_says_how_to_install_it(compose, monkeypatch):
     import importlib.util
 
-    import kvconf.pipeline as pipeline
+    import kvconf.runtime.pipeline as pipeline
 
     real = importlib.util.find_spec
     monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))

@@ -10,7 +10,7 @@ import pytest
 from conftest import json_out, kvconf_env, run_kvconf
 from kvconf import contract
 from kvconf.errors import ContractError
-from kvconf.pipeline import run_job
+from kvconf.runtime.pipeline import run_job
 
 
 def contract_problem(compose, name: str, module: str = "zoo.connectors", action: str = "check"):

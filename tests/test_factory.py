@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import json_out, kvconf_env, run_kvconf
-from kvconf import factory
+from kvconf.contract import registry as factory
 from kvconf.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def test_only_the_chosen_connector_module_is_imported(workdir, tmp_path):
                       env=kvconf_env(KVCONF_PROBE=str(probe)), module="zoo.probe")
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(probe.read_text())
-    assert seen["connector_modules"] == ["kvconf_connectors._tier", "kvconf_connectors.offloading"]
+    assert seen["connector_modules"] == ["kvconf_connectors.offloading", "kvconf_connectors.tier"]
     assert seen["torch"] is False
 
 

@@ -9,8 +9,9 @@ from pydantic import ValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvconf.kvcache import DTYPE_BYTES, KVCacheConfig, KVCacheInvariantError, KVCacheLayout
-from kvconf.pipeline import run_job
+from kvconf.config.kvcache import DTYPE_BYTES, KVCacheConfig, KVCacheInvariantError
+from kvconf.config.layout import KVCacheLayout
+from kvconf.runtime.pipeline import run_job
 
 
 def attention_page(block_size, heads, head, head_v, dtype):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import CONF, REPO
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_conf_and_connectors(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    conf = {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
+    conf = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
     assert {f"kvconf/conf/{c}" for c in conf} <= names
-    assert {"kvconf/conf/__init__.py", "kvconf_connectors/example.py", "kvconf/cli.py"} <= names
+    assert {"kvconf/conf/__init__.py", "kvconf_connectors/example.py", "kvconf/cli/app.py", "kvconf_connectors/p2p/connector.py"} <= names
 
 
 def test_installed_copy_runs_from_anywhere(wheel, tmp_path):
@@ -50,10 +50,10 @@ def test_installed_copy_runs_from_anywhere(wheel, tmp_path):
 
 def test_every_conf_yaml_validates_against_its_group_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    for path in (REPO / "conf").glob("*/*.yaml"):
+    for path in CONF.glob("*/*.yaml"):
         group = path.parent.name
         schema = json.loads((REPO / "schemas" / f"{group}.schema.json").read_text())
-        assert f"$schema=../../schemas/{group}.schema.json" in path.read_text()
+        assert f"$schema=../../../schemas/{group}.schema.json" in path.read_text()
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)
 
 

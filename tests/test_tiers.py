@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import json_out, run_kvconf
-from kvconf.connector import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
-from kvconf.kvcache import KVCacheLayout
-from kvconf.schema import ConnectorConfig
+from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
+from kvconf.config.layout import KVCacheLayout
+from kvconf.config.models import ConnectorConfig
 from kvconf_connectors.offloading import LRUIndex, OffloadingConnector
 from kvconf_connectors.shared_storage import SharedStorageConnector
 
@@ -99,7 +99,7 @@ class Engine:
     def __init__(self, cls, tmp_path=None, policy="fail", **extra) -> None:
         import torch
 
-        from kvconf.allocate import allocate, layer_views
+        from kvconf.runtime.allocate import allocate, layer_views
 
         self.sched, cfg = make(cls, KVConnectorRole.SCHEDULER, tmp_path, **extra)
         self.worker, _ = make(cls, KVConnectorRole.WORKER, tmp_path, **extra)

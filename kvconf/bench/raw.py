@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from kvconf.runtime.allocate import byte_views
+from kvconf.runtime.views import byte_views
 
 __all__ = ["ceilings", "raw_file_io", "raw_torch_copy"]
 

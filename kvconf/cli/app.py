@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kvconf.conf import CONF_DIR, CONFIG_NAME, HYDRA_VERSION_BASE, compose
+from kvconf.conf import CONF_DIR, CONFIG_NAME, HYDRA_VERSION_BASE, compose, store_help
 from kvconf.errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
 from kvconf.runtime.process import hard_exit
 from kvconf.version import __version__
@@ -162,13 +161,9 @@ def _flush() -> None:
 
 
 def _store_help(full: bool) -> None:
-    cs = ConfigStore.instance()
-    cs.store(group="hydra/help", name="kvconf", package="hydra.help", node={
-        "app_name": "kvconf",
-        "header": f"kvconf {__version__}: declare, validate and start KV-cache connectors.",
-        "footer": "Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.",
-        "template": help_template(SUBCOMMANDS) if full else "",
-    })
+    store_help(template=help_template(SUBCOMMANDS) if full else "",
+               header=f"kvconf {__version__}: declare, validate and start KV-cache connectors.",
+               footer="Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.")
 
 
 _store_help(full=False)

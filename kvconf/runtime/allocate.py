@@ -12,7 +12,7 @@ from kvconf.config.kvcache import KVCacheConfig
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["allocate", "byte_views", "layer_views"]
+__all__ = ["allocate", "layer_views"]
 
 
 def allocate(cfg: KVCacheConfig, device: str) -> list[torch.Tensor]:
@@ -39,10 +39,3 @@ def layer_views(cfg: KVCacheConfig, buffers: list[torch.Tensor]) -> dict[str, to
             views[name] = raw
     return views
 
-
-def byte_views(kv_caches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each layer's KV tensor as ``(num_blocks, page bytes)`` uint8, viewing the same memory: the
-    rows a connector copies, registers or compares, whatever the layer's dtype and shape."""
-    import torch
-
-    return {name: t.flatten(1).view(torch.uint8) for name, t in kv_caches.items()}

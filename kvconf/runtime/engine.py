@@ -26,7 +26,7 @@ from kvconf.contract.capabilities import ExplainsFailures, SelfTestContext, Supp
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 from kvconf.units import parse_bytes
 
-from .allocate import byte_views
+from .views import byte_views
 from .pattern import block_pattern
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -36,7 +36,7 @@ from kvconf.contract.capabilities import (
     SupportsServe,
 )
 from kvconf.errors import ContractError, Problem
-from kvconf.runtime.allocate import byte_views
+from kvconf.runtime.views import byte_views
 from kvconf.runtime.engine import self_test as drive_self_test
 
 from . import protocol as sc

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from kvconf.connector import KVConnectorBase, KVConnectorMetadata
+from kvconf import KVConnectorBase, KVConnectorMetadata
 from kvconf_connectors.example import ExampleConnector
 
 
