@@ -277,8 +277,22 @@ def combinations(config_dirs: list[Path]) -> Iterable[Combination]:
                 fallback = True
         if fallback:
             data = _hydra_compose(config_dirs, chosen)
+        else:
+            data = _resolved(data)
         files = {"": primary_path, **{g: options[g][o] for g, o in chosen.items()}}
         yield Combination(" ".join(f"{g}={o}" for g, o in chosen.items()), chosen, data, files, global_groups)
+
+
+def _resolved(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its interpolations (``${oc.env:TMPDIR,/tmp}``) resolved, as Hydra resolves
+    them; as written where one does not resolve (validation then names the value)."""
+    from omegaconf import OmegaConf
+
+    try:
+        out = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    except Exception:  # an interpolation that does not resolve
+        return data
+    return out if isinstance(out, dict) else data
 
 
 def validate_matrix(config_dirs: list[Path]) -> Report:

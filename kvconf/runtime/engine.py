@@ -32,7 +32,7 @@ from .pattern import block_pattern
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Workload", "plan_workload", "run_self_test", "self_test"]
+__all__ = ["Workload", "drive", "plan_workload", "run_self_test", "self_test"]
 
 
 def self_test(connector: KVConnectorBase, kv_caches: Optional[dict[str, torch.Tensor]],
@@ -42,6 +42,12 @@ def self_test(connector: KVConnectorBase, kv_caches: Optional[dict[str, torch.Te
     verifies every byte."""
     if isinstance(connector, SupportsSelfTest):
         return connector.self_test(kv_caches, ctx)
+    return drive(connector, kv_caches, ctx)
+
+
+def drive(connector: KVConnectorBase, kv_caches: Optional[dict[str, "torch.Tensor"]],
+          ctx: SelfTestContext) -> dict[str, Any]:
+    """This engine's self-test of ``connector`` with the job's settings (:func:`run_self_test`)."""
     shared = ctx.bench.shared_prefix if ctx.bench is not None else 0.5
     return run_self_test(connector, kv_caches, ctx.settings, shared, salt=ctx.salt,
                          blocks_per_request=ctx.prompt_blocks, concurrency=ctx.concurrency or 1)

@@ -37,7 +37,7 @@ from kvconf.contract.capabilities import (
 )
 from kvconf.errors import ContractError, Problem
 from kvconf.runtime.views import byte_views
-from kvconf.runtime.engine import self_test as drive_self_test
+from kvconf.runtime.engine import drive
 
 from . import protocol as sc
 from .producer import Producer
@@ -434,7 +434,7 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
     # ---- action=run ----------------------------------------------------------------------------
     def self_test(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext) -> dict[str, Any]:
         if self.role is KVConnectorRole.SCHEDULER or kv_caches is None:
-            return drive_self_test(self, kv_caches, ctx)  # the scheduler side alone: kvconf's engine
+            return drive(self, kv_caches, ctx)  # the scheduler side alone: kvconf's engine
         if self.config.kv_role == "kv_producer":
             return run_as_producer(self, kv_caches, ctx)
         return run_as_consumer(self, kv_caches, ctx)
