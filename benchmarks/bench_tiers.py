@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from kvconf.allocate import allocate, layer_views
-from kvconf.connector import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
-from kvconf.kvcache import KVCacheLayout
-from kvconf.schema import ConnectorConfig
+from kvconf.runtime.allocate import allocate, layer_views
+from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
+from kvconf.config.layout import KVCacheLayout
+from kvconf.config.models import ConnectorConfig
 from kvconf_connectors.offloading import OffloadingConnector
 from kvconf_connectors.shared_storage import SharedStorageConnector
 
@@ -117,7 +117,7 @@ def raw_copy(view, n: int, rng: random.Random) -> tuple[float, float, str, str]:
 
 def raw_file(view, n: int, folder: str) -> tuple[float, float]:
     """Write n blocks' bytes as one file (write + fsync) and read them back: kvconf's own raw path."""
-    from kvconf.bench import raw_file_io
+    from kvconf.bench.raw import raw_file_io
 
     r = raw_file_io({"layer": view}, 2 * n * view.shape[1], folder)
     return r["write_seconds"], r["read_seconds"]

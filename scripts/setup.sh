@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up kvconf on a Debian machine with Python 3.11: a virtual environment in .venv with the
-# CPU build of torch (on a machine without an NVIDIA GPU), then kvconf and its test tools.
-# Safe to run again: it skips what is already in place.
+# CPU build of torch (on a machine without an NVIDIA GPU), the transfer engines, then kvconf and
+# its test tools. Says what it installs as it goes; safe to run again: it skips what is in place.
 #   KVCONF_VENV=/path  use (or create) that environment instead of .venv; a GPU host's existing
 #                      environment keeps its own torch.
 set -euo pipefail
@@ -9,19 +9,22 @@ cd "$(dirname "$0")/.."
 VENV="${KVCONF_VENV:-.venv}"
 PY="$VENV/bin/python"
 
+say() { echo "setup: $*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
 
 apt_install() {  # installs the Debian packages that are missing
   local missing=()
   for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || { echo "setup: please install: ${missing[*]}" >&2; return 1; }
-  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq >/dev/null || true
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 if [ ! -x "$PY" ]; then
+  say "creating the virtual environment $VENV"
   if ! python3 -m venv "$VENV" 2>/dev/null; then
     rm -rf "$VENV"
     apt_install python3-venv
@@ -32,10 +35,12 @@ fi
 pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    pip install "torch==2.13.0"                      # a GPU host: PyPI's CUDA build
+  if gpu; then
+    say "installing torch 2.13.0 (PyPI's CUDA build: this host has an NVIDIA GPU; about 2.5 GB)"
+    pip install "torch==2.13.0"
   else
     # The CPU build: a local wheel where the machine has one, else PyTorch's CPU index.
+    say "installing torch 2.13.0 (the CPU build: no NVIDIA GPU here)"
     pip install "torch==2.13.0+cpu" 2>/dev/null \
       || pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   fi
@@ -44,9 +49,11 @@ fi
 # The Mooncake Transfer Engine (the mooncake connector) and the Debian libraries it links.
 if ! "$PY" -c "import mooncake.engine" 2>/dev/null; then
   apt_install libibverbs1 librdmacm1 libnuma1
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  if gpu; then
+    say "installing the Mooncake Transfer Engine (CUDA 12 build)"
     pip install "mooncake-transfer-engine"            # CUDA 12 hosts (CUDA 13: mooncake-transfer-engine-cuda13)
   else
+    say "installing the Mooncake Transfer Engine (CPU build, mooncake-transfer-engine-non-cuda 0.3.13.post1)"
     pip install "mooncake-transfer-engine-non-cuda==0.3.13.post1"
   fi
 fi
@@ -54,9 +61,11 @@ fi
 # NIXL (the nixl connector). Plain `pip install nixl` drags in a CUDA build of torch (about 6 GB):
 # on a CPU host take the two wheels alone, on top of the CPU torch above.
 if ! "$PY" -c "import nixl._api" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  if gpu; then
+    say "installing NIXL 1.5.1"
     pip install "nixl==1.5.1"
   else
+    say "installing NIXL 1.5.1 (its wheels alone, on top of the CPU torch)"
     pip install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
   fi
 fi
@@ -64,6 +73,8 @@ fi
 stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then
-  pip install -e ".[test,sweep]"
+  say "installing kvconf (editable) with its test, plot and sweep tools (pytest, ruff, mypy, matplotlib, joblib launcher)"
+  pip install -e ".[test,plot,sweep]"
   echo "$want" > "$stamp"
 fi
+say "ready: $("$PY" -m kvconf --version)"

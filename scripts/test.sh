@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole test suite (extra arguments go to pytest).
+# Sets everything up, then checks the code (ruff: lint and import order; mypy: types) and runs
+# the whole test suite (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${KVCONF_VENV:-.venv}/bin/python" -m pytest -q "$@"
+BIN="${KVCONF_VENV:-.venv}/bin"
+echo "test: ruff check" >&2
+"$BIN/ruff" check .
+echo "test: mypy" >&2
+"$BIN/mypy"
+echo "test: pytest" >&2
+exec "$BIN/python" -m pytest -q "$@"

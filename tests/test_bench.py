@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO, json_out, run_kvconf
 
+pytestmark = pytest.mark.torch
+
 SMALL = ("bench.repetitions=1", "bench.warmup=0", "bench.ceilings=false")
 
 

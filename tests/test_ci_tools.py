@@ -254,6 +254,7 @@ def conformance(target: str, cwd: Path, *extra: str) -> subprocess.CompletedProc
                                     "kvconf_connectors.shared_storage:SharedStorageConnector",
                                     "kvconf_connectors.mooncake:MooncakeConnector",
                                     "kvconf_connectors.nixl:NixlConnector"])
+@pytest.mark.torch
 def test_built_in_connectors_pass_the_conformance_kit(workdir, tmp_path, target):
     extra = ("--kvconf-override", f"connector.extra.shared_storage_path={tmp_path / 'kv'}") if "shared" in target else ()
     proc = conformance(target, workdir, *extra)
@@ -261,6 +262,7 @@ def test_built_in_connectors_pass_the_conformance_kit(workdir, tmp_path, target)
     assert "5 passed" in proc.stdout
 
 
+@pytest.mark.torch
 def test_conformance_kit_fails_a_broken_connector_with_a_readable_reason(workdir):
     proc = conformance("zoo.connectors:LeaksCaches", workdir)
     assert proc.returncode == 1

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import json_out, kvconf_env, run_kvconf
 
 
+@pytest.mark.torch
 def test_example_worker_run_allocates_exactly_the_plan_and_verifies_bytes(workdir):
     proc = run_kvconf("connector=example", "role=worker", "output=json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
@@ -35,6 +38,7 @@ def test_scheduler_role_allocates_nothing(workdir, tmp_path):
     assert json.loads(probe.read_text())["allocate"] is False
 
 
+@pytest.mark.torch
 def test_text_report_is_for_people(workdir):
     proc = run_kvconf(cwd=workdir)
     assert proc.returncode == 0, proc.stderr
@@ -75,6 +79,7 @@ def test_misspelt_override_key_exits_2_with_did_you_mean(workdir):
     assert "did you mean: num_blocks?" in proc.stderr
 
 
+@pytest.mark.torch
 def test_runtime_failure_exits_1(workdir):
     proc = run_kvconf("connector.module_path=zoo.connectors", "connector.name=FailsAtRuntime", cwd=workdir)
     assert proc.returncode == 1
@@ -99,6 +104,7 @@ def test_info_and_help(workdir):
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.torch
 def test_user_config_dir_adds_connector_and_kv_cache_options(workdir, tmp_path):
     user = tmp_path / "myconf"
     (user / "connector").mkdir(parents=True)
@@ -123,6 +129,7 @@ def test_user_config_dir_typo_is_reported_with_its_path(workdir, tmp_path):
     assert proc.returncode == 2 and "connector.kv_prot" in proc.stderr and "did you mean: kv_port?" in proc.stderr
 
 
+@pytest.mark.torch
 def test_multirun_reports_a_failing_job_and_runs_the_others(workdir):
     proc = run_kvconf("-m", "connector.module_path=zoo.connectors", "connector.name=Good,FailsAtRuntime",
                       "kv_cache=tiny,llama3_8b", "output=json", cwd=workdir)

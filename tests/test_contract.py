@@ -22,6 +22,7 @@ def contract_problem(compose, name: str, module: str = "zoo.connectors", action:
     return p
 
 
+@pytest.mark.torch
 def test_three_argument_connector_passes(compose):
     data = compose("connector.module_path=zoo.connectors", "connector.name=Good", "device=cpu")
     report = run_job(data)
@@ -54,11 +55,13 @@ def test_extra_required_constructor_parameter_is_rejected(compose):
     assert "tokenizer" in p.message
 
 
+@pytest.mark.torch
 def test_a_subclass_that_does_not_pass_kv_cache_config_to_the_base_is_rejected(compose):
     p = contract_problem(compose, "Swallows", action="run")
     assert "did not pass kv_cache_config to super().__init__()" in p.message and "None" in p.message
 
 
+@pytest.mark.torch
 def test_a_subclass_that_skips_the_base_init_is_rejected(compose):
     p = contract_problem(compose, "SkipsBase", action="run")
     assert "never ran" in p.message

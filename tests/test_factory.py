@@ -15,7 +15,8 @@ def test_importing_kvconf_imports_no_connector_and_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, kvconf, kvconf.cli; print(sorted(m for m in sys.modules if m.startswith('kvconf_connectors.') or m == 'torch'))"
+    code = ("import sys, kvconf, kvconf.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('kvconf_connectors.') or m == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

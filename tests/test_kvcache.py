@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from pydantic import ValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from kvconf.config.kvcache import DTYPE_BYTES, KVCacheConfig, KVCacheInvariantError
 from kvconf.config.layout import KVCacheLayout
@@ -92,7 +92,7 @@ def test_derived_placement_keeps_every_block_inside_its_tensor_without_overlap(
     assert cfg.total_bytes == page * num_layers * num_blocks
     # every (layer, block) region lies inside its tensor and no two regions overlap
     regions = []
-    for name, (ti, start, stride, pg) in cfg.placement().items():
+    for ti, start, stride, pg in cfg.placement().values():
         assert pg == page
         for b in range(num_blocks):
             lo = start + b * stride

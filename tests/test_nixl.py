@@ -101,9 +101,9 @@ def test_missing_nixl_exits_2_with_the_install_command(workdir):
 
 
 def test_nixl_and_mooncake_share_one_side_channel_module():
-    from kvconf_connectors.p2p.connector import P2PConnector
     from kvconf_connectors.mooncake import MooncakeConnector
     from kvconf_connectors.nixl import NixlConnector
+    from kvconf_connectors.p2p.connector import P2PConnector
 
     assert issubclass(MooncakeConnector, P2PConnector) and issubclass(NixlConnector, P2PConnector)
     folder = REPO / "kvconf_connectors"

@@ -28,7 +28,8 @@ def test_wheel_ships_conf_and_connectors(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     conf = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
     assert {f"kvconf/conf/{c}" for c in conf} <= names
-    assert {"kvconf/conf/__init__.py", "kvconf_connectors/example.py", "kvconf/cli/app.py", "kvconf_connectors/p2p/connector.py"} <= names
+    assert {"kvconf/conf/__init__.py", "kvconf_connectors/example.py", "kvconf/cli/app.py",
+            "kvconf_connectors/p2p/connector.py"} <= names
 
 
 def test_installed_copy_runs_from_anywhere(wheel, tmp_path):

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-import time
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import json_out, run_kvconf
-from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
 from kvconf.config.layout import KVCacheLayout
 from kvconf.config.models import ConnectorConfig
+from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
 from kvconf_connectors.offloading import LRUIndex, OffloadingConnector
 from kvconf_connectors.shared_storage import SharedStorageConnector
+
+pytestmark = pytest.mark.torch
 
 KEYS = ("bytes", "verified", "seconds", "gbps", "hits")
 

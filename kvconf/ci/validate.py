@@ -192,7 +192,7 @@ def validate_file(path: Path, group: str | None = None) -> list[Finding]:
 def _whole_problems(data: dict[str, Any]) -> list[Problem]:
     data = {k: v for k, v in data.items() if k != "hydra"}
     try:
-        load(Job(data))
+        load(Job(data), environment=False)  # a file is checked, not this machine
     except KVConfError as exc:
         return exc.problems
     return []
@@ -292,7 +292,7 @@ def _resolved(data: dict[str, Any]) -> dict[str, Any]:
         out = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     except Exception:  # an interpolation that does not resolve
         return data
-    return out if isinstance(out, dict) else data
+    return {str(k): v for k, v in out.items()} if isinstance(out, dict) else data
 
 
 def validate_matrix(config_dirs: list[Path]) -> Report:

@@ -211,6 +211,16 @@ def _bare_word(arg: str) -> bool:
     return not arg.startswith(("-", "~", "+")) and "=" not in arg
 
 
+def _completion_request(argv: list[str]) -> str | None:
+    """The value of ``-sc``/``--shell-completion`` (``install=bash``), if given."""
+    for i, a in enumerate(argv):
+        if a in ("-sc", "--shell-completion") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--shell-completion="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def _main(argv: list[str]) -> None:
     state.t0 = time.perf_counter()
     if argv and argv[0] in SUBCOMMANDS:  # kvconf validate ..., kvconf check-connector ...
@@ -218,6 +228,16 @@ def _main(argv: list[str]) -> None:
     if "--version" in argv or "-V" in argv:
         _print(f"kvconf {__version__}")
         return
+    completion = _completion_request(argv)
+    if completion in ("install=bash", "uninstall=bash"):  # for `kvconf` and `python -m kvconf` alike
+        from .completion import INSTALL_SCRIPT, UNINSTALL_SCRIPT
+
+        _print(INSTALL_SCRIPT if completion == "install=bash" else UNINSTALL_SCRIPT)
+        return
+    if completion == "query=bash":
+        from .completion import normalize_query_line
+
+        normalize_query_line()
     if argv and _bare_word(argv[0]):
         word = argv[0]
         _report_error(ConfigError(Problem(

@@ -26,8 +26,8 @@ from kvconf.contract.capabilities import ExplainsFailures, SelfTestContext, Supp
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 from kvconf.units import parse_bytes
 
-from .views import byte_views
 from .pattern import block_pattern
+from .views import byte_views
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,7 +45,7 @@ def self_test(connector: KVConnectorBase, kv_caches: Optional[dict[str, torch.Te
     return drive(connector, kv_caches, ctx)
 
 
-def drive(connector: KVConnectorBase, kv_caches: Optional[dict[str, "torch.Tensor"]],
+def drive(connector: KVConnectorBase, kv_caches: Optional[dict[str, torch.Tensor]],
           ctx: SelfTestContext) -> dict[str, Any]:
     """This engine's self-test of ``connector`` with the job's settings (:func:`run_self_test`)."""
     shared = ctx.bench.shared_prefix if ctx.bench is not None else 0.5

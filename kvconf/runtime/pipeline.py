@@ -70,8 +70,9 @@ class Job:
             self.timings[name] = round(time.perf_counter() - t0, 6)
 
 
-def load(job: Job) -> None:
-    """Validate, resolve, check the extra settings and the contract; every problem in one error."""
+def load(job: Job, *, environment: bool = True) -> None:
+    """Validate, resolve, check the extra settings and the contract, and (``environment``) that
+    this machine has what the action needs; every problem in one error."""
     problems: list[Problem] = []
     with job.stage("validate"):
         try:
@@ -114,7 +115,7 @@ def load(job: Job) -> None:
                 problems.append(Problem("action", f"the {name} connector cannot serve: action=serve is for "
                                         "peer-to-peer connectors (mooncake)", value="serve",
                                         allowed=["check", "run", "export"], fix="use action=run"))
-            if job.cfg.action not in ("check", "export"):  # the actions that construct the connector
+            if environment and job.cfg.action not in ("check", "export"):  # the actions that construct
                 with job.stage("environment"):
                     role = KVConnectorRole.from_name(job.cfg.role)
                     if role is KVConnectorRole.WORKER and importlib.util.find_spec("torch") is None:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["byte_views"]
 
 
-def byte_views(kv_caches: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def byte_views(kv_caches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each layer's KV tensor as ``(num_blocks, page bytes)`` uint8, viewing the same memory."""
     import torch
 

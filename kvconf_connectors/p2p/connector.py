@@ -36,8 +36,8 @@ from kvconf.contract.capabilities import (
     SupportsServe,
 )
 from kvconf.errors import ContractError, Problem
-from kvconf.runtime.views import byte_views
 from kvconf.runtime.engine import drive
+from kvconf.runtime.views import byte_views
 
 from . import protocol as sc
 from .producer import Producer
