@@ -18,7 +18,6 @@ fix) and renders them the same way, the path on its own line::
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +50,8 @@ def did_you_mean(value: object, allowed: Iterable[object]) -> str | None:
     """
     if not isinstance(value, str):
         return None
+    import difflib  # only where a value is wrong
+
     choices = [str(a) for a in allowed]
     matches = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
     if not matches:
