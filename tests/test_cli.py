@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +160,69 @@ def test_console_script_is_installed(workdir):
     assert script, "the kvconf console script is not installed"
     proc = subprocess.run([script, "action=check"], cwd=workdir, env=kvconf_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---- the command line as a Hydra user expects it -------------------------------------------------------
+
+
+def test_version_prints_kvconfs_version(workdir):
+    from kvconf import __version__
+
+    for proc in (run_kvconf("--version", cwd=workdir),
+                 subprocess.run([str(Path(sys.executable).parent / "kvconf"), "--version"], cwd=workdir,
+                                capture_output=True, text=True)):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"kvconf {__version__}"
+
+
+@pytest.mark.parametrize("spelling", [["python", "-m", "kvconf"], ["kvconf"]])
+def test_bash_completion_installs_and_completes_options_and_keys(workdir, spelling):
+    install = run_kvconf("-sc", "install=bash", cwd=workdir)
+    assert install.returncode == 0, install.stderr
+    line = " ".join(spelling) + " connector=moo"
+    script = "\n".join([
+        install.stdout,
+        f"COMP_LINE={shlex.quote(line)}; COMP_POINT=${{#COMP_LINE}}; COMP_WORDS=({line}); "
+        f"COMP_CWORD={len(spelling)}",
+        "_kvconf_complete; echo \"${COMPREPLY[@]}\"",
+    ])
+    env = kvconf_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["connector=mooncake"]
+
+
+def test_help_lists_every_key_each_connectors_extra_settings_and_the_subcommands(workdir):
+    from kvconf.config.models import BenchConfig, ConnectorConfig, SelfTestConfig
+    from kvconf.contract.registry import builtin_extra_models
+
+    proc = run_kvconf("--help", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "BenchConfig" not in text and "SelfTestConfig" not in text  # expanded, not named
+    for prefix, model in (("connector.", ConnectorConfig), ("self_test.", SelfTestConfig), ("bench.", BenchConfig)):
+        for key in model.model_fields:
+            assert f"  {prefix}{key}:" in text, f"{prefix}{key} is not in --help"
+    for name, model in builtin_extra_models().items():
+        section = text.split(f"== connector.extra.* of connector={name} ==", 1)[1].split("==", 1)[0]
+        for key in model.model_fields:
+            assert f"connector.extra.{key}:" in section, f"connector.extra.{key} of {name} is not in --help"
+    for sub in ("validate", "check-connector", "bench-compare"):
+        assert f"  {sub} " in text
+
+
+def test_a_mistyped_subcommand_gets_did_you_mean_and_exit_2(workdir):
+    proc = subprocess.run([str(Path(sys.executable).parent / "kvconf"), "valdate", "x.yaml"], cwd=workdir,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "did you mean: validate?" in proc.stderr and "Traceback" not in proc.stderr
+    assert "'valdate' is neither a subcommand nor an override" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"], ["action=check", "output=json"]])
+def test_a_closed_stdout_ends_quietly(workdir, args):
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "kvconf", *args])
+    proc = subprocess.run(["bash", "-c", f"{cmd} | head -c 1 >/dev/null; echo \"exit ${{PIPESTATUS[0]}}\""],
+                          cwd=workdir, env=kvconf_env(), capture_output=True, text=True, timeout=120)
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.strip() in ("exit 0", "exit 141")  # done, or ended by SIGPIPE as any Unix tool
