@@ -34,10 +34,10 @@ REQUESTS = 4
 
 
 def build(kind: str, block: int, num_blocks: int, kv_role: str):
-    from kvconf.runtime.allocate import allocate, layer_views
-    from kvconf.contract.api import KVConnectorRole
     from kvconf.config.layout import KVCacheLayout
     from kvconf.config.models import ConnectorConfig
+    from kvconf.contract.api import KVConnectorRole
+    from kvconf.runtime.allocate import allocate, layer_views
 
     cfg = KVCacheLayout(num_layers=1, block_size=1, dtype="uint8", num_blocks=num_blocks,
                         groups=[{"type": "full_attention", "num_kv_heads": 1, "head_size": block // 2}]).to_config()
@@ -62,8 +62,8 @@ def producer(kind: str, block: int, num_blocks: int) -> None:
 
     import zmq
 
-    from kvconf_connectors.p2p.producer import Producer
     from kvconf_connectors.mooncake import MAX_BATCH
+    from kvconf_connectors.p2p.producer import Producer
 
     conn, cfg, buffers = build(kind, block, num_blocks, "kv_producer")
     server = Producer(conn)
@@ -106,9 +106,9 @@ def consumer(kind: str, block: int, num_blocks: int, reps: int) -> dict:
     import torch
     import zmq
 
-    from kvconf_connectors.p2p import protocol as sc
     from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
     from kvconf.runtime.pattern import block_pattern
+    from kvconf_connectors.p2p import protocol as sc
     child = subprocess.Popen([sys.executable, __file__, "--producer", kind, str(block), str(num_blocks)],
                              stdout=subprocess.PIPE, text=True)
     info = json.loads(child.stdout.readline())

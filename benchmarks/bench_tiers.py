@@ -26,10 +26,11 @@ import time
 
 import torch
 
-from kvconf.runtime.allocate import allocate, layer_views
-from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
 from kvconf.config.layout import KVCacheLayout
 from kvconf.config.models import ConnectorConfig
+from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
+from kvconf.runtime.allocate import allocate, layer_views
+from kvconf.runtime.views import byte_views
 from kvconf_connectors.offloading import OffloadingConnector
 from kvconf_connectors.shared_storage import SharedStorageConnector
 
@@ -45,7 +46,7 @@ def setup(cls, block: int, n: int, extra: dict):
     buffers = allocate(cfg, "cpu")
     caches = layer_views(cfg, buffers)
     worker.register_kv_caches(caches)
-    view = next(iter(caches.values())).flatten(1).view(torch.uint8)
+    view = next(iter(byte_views(caches).values()))
     return sched, worker, caches, view
 
 

@@ -1,6 +1,6 @@
 """``action=export`` prints JSON that vLLM's KVTransferConfig accepts.
 
-``KVTransferConfig`` below replicates vLLM 0.32's (shared/reference/vllm-connectors.md, section 3):
+``KVTransferConfig`` below replicates vLLM 0.32's (``vllm/config/kv_transfer.py``):
 a pydantic dataclass with ``extra="forbid"``, ``kv_role`` required once a connector is named.
 """
 

@@ -99,16 +99,15 @@ class Engine:
     """A scheduler-side and a worker-side connector over one small KV cache."""
 
     def __init__(self, cls, tmp_path=None, policy="fail", **extra) -> None:
-        import torch
-
         from kvconf.runtime.allocate import allocate, layer_views
+        from kvconf.runtime.views import byte_views
 
         self.sched, cfg = make(cls, KVConnectorRole.SCHEDULER, tmp_path, **extra)
         self.worker, _ = make(cls, KVConnectorRole.WORKER, tmp_path, **extra)
         self.buffers = allocate(cfg, "cpu")
         self.caches = layer_views(cfg, self.buffers)
         self.worker.register_kv_caches(self.caches)
-        self.views = {n: t.flatten(1).view(torch.uint8) for n, t in self.caches.items()}
+        self.views = byte_views(self.caches)
 
     def step(self, rid: str, tokens: list[int], ids: list[int], fill: int | None = None) -> tuple[int, dict]:
         req = Request(rid, tokens)
