@@ -27,7 +27,6 @@ from kvconf.errors import ConfigError, ConnectorRuntimeError, KVConfError, Probl
 from kvconf.runtime.process import hard_exit
 from kvconf.version import __version__
 
-from .help import help_template
 from .state import state
 
 __all__ = ["CONF_DIR", "SUBCOMMANDS", "execute", "main"]
@@ -161,6 +160,8 @@ def _flush() -> None:
 
 
 def _store_help(full: bool) -> None:
+    from .help import help_template  # --help alone reads the models' docstrings
+
     store_help(template=help_template(SUBCOMMANDS) if full else "",
                header=f"kvconf {__version__}: declare, validate and start KV-cache connectors.",
                footer="Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.")
