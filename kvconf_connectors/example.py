@@ -24,7 +24,7 @@ from kvconf.contract.api import (
     block_hashes,
 )
 from kvconf.contract.base import KVConnectorBase
-from kvconf.contract.capabilities import ComparesToBaseline
+from kvconf.contract.capabilities import ComparesToBaseline, SupportsHMA
 from kvconf.runtime.views import byte_views
 from kvconf.units import PositiveByteSize, parse_bytes
 
@@ -39,7 +39,8 @@ class ExampleExtra(StrictModel):
 @dataclass
 class _Transfer:
     request_id: str
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
+    """The request's block ids in each KV-cache group (a layer's bytes are at its group's ids)."""
     keys: list[bytes]
 
 
@@ -83,9 +84,10 @@ class _HostStore:
 _STORES: dict[str, _HostStore] = {}
 
 
-class ExampleConnector(KVConnectorBase, ComparesToBaseline):
+class ExampleConnector(KVConnectorBase, SupportsHMA, ComparesToBaseline):
     """Host-memory KV store with prefix reuse, for trying kvconf anywhere; benchmarked against the
-    fastest plain host copy of the same blocks."""
+    fastest plain host copy of the same blocks. Handles a hybrid model's KV-cache groups (each layer
+    at its own group's block ids, the groups' tensors sharing one allocation)."""
 
     extra_config = ExampleExtra
 
@@ -97,6 +99,7 @@ class ExampleConnector(KVConnectorBase, ComparesToBaseline):
         self._num_layers = sum(len(g.layer_names) for g in kv_cache_config.kv_cache_groups)
         self._pending = ExampleMetadata()
         self._views: dict[str, Any] = {}
+        self._group_of = {n: gi for gi, g in enumerate(kv_cache_config.kv_cache_groups) for n in g.layer_names}
 
     # ---- scheduler side ----------------------------------------------------------------------
     def _matched_blocks(self, request: Request) -> list[bytes]:
@@ -115,13 +118,18 @@ class ExampleConnector(KVConnectorBase, ComparesToBaseline):
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        ids = blocks.get_block_ids()[0]
-        keys = block_hashes(request.prompt_token_ids, self._block_size)[: len(ids)]
+        ids = blocks.get_block_ids()
+        keys = block_hashes(request.prompt_token_ids, self._block_size)[: len(ids[0])]
         n_load = num_external_tokens // self._block_size
         if n_load:
-            self._pending.loads.append(_Transfer(request.request_id, ids[:n_load], keys[:n_load]))
+            self._pending.loads.append(_Transfer(request.request_id, tuple(x[:n_load] for x in ids), keys[:n_load]))
         if self.is_producer and len(keys) > n_load:
-            self._pending.saves.append(_Transfer(request.request_id, ids[n_load:len(keys)], keys[n_load:]))
+            self._pending.saves.append(_Transfer(request.request_id, tuple(x[n_load:len(keys)] for x in ids),
+                                                 keys[n_load:]))
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict[str, Any]]]:
+        return False, None  # saves complete within the step: nothing to hold
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta, self._pending = self._pending, ExampleMetadata()
@@ -136,7 +144,7 @@ class ExampleConnector(KVConnectorBase, ComparesToBaseline):
         assert isinstance(meta, ExampleMetadata)
         for load in meta.loads:
             for name, view in self._views.items():
-                for block_id, key in zip(load.block_ids, load.keys):
+                for block_id, key in zip(load.block_ids[self._group_of[name]], load.keys):
                     view[block_id].copy_(self._store.get(key, name))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -147,7 +155,7 @@ class ExampleConnector(KVConnectorBase, ComparesToBaseline):
         assert isinstance(meta, ExampleMetadata)
         view = self._views[layer_name]
         for save in meta.saves:
-            for block_id, key in zip(save.block_ids, save.keys):
+            for block_id, key in zip(save.block_ids[self._group_of[layer_name]], save.keys):
                 self._store.put(key, layer_name, view[block_id].clone())
 
     def wait_for_save(self) -> None:

@@ -21,7 +21,12 @@ def render_text(r: dict[str, Any]) -> str:
         f"{format_bytes(plan['total_bytes'])} ({groups})",
     ]
     if plan.get("capacity_bytes") is not None:
-        lines.append(f"  capacity   {format_bytes(plan['capacity_bytes'])} free on {r['device']}")
+        short = plan["total_bytes"] > plan["capacity_bytes"]
+        lines.append(f"  capacity   {format_bytes(plan['capacity_bytes'])} free on {r['device']}"
+                     + (" (less than the plan: a run here would fail; device=auto checks the config only)"
+                        if short else ""))
+    if plan.get("max_concurrency") is not None:
+        lines.append(f"  requests   {plan['max_concurrency']}x of max_model_len={plan['max_model_len']} tokens fit at once")
     elif plan.get("allocates") and r["action"] in ("check", "run", "serve"):
         lines.append(f"  capacity   unknown on {r['device']} (no NVML here to read free GPU memory)")
     if r["action"] in ("run", "bench"):

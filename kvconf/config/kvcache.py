@@ -26,6 +26,10 @@ from kvconf.errors import Problem
 from .base import StrictModel
 
 __all__ = [
+    "estimate_max_model_len",
+    "max_concurrency",
+    "max_memory_usage_bytes",
+    "request_bytes",
     "DTYPE_BYTES",
     "DType",
     "FullAttentionSpec",
@@ -189,11 +193,13 @@ KVCacheSpec = Annotated[
 
 
 class KVCacheTensor(StrictModel):
-    """One backing allocation. Layer ``l`` (its index in ``layers``), block ``b`` starts at
-    ``offset + l * layer_stride + b * block_stride`` bytes."""
+    """One backing tensor. Layer ``l`` (its index in ``layers``), block ``b`` starts at
+    ``offset + l * layer_stride + b * block_stride`` bytes. Tensors of different groups may share
+    one allocation (``alias_of``), as a hybrid model's groups do in vLLM: a block id belongs to one
+    group at a time, so each group's layers use the same bytes for the blocks they hold."""
 
     size: PositiveInt
-    """Bytes of the allocation."""
+    """Bytes of the tensor."""
     layers: list[str] = Field(min_length=1)
     """Layers placed in this tensor, in order."""
     layer_stride: int = Field(ge=0)
@@ -202,6 +208,9 @@ class KVCacheTensor(StrictModel):
     """Bytes between consecutive blocks of one layer."""
     offset: int = Field(0, ge=0)
     """Bytes before the first layer's first block."""
+    alias_of: int | None = Field(None, ge=0)
+    """Index of an earlier tensor whose allocation this one shares, from byte 0 (same size); unset:
+    an allocation of its own."""
 
 
 class KVCacheGroupSpec(StrictModel):
@@ -234,15 +243,25 @@ class KVCacheConfig(StrictModel):
         """Spec of each layer, by name, in group order."""
         return {n: g.kv_cache_spec for g in self.kv_cache_groups for n in g.layer_names}
 
+    def allocations(self) -> list[list[int]]:
+        """The tensors of each allocation, by index: a tensor with its aliases."""
+        out: dict[int, list[int]] = {}
+        for ti, t in enumerate(self.kv_cache_tensors):
+            out.setdefault(ti if t.alias_of is None else t.alias_of, []).append(ti)
+        return list(out.values())
+
     @property
     def bytes_per_block(self) -> int:
-        """Bytes of one block summed over every layer."""
-        return sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in self.kv_cache_groups)
+        """Bytes one block id takes: summed over the allocations, each counting its largest
+        tensor's pages (the groups that share an allocation use its bytes in turn)."""
+        specs = self.layer_specs()
+        return sum(max(sum(specs[n].page_size_bytes for n in self.kv_cache_tensors[ti].layers) for ti in alloc)
+                   for alloc in self.allocations())
 
     @property
     def total_bytes(self) -> int:
-        """Bytes of all backing tensors."""
-        return sum(t.size for t in self.kv_cache_tensors)
+        """Bytes of the allocations (memory that tensors share counted once)."""
+        return sum(t.size for t in self.kv_cache_tensors if t.alias_of is None)
 
     def placement(self) -> dict[str, tuple[int, int, int, int]]:
         """``layer -> (tensor index, start offset, block stride, page size)``."""
@@ -296,7 +315,8 @@ def check_kv_cache_config(cfg: KVCacheConfig) -> list[Problem]:
                                     f"(layer_stride >= {(nb - 1) * t.block_stride + page}) nor block-outermost "
                                     f"(block_stride >= {(n - 1) * t.layer_stride + page})", value=t.layer_stride,
                                     fix="use layer_stride = page x num_blocks, block_stride = page"))
-        if t.size != need:
+        shared = t.alias_of is not None or any(u.alias_of == ti for u in cfg.kv_cache_tensors)
+        if t.size < need or (t.size != need and not shared):  # a shared allocation may pad a short group
             problems.append(Problem(
                 f"{path}.size", f"size does not match the placement: the last block of the last layer ends at {need} B",
                 value=t.size, details=(f"offset {t.offset} + {n - 1} x layer_stride {t.layer_stride} + "
@@ -307,6 +327,37 @@ def check_kv_cache_config(cfg: KVCacheConfig) -> list[Problem]:
             problems.append(Problem(f"kv_cache.kv_cache_groups.{gi}.layer_names",
                                     f"layer {name!r} has no kv_cache_tensor", value=name,
                                     fix="add it to the layers of a kv_cache_tensor"))
+    return problems + _alias_problems(cfg, seen)
+
+
+def _alias_problems(cfg: KVCacheConfig, group_of: dict[str, int]) -> list[Problem]:
+    """Aliasing is sound: a tensor shares an earlier tensor's allocation (not an alias itself) of
+    its size, and the tensors of one allocation hold different groups' layers, so that a block id,
+    which one group holds at a time, never means two layers' bytes at once."""
+    problems = []
+    tensors = cfg.kv_cache_tensors
+    for ti, t in enumerate(tensors):
+        if t.alias_of is None:
+            continue
+        path = f"kv_cache.kv_cache_tensors.{ti}.alias_of"
+        target = tensors[t.alias_of] if t.alias_of < ti else None
+        if target is None or target.alias_of is not None:
+            problems.append(Problem(path, "alias_of must name an earlier tensor that has an allocation of its own",
+                                    value=t.alias_of, allowed=[i for i in range(ti) if tensors[i].alias_of is None],
+                                    fix="point alias_of at the first tensor of the allocation"))
+        elif target.size != t.size:
+            problems.append(Problem(f"kv_cache.kv_cache_tensors.{ti}.size", f"an alias of tensor {t.alias_of} has its "
+                                    f"size ({target.size} B)", value=t.size, fix=f"set size to {target.size}"))
+    for alloc in cfg.allocations():
+        owners: dict[int, int] = {}
+        for ti in alloc:
+            for gi in {group_of[n] for n in tensors[ti].layers if n in group_of}:
+                if gi in owners:
+                    problems.append(Problem(
+                        f"kv_cache.kv_cache_tensors.{ti}", f"tensors {owners[gi]} and {ti} share one allocation and "
+                        f"both hold layers of group {gi}: their blocks would overlap", value=ti,
+                        fix="let only tensors of different kv_cache_groups share an allocation"))
+                owners[gi] = ti
     return problems
 
 
@@ -319,3 +370,55 @@ SPEC_TYPES: dict[str, type[AnySpec]] = {
     "mamba": MambaSpec,
 }
 """The spec class of each ``type``."""
+
+
+# --------------------------------------------------------------------------------------------
+# One request of max_model_len (vLLM's check before it starts, and its maximum concurrency)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def max_memory_usage_bytes(spec: AnySpec, max_model_len: int, max_num_batched_tokens: int) -> int:
+    """Bytes one layer of ``spec`` holds for one request of ``max_model_len`` tokens, as vLLM counts
+    them: every block for full attention and MLA; for a sliding window only the window and the
+    tokens in flight (``max_num_batched_tokens``), plus one block; one state for Mamba.
+
+    >>> spec = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype="bfloat16")
+    >>> max_memory_usage_bytes(spec, 2048, 2048) == 128 * 65536
+    True
+    """
+    if isinstance(spec, MambaSpec):
+        return spec.page_size_bytes
+    if isinstance(spec, SlidingWindowSpec):
+        tokens = min(spec.sliding_window - 1 + max_num_batched_tokens, max_model_len)
+        return (_cdiv(tokens, spec.block_size) + 1) * spec.page_size_bytes
+    return _cdiv(max_model_len, spec.block_size) * spec.page_size_bytes
+
+
+def request_bytes(cfg: KVCacheConfig, max_model_len: int, max_num_batched_tokens: int) -> int:
+    """Bytes one request of ``max_model_len`` tokens needs, summed over the layers."""
+    return sum(max_memory_usage_bytes(s, max_model_len, max_num_batched_tokens) for s in cfg.layer_specs().values())
+
+
+def estimate_max_model_len(cfg: KVCacheConfig, available: int, max_model_len: int,
+                           max_num_batched_tokens: int) -> int:
+    """The largest length in ``[1, max_model_len]`` whose request fits in ``available`` bytes (0
+    when none does): vLLM's binary search."""
+    lo, hi = 0, max_model_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if request_bytes(cfg, mid, max_num_batched_tokens) <= available:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def max_concurrency(cfg: KVCacheConfig, max_model_len: int, max_num_batched_tokens: int) -> float:
+    """Requests of ``max_model_len`` tokens that fit at once: the blocks a request takes in each
+    group (from the one pool) against ``num_blocks``, as vLLM logs it."""
+    per_request = sum(_cdiv(max_memory_usage_bytes(g.kv_cache_spec, max_model_len, max_num_batched_tokens),
+                            g.kv_cache_spec.page_size_bytes) for g in cfg.kv_cache_groups)
+    return cfg.num_blocks / per_request

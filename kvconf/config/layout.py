@@ -39,6 +39,11 @@ __all__ = ["DEFAULT_LAYER_NAME", "FullAttentionGroup", "GroupLayout", "KVCacheLa
 
 DEFAULT_LAYER_NAME = "model.layers.{i}.self_attn.attn"
 
+LayerOuter = Literal["LBHNC"]
+BlockOuter = Literal["BLHNC"]
+KVLayout = Literal[LayerOuter, BlockOuter]
+"""Layer-outermost (vLLM's default) or block-outermost placement of the KV-cache bytes."""
+
 _SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?$")
 
 LayerSelector = Union[Literal["all", "rest"], str, list[Union[int, str]]]
@@ -106,7 +111,21 @@ class KVCacheLayout(StrictModel):
     """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
     largest count that fits. Give this or ``num_blocks``, not both."""
     groups: list[GroupLayout] = Field(min_length=1)
-    """The groups: a spec each (``type`` and its fields) and the layers it covers."""
+    """The layers of each attention type: a spec each (``type`` and its fields) and the layers it
+    covers. The plan's KV-cache groups are made from them as vLLM makes them (see ``layout``)."""
+    max_model_len: PositiveInt | None = None
+    """The longest request, in tokens, that must fit: vLLM refuses to start when one request of
+    this length does not fit in the budget (less one block), and says the largest length that
+    would; kvconf does the same before anything is allocated. Unset: no check."""
+    max_num_batched_tokens: PositiveInt = 2048
+    """Tokens one engine step schedules (vLLM's scheduler default): with the window, how much a
+    sliding-window layer holds for one request."""
+    layout: KVLayout = "LBHNC"
+    """Where a block's bytes lie: ``LBHNC`` (layer-outermost, vLLM's default: each layer's blocks
+    contiguous) or ``BLHNC`` (block-outermost: each block's layers contiguous). Layers of equal
+    specs form one KV-cache group; a hybrid model (several specs of one page size) is split into
+    groups of equal size whose tensors share one allocation, as vLLM does. Specs of different page
+    sizes need ``BLHNC``."""
 
     @field_validator("layer_name")
     @classmethod
@@ -122,13 +141,21 @@ class KVCacheLayout(StrictModel):
         self._config = self._derive()  # raises KVCacheInvariantError with every problem
         return self
 
-    def to_config(self) -> KVCacheConfig:
-        """The full :class:`KVCacheConfig`: one layer-outermost tensor per group (derived once,
-        when the layout is validated)."""
-        assert self._config is not None
-        return self._config
+    _unified: Optional[KVCacheConfig] = PrivateAttr(default=None)
 
-    def _derive(self) -> KVCacheConfig:
+    def to_config(self, hybrid: bool = True) -> KVCacheConfig:
+        """The full :class:`KVCacheConfig` as vLLM plans it (derived once, when the layout is
+        validated). ``hybrid=False`` is vLLM's plan with its hybrid KV-cache manager disabled, as
+        for a connector that does not support it: sliding-window layers are planned as full
+        attention, in one group, where the page sizes allow."""
+        assert self._config is not None
+        if hybrid or len(self._config.kv_cache_groups) == 1:
+            return self._config
+        if self._unified is None:
+            self._unified = self._derive(hybrid=False)
+        return self._unified
+
+    def _derive(self, hybrid: bool = True) -> KVCacheConfig:
         problems: list[Problem] = []
         names = [self.layer_name.format(i=i) for i in range(self.num_layers or 0)]
         groups: list[tuple[Any, list[str]]] = []
@@ -177,17 +204,57 @@ class KVCacheLayout(StrictModel):
             else:
                 fields["dtype"] = fields["dtype"] or self.dtype
             specs.append((SPEC_TYPES[g.type](**fields), chosen))
-        bytes_per_block = sum(s.page_size_bytes * len(c) for s, c in specs)
-        num_blocks = self._num_blocks(bytes_per_block, specs)
-        return KVCacheConfig(
-            num_blocks=num_blocks,
-            kv_cache_tensors=[
-                KVCacheTensor(size=s.page_size_bytes * num_blocks * len(c), layers=c,
-                              layer_stride=s.page_size_bytes * num_blocks, block_stride=s.page_size_bytes)
-                for s, c in specs
-            ],
-            kv_cache_groups=[KVCacheGroupSpec(layer_names=c, kv_cache_spec=s) for s, c in specs],
-        )
+        if not hybrid:
+            specs = _unify(specs)
+        groups_made = self._kv_cache_groups(specs, names)
+        pages = {s.page_size_bytes for s, _ in groups_made}
+        if len(pages) > 1 and self.layout != "BLHNC":
+            raise KVCacheInvariantError([Problem(
+                "kv_cache.layout", f"the layer-outermost layout cannot express this model's mixed page sizes "
+                f"({', '.join(f'{p} B' for p in sorted(pages))}): vLLM's groups share one block size in bytes",
+                value=self.layout, allowed=["BLHNC"], fix="set kv_cache.layout=BLHNC (block-outermost)")])
+        shared = len(pages) == 1
+        group_size = max(len(c) for _, c in groups_made)
+        if shared:  # one allocation: a block id holds the largest group's pages, each group in turn
+            bytes_per_block = group_size * pages.pop()
+        else:
+            bytes_per_block = sum(s.page_size_bytes * len(c) for s, c in groups_made)
+        num_blocks = self._num_blocks(bytes_per_block, groups_made)
+        tensors = []
+        for k, (s, c) in enumerate(groups_made):
+            page, width = s.page_size_bytes, (group_size if shared else len(c))
+            outer = self.layout == "LBHNC"
+            tensors.append(KVCacheTensor(
+                size=width * page * num_blocks, layers=c,
+                layer_stride=page * num_blocks if outer else page, block_stride=page if outer else width * page,
+                alias_of=0 if shared and k else None))
+        return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors,
+                             kv_cache_groups=[KVCacheGroupSpec(layer_names=c, kv_cache_spec=s) for s, c in groups_made])
+
+    @staticmethod
+    def _kv_cache_groups(specs: list[tuple[Any, list[str]]], names: list[str]) -> list[tuple[Any, list[str]]]:
+        """vLLM's KV-cache groups: layers of equal specs form a bucket, in layer order; one bucket
+        is one group; several buckets of one page size are split into groups of ``group_size``
+        layers (the smallest bucket's count, or the largest's when that is under 1.5 x the
+        smallest), group ``i`` of a bucket taking ``layers[i::num_groups]``. Buckets of different
+        page sizes stay one group each."""
+        index = {n: i for i, n in enumerate(names)}
+        spec_of = {n: s for s, chosen in specs for n in chosen}
+        ordered = sorted(spec_of, key=lambda n: (index.get(n, len(index)), n))
+        buckets: dict[str, tuple[Any, list[str]]] = {}
+        for n in ordered:
+            s = spec_of[n]
+            buckets.setdefault(s.model_dump_json(), (s, []))[1].append(n)
+        found = list(buckets.values())
+        if len(found) == 1 or len({s.page_size_bytes for s, _ in found}) > 1:
+            return found
+        smallest, largest = min(len(c) for _, c in found), max(len(c) for _, c in found)
+        group_size = largest if largest < smallest * 1.5 else smallest
+        out: list[tuple[Any, list[str]]] = []
+        for s, layers in found:
+            num_groups = -(-len(layers) // group_size)
+            out.extend((s, layers[i::num_groups]) for i in range(num_groups))
+        return out
 
     def _num_blocks(self, bytes_per_block: int, specs: list) -> int:
         if (self.num_blocks is None) == (self.memory is None):
@@ -232,6 +299,20 @@ class KVCacheLayout(StrictModel):
             else:
                 chosen.append(str(item))
         return chosen, problems
+
+
+def _unify(specs: list[tuple[Any, list[str]]]) -> list[tuple[Any, list[str]]]:
+    """vLLM's ``unify_hybrid_kv_cache_specs``: with full-attention layers present, sliding-window
+    layers of the same page size are planned as full attention (one group, no memory saved)."""
+    full = [s for s, _ in specs if isinstance(s, FullAttentionSpec) and not isinstance(s, SlidingWindowSpec)]
+    if not full or any(not isinstance(s, (FullAttentionSpec, SlidingWindowSpec)) for s, _ in specs):
+        return specs
+    out: list[tuple[Any, list[str]]] = []
+    for s, chosen in specs:
+        if isinstance(s, SlidingWindowSpec) and s.page_size_bytes == full[0].page_size_bytes:
+            s = FullAttentionSpec(**s.model_dump(exclude={"type", "sliding_window"}))
+        out.append((s, chosen))
+    return out
 
 
 def _short(items: list[str], n: int = 4) -> str:

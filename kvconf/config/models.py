@@ -218,8 +218,13 @@ class KVConfConfig(StrictModel):
     @property
     def kv_cache_config(self) -> KVCacheConfig:
         """The full KVCacheConfig, derived from the compact form when that is what was written."""
+        return self.kv_cache_config_for(hybrid=True)
+
+    def kv_cache_config_for(self, hybrid: bool) -> KVCacheConfig:
+        """The KVCacheConfig vLLM makes for a connector that supports hybrid KV-cache groups
+        (``hybrid``), or for one that does not (vLLM then disables its hybrid KV-cache manager)."""
         kv = self.kv_cache
-        return kv.to_config() if isinstance(kv, KVCacheLayout) else kv
+        return kv.to_config(hybrid) if isinstance(kv, KVCacheLayout) else kv
 
 
 def validate(data: dict[str, Any]) -> KVConfConfig:

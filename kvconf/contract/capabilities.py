@@ -12,6 +12,7 @@ SupportsSelfTest       its own ``action=run`` (else kvconf's engine drives it th
 SupportsServe          ``action=serve``: a long-lived producer for consumers started separately
 SupportsRawPath        its own raw path for ``action=bench`` (the bare engine under it)
 ComparesToBaseline     a raw path that kvconf measures for it (a plain host copy, or raw file I/O)
+SupportsHMA            vLLM's: several KV-cache groups (a hybrid model), each with its own block ids
 =====================  ==========================================================================
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "ExplainsFailures",
     "ExportsToVLLM",
     "SelfTestContext",
+    "SupportsHMA",
     "SupportsRawPath",
     "SupportsSelfTest",
     "SupportsServe",
@@ -61,6 +63,19 @@ class SelfTestContext:
     salt: int = 0
     """Varies the prompts (``action=bench`` repetitions: a persistent tier would otherwise hold
     every block from the first repetition on, and nothing would be saved again)."""
+
+
+class SupportsHMA(ABC):
+    """vLLM's marker of a connector that handles a hybrid model's KV-cache groups: a request holds
+    one list of block ids per group, and the groups' tensors may share one allocation, so a
+    connector must move each layer's pages at its own group's block ids. For a connector without
+    it, vLLM (and kvconf) disable the hybrid plan: sliding-window layers are planned as full
+    attention, in one group."""
+
+    @abstractmethod
+    def request_finished_all_groups(self, request: Any,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict[str, Any]]]:
+        """``request_finished`` with every group's block ids."""
 
 
 class ChecksEnvironment(ABC):

@@ -16,21 +16,25 @@ __all__ = ["allocate", "layer_views"]
 
 
 def allocate(cfg: KVCacheConfig, device: str) -> list[torch.Tensor]:
-    """One zeroed uint8 tensor per ``KVCacheTensor``, exactly ``size`` bytes each."""
+    """One zeroed uint8 tensor per allocation (a ``KVCacheTensor`` with the tensors that alias
+    it), exactly ``size`` bytes each: together ``cfg.total_bytes``."""
     import torch
 
-    return [torch.zeros(t.size, dtype=torch.uint8, device=device) for t in cfg.kv_cache_tensors]
+    return [torch.zeros(cfg.kv_cache_tensors[alloc[0]].size, dtype=torch.uint8, device=device)
+            for alloc in cfg.allocations()]
 
 
 def layer_views(cfg: KVCacheConfig, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``layer -> tensor of shape (num_blocks, *block_shape)`` in the spec's dtype, viewing the
-    layer's blocks inside its backing buffer (raw bytes where the dtype cannot be viewed)."""
+    layer's blocks inside its allocation (``buffers`` as :func:`allocate` returns them; raw bytes
+    where the dtype cannot be viewed)."""
     import torch
 
     specs = cfg.layer_specs()
+    buffer_of = {ti: buffers[ai] for ai, alloc in enumerate(cfg.allocations()) for ti in alloc}
     views = {}
     for name, (ti, start, block_stride, page) in cfg.placement().items():
-        raw = buffers[ti].as_strided((cfg.num_blocks, page), (block_stride, 1), start)
+        raw = buffer_of[ti].as_strided((cfg.num_blocks, page), (block_stride, 1), start)
         spec = specs[name]
         dtype = getattr(torch, getattr(spec, "dtype", "uint8"), torch.uint8)
         try:

@@ -22,7 +22,7 @@ from kvconf.contract.api import (
     block_hashes,
 )
 from kvconf.contract.base import KVConnectorBase
-from kvconf.contract.capabilities import ExplainsFailures, SelfTestContext, SupportsSelfTest
+from kvconf.contract.capabilities import ExplainsFailures, SelfTestContext, SupportsHMA, SupportsSelfTest
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 from kvconf.units import parse_bytes
 
@@ -79,17 +79,19 @@ def plan_workload(connector: KVConnectorBase, settings: Any, shared_prefix: floa
     cfg = connector.kv_cache_config
     requests = int(getattr(settings, "requests", 4))
     bs = cfg.kv_cache_groups[0].kv_cache_spec.block_size
+    groups = len(cfg.kv_cache_groups)  # each group holds its own block ids, from one pool (vLLM's)
     if blocks_per_request is not None:
-        if 2 * requests * blocks_per_request > cfg.num_blocks:
+        if 2 * requests * blocks_per_request * groups > cfg.num_blocks:
             raise ConfigError(Problem(
                 "bench.prompt_blocks", f"{requests} requests of {blocks_per_request} blocks need "
-                f"{2 * requests * blocks_per_request} blocks (saved and loaded side by side); the cache has "
-                f"{cfg.num_blocks}", value=blocks_per_request,
+                f"{2 * requests * blocks_per_request * groups} blocks (saved and loaded side by side, in "
+                f"{groups} KV-cache group(s)); the cache has {cfg.num_blocks}", value=blocks_per_request,
                 fix="lower bench.prompt_blocks or bench.requests, or raise kv_cache.num_blocks / kv_cache.memory"))
         return Workload(requests, blocks_per_request, bs, int(blocks_per_request * shared_prefix), salt)
     max_bytes = parse_bytes(getattr(settings, "max_bytes", "64MiB"))
-    by_bytes = max(1, max_bytes // max(cfg.bytes_per_block, 1))
-    by_cache = max(1, cfg.num_blocks // 2)
+    request_block = sum(s.page_size_bytes for s in cfg.layer_specs().values())  # a token block, every layer
+    by_bytes = max(1, max_bytes // max(request_block, 1))
+    by_cache = max(1, cfg.num_blocks // (2 * groups))
     total = min(by_bytes, by_cache)
     requests = max(1, min(requests, total))
     per = max(1, total // requests)
@@ -151,36 +153,39 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
         layers = list(views)
         page_bytes = sum(v.shape[1] for v in views.values())
         n_groups = len(cfg.kv_cache_groups)
+        group_of = {n: gi for gi, g in enumerate(cfg.kv_cache_groups) for n in g.layer_names}
         per = wl.blocks_per_request
-        half = wl.requests * per
-        save_ids = [list(range(r * per, (r + 1) * per)) for r in range(wl.requests)]
+        half = wl.requests * per * n_groups  # each group's blocks come from the one pool, as in vLLM
+        save_ids = [tuple([g * wl.requests * per + r * per + j for j in range(per)] for g in range(n_groups))
+                    for r in range(wl.requests)]
         load_base = half if cfg.num_blocks - half >= half else 0
-        load_ids = [[load_base + b for b in ids] for ids in save_ids]
+        load_ids = [tuple([load_base + b for b in ids] for ids in group_ids) for group_ids in save_ids]
         prompts = [wl.prompt(r) for r in range(wl.requests)]
         seeds = [[key_seed(k) for k in block_hashes(p, wl.block_size)[:per]] for p in prompts]
 
-        def fill(r: int, ids: list[int], js: range) -> None:
+        def fill(r: int, ids: tuple[list[int], ...], js: range) -> None:
             for li, name in enumerate(layers):
+                own = ids[group_of[name]]
                 for j in js:
-                    views[name][ids[j]].copy_(block_pattern(seeds[r][j], li, 0, views[name].shape[1]))
+                    views[name][own[j]].copy_(block_pattern(seeds[r][j], li, 0, views[name].shape[1]))
 
-        def check(r: int, ids: list[int], js: range, tally: _Tally) -> None:
+        def check(r: int, ids: tuple[list[int], ...], js: range, tally: _Tally) -> None:
             for li, name in enumerate(layers):
+                own = ids[group_of[name]]
                 for j in js:
-                    if not torch.equal(views[name][ids[j]], block_pattern(seeds[r][j], li, 0, views[name].shape[1])):
+                    if not torch.equal(views[name][own[j]], block_pattern(seeds[r][j], li, 0, views[name].shape[1])):
                         tally.mismatched += 1
                         tally.first_bad = tally.first_bad or f"request {r}, layer {name}, block {j}"
 
-        def step(scheduler: KVConnectorBase, conn: KVConnectorBase, batch: list[tuple[int, list[int]]], tag: str,
-                 tally: _Tally, compute: bool) -> int:
+        def step(scheduler: KVConnectorBase, conn: KVConnectorBase, batch: list[tuple[int, tuple[list[int], ...]]],
+                 tag: str, tally: _Tally, compute: bool) -> int:
             """One engine step for the requests of ``batch`` ((index, block ids) each); blocks loaded."""
             reqs, loaded = [], []
             for r, ids in batch:
                 req = Request(f"{tag}-{r}", prompts[r])
                 matched, _async = scheduler.get_num_new_matched_tokens(req, 0)
                 n = (matched or 0) // wl.block_size
-                scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(ids) for _ in range(n_groups))),
-                                                   n * wl.block_size)
+                scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(x) for x in ids)), n * wl.block_size)
                 reqs.append(req)
                 loaded.append(n)
             meta = scheduler.build_connector_meta(SchedulerOutput([q.request_id for q in reqs]))
@@ -198,9 +203,10 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
             reasons = conn.get_load_error_reasons() if isinstance(conn, ExplainsFailures) else {}
             bad_blocks = conn.get_block_ids_with_load_errors() | set(reasons)
             for k, ((r, ids), req) in enumerate(zip(batch, reqs)):
-                bad = [j for j in range(loaded[k]) if ids[j] in bad_blocks]
+                bad = [j for j in range(loaded[k]) if any(x[j] in bad_blocks for x in ids)]
                 if bad:
-                    why = reasons.get(ids[bad[0]], "the connector reported a load error")
+                    why = next((reasons[x[bad[0]]] for x in ids if x[bad[0]] in reasons),
+                               "the connector reported a load error")
                     if policy == "fail":
                         raise ConnectorRuntimeError(Problem(
                             "self_test", f"request {req.request_id}: {len(bad)} block(s) failed to load "
@@ -240,7 +246,10 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
             scheduler.update_connector_output(sending or set(), recving or set())
             conn.clear_connector_metadata()
             for (_, ids), req in zip(batch, reqs):
-                scheduler.request_finished(req, ids)
+                if isinstance(scheduler, SupportsHMA):
+                    scheduler.request_finished_all_groups(req, ids)
+                else:
+                    scheduler.request_finished(req, ids[0])
             return sum(loaded)
 
         preexisting = sum((sched_save.get_num_new_matched_tokens(Request(f"probe-{r}", prompts[r]), 0)[0] or 0)
@@ -319,9 +328,9 @@ def _scheduler_only(scheduler: KVConnectorBase, settings: Any) -> dict[str, Any]
             raise ConnectorRuntimeError(Problem("self_test", f"get_num_new_matched_tokens returned {matched!r}",
                                                 fix="return (a non-negative int or None, bool)"))
         matched_total += matched or 0
-        ids = list(range(r * wl.blocks_per_request, (r + 1) * wl.blocks_per_request))
-        scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(ids) for _ in range(n_groups))),
-                                           matched or 0)
+        per = wl.blocks_per_request
+        scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(
+            [(g * wl.requests + r) * per + j for j in range(per)] for g in range(n_groups))), matched or 0)
     meta = scheduler.build_connector_meta(SchedulerOutput([f"sched-{r}" for r in range(wl.requests)]))
     ok = isinstance(meta, KVConnectorMetadata)
     seconds = time.perf_counter() - t0

@@ -18,12 +18,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional
 
+from kvconf.config.layout import KVCacheLayout
 from kvconf.config.models import KVConfConfig, validate, validate_extra
 from kvconf.contract import registry
 from kvconf.contract import signature as contract
 from kvconf.contract.api import KVConnectorRole
-from kvconf.contract.capabilities import ChecksEnvironment, SelfTestContext, SupportsServe
+from kvconf.contract.capabilities import ChecksEnvironment, SelfTestContext, SupportsHMA, SupportsServe
 from kvconf.errors import ConfigError, ConnectorRuntimeError, ContractError, KVConfError, Problem
+from kvconf.units import parse_bytes
 
 from .plan import make_plan, resolve_device
 
@@ -139,12 +141,27 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
     load(job)
     cfg, cls, resolved = job.cfg, job.cls, job.resolved
     assert cfg is not None and cls is not None and resolved is not None
-    kv_cache_config = cfg.kv_cache_config
+    hybrid = issubclass(cls, SupportsHMA)
+    kv_cache_config = cfg.kv_cache_config_for(hybrid)  # vLLM disables its hybrid plan for other connectors
+    if not hybrid and len(kv_cache_config.kv_cache_groups) > 1 and cfg.action not in ("check", "export"):
+        raise ConfigError(Problem(
+            "kv_cache", f"the {cfg.connector.name} connector moves one block table (it is not SupportsHMA), and "
+            f"this layout has {len(kv_cache_config.kv_cache_groups)} KV-cache groups that vLLM cannot merge "
+            "(specs other than full and sliding-window attention, or different page sizes)",
+            value=[g.kv_cache_spec.type for g in kv_cache_config.kv_cache_groups],
+            fix="use a connector that supports hybrid groups (connector=example), or a layout of one spec"))
     role = KVConnectorRole.from_name(cfg.role)
     worker = role is KVConnectorRole.WORKER
     with job.stage("plan"):
         device = resolve_device(cfg.device)
-        plan = make_plan(kv_cache_config, device, allocates=worker, check_capacity=cfg.action != "export")
+        layout = cfg.kv_cache if isinstance(cfg.kv_cache, KVCacheLayout) else None
+        # action=check with device=auto checks a config, perhaps for another machine: free memory
+        # here is reported, not enforced (an explicit device, or an allocating action, enforces it)
+        plan = make_plan(kv_cache_config, device, allocates=worker, check_capacity=cfg.action != "export",
+                         enforce_capacity=not (cfg.action == "check" and cfg.device == "auto"),
+                         max_model_len=layout.max_model_len if layout else None,
+                         max_num_batched_tokens=layout.max_num_batched_tokens if layout else 2048,
+                         budget=parse_bytes(layout.memory) if layout and layout.memory is not None else None)
     report = job.report
     report.update({
         "action": cfg.action,

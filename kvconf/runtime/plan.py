@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvconf.config.kvcache import KVCacheConfig
+from kvconf.config.kvcache import KVCacheConfig, estimate_max_model_len, max_concurrency, request_bytes
 from kvconf.errors import ConfigError, Problem
 from kvconf.units import format_bytes
 
@@ -32,6 +32,10 @@ class Plan:
     """Free memory on the device when the plan was made (None where it cannot be read)."""
     groups: list[dict[str, Any]] = field(default_factory=list)
     tensors: list[dict[str, Any]] = field(default_factory=list)
+    max_model_len: int | None = None
+    """The request length checked to fit (``kv_cache.max_model_len``), if one was given."""
+    max_concurrency: float | None = None
+    """Requests of ``max_model_len`` tokens that fit at once, as vLLM logs it."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +102,39 @@ def available_bytes(device: str) -> int | None:
     return _nvml_free(int(device.partition(":")[2] or 0))[1]
 
 
-def make_plan(cfg: KVCacheConfig, device: str, *, allocates: bool, check_capacity: bool = True) -> Plan:
-    """The plan for ``cfg`` on ``device``; a :class:`ConfigError` when a worker's plan does not fit
-    in what the device has free (unless ``check_capacity`` is off, as for an export)."""
+def check_max_model_len(cfg: KVCacheConfig, budget: int, max_model_len: int, max_num_batched_tokens: int) -> None:
+    """vLLM's check before it starts: one request of ``max_model_len`` tokens must fit in the
+    budget less one block (the null block the pool holds back); a :class:`ConfigError` naming both
+    keys, the bytes, and the largest length that fits, otherwise."""
+    needed = request_bytes(cfg, max_model_len, max_num_batched_tokens)
+    available = budget - cfg.bytes_per_block
+    if needed <= available:
+        return
+    fits = estimate_max_model_len(cfg, available, max_model_len, max_num_batched_tokens)
+    raise ConfigError(Problem(
+        "kv_cache.max_model_len", f"one request of max_model_len={max_model_len} tokens needs "
+        f"{format_bytes(needed)} ({needed} B) of KV cache, but kv_cache.memory leaves "
+        f"{format_bytes(max(available, 0))} ({available} B) after the null block; the estimated maximum model "
+        f"length is {fits}", value=max_model_len,
+        details=(f"budget {budget} B - one block {cfg.bytes_per_block} B = {available} B available",),
+        fix=f"raise kv_cache.memory to at least {format_bytes(needed + cfg.bytes_per_block)}, or set "
+            f"kv_cache.max_model_len={fits}" if fits else "raise kv_cache.memory"))
+
+
+def make_plan(cfg: KVCacheConfig, device: str, *, allocates: bool, check_capacity: bool = True,
+              enforce_capacity: bool = True,
+              max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
+              budget: int | None = None) -> Plan:
+    """The plan for ``cfg`` on ``device``; a :class:`ConfigError` when one request of
+    ``max_model_len`` does not fit in ``budget`` (the layout's memory; unset: what its blocks
+    take), or when a worker's plan does not fit in what the device has free (unless
+    ``check_capacity`` is off, as for an export, or ``enforce_capacity`` is, when the free memory
+    is only reported)."""
+    concurrency = None
+    if max_model_len is not None:
+        check_max_model_len(cfg, budget if budget is not None else cfg.num_blocks * cfg.bytes_per_block,
+                            max_model_len, max_num_batched_tokens)
+        concurrency = round(max_concurrency(cfg, max_model_len, max_num_batched_tokens), 2)
     groups = []
     for g in cfg.kv_cache_groups:
         spec = g.kv_cache_spec
@@ -113,12 +147,13 @@ def make_plan(cfg: KVCacheConfig, device: str, *, allocates: bool, check_capacit
             "spec": spec.model_dump(),
         })
     tensors = [{"size": t.size, "num_layers": len(t.layers), "layer_stride": t.layer_stride,
-                "block_stride": t.block_stride, "offset": t.offset} for t in cfg.kv_cache_tensors]
+                "block_stride": t.block_stride, "offset": t.offset, "alias_of": t.alias_of}
+               for t in cfg.kv_cache_tensors]
     capacity = available_bytes(device) if allocates and check_capacity else None
     plan = Plan(device=device, num_blocks=cfg.num_blocks, bytes_per_block=cfg.bytes_per_block,
                 total_bytes=cfg.total_bytes, allocates=allocates, capacity_bytes=capacity,
-                groups=groups, tensors=tensors)
-    if allocates and capacity is not None and plan.total_bytes > capacity:
+                groups=groups, tensors=tensors, max_model_len=max_model_len, max_concurrency=concurrency)
+    if allocates and capacity is not None and plan.total_bytes > capacity and enforce_capacity:
         per_block = plan.bytes_per_block
         fits = capacity // per_block if per_block else 0
         raise ConfigError(Problem(
