@@ -17,7 +17,7 @@ from kvconf.conf import compose_data
 from kvconf.config.models import validate
 from kvconf.contract import signature as contract
 from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
-from kvconf.contract.capabilities import SelfTestContext
+from kvconf.contract.capabilities import SelfTestContext, SupportsHMA
 from kvconf.contract.registry import builtin_name_of
 from kvconf.runtime.allocate import allocate, layer_views
 from kvconf.runtime.engine import self_test
@@ -54,7 +54,7 @@ class Built:
             pytest.fail(f"{target}: {verdict.verdict}: {verdict.message}; fix: {verdict.fix}", pytrace=False)
         self.data = _compose(self.cls, overrides)
         self.cfg = validate(self.data)
-        self.kv = self.cfg.kv_cache_config
+        self.kv = self.cfg.kv_cache_config_for(hybrid=issubclass(self.cls, SupportsHMA))  # as the pipeline plans
 
     def make(self, role: KVConnectorRole) -> Any:
         conn = self.cls(self.cfg.connector, role, self.kv)

@@ -86,6 +86,23 @@ class _Pending:
     sent: bool = False
 
 
+def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(addresses, lengths) of the distinct memory regions that ``[start, end)`` spans cover:
+    layers that share an allocation (a hybrid model's groups, a block-outermost layout) are
+    registered once, as the engines refuse overlapping registrations.
+
+    >>> merged_regions([(0, 100), (50, 150), (200, 300), (200, 300)])
+    ([0, 200], [150, 100])
+    """
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [s for s, _ in out], [e - s for s, e in out]
+
+
 class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest, SupportsServe,
                    SupportsRawPath):
     """A producer (prefill) pushes, or lets a consumer (decode) read, a request's blocks on the
@@ -199,13 +216,12 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
         """Registers every layer's memory with the engine, once."""
 
         self._views = byte_views(kv_caches)
-        spans: dict[int, int] = {}
+        spans = []
         for name, v in self._views.items():
             base, stride, page = v.data_ptr(), v.stride(0), v.shape[1]
             self._regions[name] = (base, stride, page)
-            end = base + (v.shape[0] - 1) * stride + page
-            spans[base] = max(spans.get(base, 0), end - base)
-        ptrs, lens = list(spans), [spans[p] for p in spans]
+            spans.append((base, base + (v.shape[0] - 1) * stride + page))
+        ptrs, lens = merged_regions(spans)
         self._engine_register(ptrs, lens)
 
     def layer_regions(self) -> list[Any]:
