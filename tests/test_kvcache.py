@@ -214,3 +214,27 @@ def test_budget_gives_floor_of_budget_over_block_or_names_the_numbers(budget, he
         cfg = KVCacheLayout(num_layers=layers, memory=budget, groups=groups).to_config()
         assert cfg.num_blocks == budget // per_block and cfg.total_bytes <= budget
         assert math.floor(budget / per_block) == cfg.num_blocks
+
+
+def test_tensor_parallel_workers_hold_their_share_of_the_kv_heads():
+    groups = [{"type": "full_attention", "num_kv_heads": 8, "head_size": 128}]
+    for tp, heads in ((1, 8), (2, 4), (8, 1), (16, 1)):  # fewer heads than workers: one each, replicated
+        cfg = KVCacheLayout(num_layers=32, memory="40GiB", groups=groups, tensor_parallel_size=tp).to_config()
+        assert cfg.kv_cache_groups[0].kv_cache_spec.num_kv_heads == heads
+        assert cfg.num_blocks == (40 << 30) // (32 * attention_page(16, heads, 128, 128, "bfloat16"))
+    mla = KVCacheLayout(num_layers=4, num_blocks=2, groups=[{"type": "mla", "head_size": 576}], tensor_parallel_size=8)
+    assert mla.to_config().kv_cache_groups[0].kv_cache_spec.num_kv_heads == 1  # the latent is replicated
+
+
+def test_pipeline_parallel_stages_split_layers_as_vllm_and_share_the_smallest_block_count(compose):
+    report = run_job(compose("kv_cache=deepseek_v3_mla", "kv_cache.pipeline_parallel_size=4", "action=check",
+                             "role=scheduler"))
+    workers = report["plan"]["workers"]
+    # 61 layers over 4 stages: 15 each, the one left over to the stage before the last
+    assert [w["layers"] for w in workers] == [15, 15, 16, 15]
+    page = 64 * 576 * 2
+    budget = 256 << 20
+    assert [w["num_blocks"] for w in workers] == [budget // (n * page) for n in (15, 15, 16, 15)]
+    assert report["plan"]["num_blocks"] == budget // (16 * page)  # every worker takes the smallest
+    assert report["plan"]["bytes_per_block"] == 15 * page  # the plan is the first worker's
+    assert workers[2]["first_layer"] == "model.layers.30.self_attn.attn"

@@ -120,6 +120,13 @@ class KVCacheLayout(StrictModel):
     max_num_batched_tokens: PositiveInt = 2048
     """Tokens one engine step schedules (vLLM's scheduler default): with the window, how much a
     sliding-window layer holds for one request."""
+    tensor_parallel_size: PositiveInt = 1
+    """Workers a layer's KV heads are split across: each holds ``max(1, num_kv_heads // tp)``
+    heads (fewer heads than workers: each holds one, replicated), as vLLM plans one worker."""
+    pipeline_parallel_size: PositiveInt = 1
+    """Workers the layers are split across, as vLLM splits them (an even share each, the
+    remainder to the stages before the last). The plan is the first worker's; every worker takes
+    the smallest ``num_blocks`` among them (``plan.workers`` lists each one)."""
     layout: KVLayout = "LBHNC"
     """Where a block's bytes lie: ``LBHNC`` (layer-outermost, vLLM's default: each layer's blocks
     contiguous) or ``BLHNC`` (block-outermost: each block's layers contiguous). Layers of equal
@@ -142,6 +149,7 @@ class KVCacheLayout(StrictModel):
         return self
 
     _unified: Optional[KVCacheConfig] = PrivateAttr(default=None)
+    _workers: dict[bool, list[dict[str, Any]]] = PrivateAttr(default_factory=dict)
 
     def to_config(self, hybrid: bool = True) -> KVCacheConfig:
         """The full :class:`KVCacheConfig` as vLLM plans it (derived once, when the layout is
@@ -203,6 +211,8 @@ class KVCacheLayout(StrictModel):
                 fields.pop("dtype", None)
             else:
                 fields["dtype"] = fields["dtype"] or self.dtype
+            if "num_kv_heads" in fields and not isinstance(g, MLAGroup):  # each worker holds its heads
+                fields["num_kv_heads"] = max(1, fields["num_kv_heads"] // self.tensor_parallel_size)
             specs.append((SPEC_TYPES[g.type](**fields), chosen))
         if not hybrid:
             specs = _unify(specs)
@@ -213,13 +223,19 @@ class KVCacheLayout(StrictModel):
                 "kv_cache.layout", f"the layer-outermost layout cannot express this model's mixed page sizes "
                 f"({', '.join(f'{p} B' for p in sorted(pages))}): vLLM's groups share one block size in bytes",
                 value=self.layout, allowed=["BLHNC"], fix="set kv_cache.layout=BLHNC (block-outermost)")])
+        # pipeline parallelism: each worker holds its stage's layers of every group (the groups are
+        # made over the whole model, as vLLM makes them); all workers take the smallest num_blocks
+        stages = _stages([n for _, c in groups_made for n in c], names, self.pipeline_parallel_size)
+        per_worker = [[(s, [n for n in c if n in stage]) for s, c in groups_made] for stage in stages]
+        per_worker = [[(s, c) for s, c in w if c] for w in per_worker]
+        sizes = [_bytes_per_block(w) for w in per_worker]
+        own = [self._num_blocks(bpb, w) for bpb, w in zip(sizes, per_worker)]
+        self._workers[hybrid] = [{"rank": r, "layers": [n for _, c in w for n in c], "bytes_per_block": bpb,
+                          "num_blocks": n} for r, (w, bpb, n) in enumerate(zip(per_worker, sizes, own))]
+        groups_made, num_blocks = per_worker[0], min(own)
+        pages = {s.page_size_bytes for s, _ in groups_made}
         shared = len(pages) == 1
         group_size = max(len(c) for _, c in groups_made)
-        if shared:  # one allocation: a block id holds the largest group's pages, each group in turn
-            bytes_per_block = group_size * pages.pop()
-        else:
-            bytes_per_block = sum(s.page_size_bytes * len(c) for s, c in groups_made)
-        num_blocks = self._num_blocks(bytes_per_block, groups_made)
         tensors = []
         for k, (s, c) in enumerate(groups_made):
             page, width = s.page_size_bytes, (group_size if shared else len(c))
@@ -255,6 +271,12 @@ class KVCacheLayout(StrictModel):
             num_groups = -(-len(layers) // group_size)
             out.extend((s, layers[i::num_groups]) for i in range(num_groups))
         return out
+
+    def workers(self, hybrid: bool = True) -> list[dict[str, Any]]:
+        """Each pipeline-parallel worker of :meth:`to_config`'s plan: its rank, its layers, its bytes
+        per block and the blocks its budget alone would give (all take the smallest)."""
+        self.to_config(hybrid)
+        return [dict(w) for w in self._workers.get(hybrid, self._workers[True])]
 
     def _num_blocks(self, bytes_per_block: int, specs: list) -> int:
         if (self.num_blocks is None) == (self.memory is None):
@@ -299,6 +321,34 @@ class KVCacheLayout(StrictModel):
             else:
                 chosen.append(str(item))
         return chosen, problems
+
+
+def _bytes_per_block(groups: list[tuple[Any, list[str]]]) -> int:
+    """One block id's bytes: groups of one page size share an allocation, where a block holds the
+    largest group's pages; groups of different page sizes (block-outermost) add up."""
+    pages = {s.page_size_bytes for s, _ in groups}
+    if len(pages) == 1:
+        return max(len(c) for _, c in groups) * pages.pop()
+    return sum(s.page_size_bytes * len(c) for s, c in groups)
+
+
+def _stages(layers: list[str], names: list[str], pp: int) -> list[set[str]]:
+    """vLLM's pipeline stages (``get_pp_indices``): ``len // pp`` layers each, the remainder one
+    each to the stages before the last, in layer order.
+
+    >>> [len(s) for s in _stages([str(i) for i in range(61)], [str(i) for i in range(61)], 4)]
+    [15, 15, 16, 15]
+    """
+    index = {n: i for i, n in enumerate(names)}
+    ordered = sorted(layers, key=lambda n: (index.get(n, len(index)), n))
+    parts = [len(ordered) // pp] * pp
+    for i in range(2, len(ordered) % pp + 2):
+        parts[-i] += 1
+    out, start = [], 0
+    for p in parts:
+        out.append(set(ordered[start:start + p]))
+        start += p
+    return out
 
 
 def _unify(specs: list[tuple[Any, list[str]]]) -> list[tuple[Any, list[str]]]:

@@ -175,6 +175,9 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
         "allocated_bytes": 0,
         "timings": job.timings,
     })
+    if layout is not None and layout.pipeline_parallel_size > 1:
+        report["plan"]["workers"] = [{**w, "layers": len(w["layers"]), "first_layer": w["layers"][0],
+                                      "last_layer": w["layers"][-1]} for w in layout.workers(hybrid)]
     if cfg.action == "export":
         from .export import to_vllm
 
