@@ -112,4 +112,4 @@ class Corrupts(Good):
         meta = self._get_connector_metadata()
         for load in meta.loads:
             view = next(iter(self._views.values()))
-            view[load.block_ids[0]][0] ^= 0xFF
+            view[load.block_ids[0][0]][0] ^= 0xFF  # group 0, its first block
