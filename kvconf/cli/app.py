@@ -212,6 +212,16 @@ def _bare_word(arg: str) -> bool:
     return not arg.startswith(("-", "~", "+")) and "=" not in arg
 
 
+def _layout_from_model(argv: list[str]) -> list[str]:
+    """``kv_cache.model=PATH`` without a ``kv_cache=`` preset: the layout comes from the model
+    alone, so the default preset (and its num_blocks) is dropped (``~kv_cache``) and the
+    ``kv_cache.*`` overrides build the node anew (``+kv_cache.KEY=VALUE``)."""
+    if not any(a.startswith("kv_cache.model=") for a in argv) or any(
+            a.lstrip("+~").startswith("kv_cache=") or a == "~kv_cache" for a in argv):
+        return argv
+    return ["~kv_cache", *("+" + a if a.startswith("kv_cache.") else a for a in argv)]
+
+
 def _completion_request(argv: list[str]) -> str | None:
     """The value of ``-sc``/``--shell-completion`` (``install=bash``), if given."""
     for i, a in enumerate(argv):
@@ -246,6 +256,7 @@ def _main(argv: list[str]) -> None:
             fix="run a subcommand (kvconf validate ...), or give overrides as key=value "
                 "(python -m kvconf --help lists them)")), None, None)
         raise SystemExit(2)
+    argv = _layout_from_model(argv)
     from kvconf.config.overrides import check_overrides
     from kvconf.contract.registry import builtin_extra_model
 

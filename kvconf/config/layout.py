@@ -97,6 +97,13 @@ GroupLayout = Annotated[
 class KVCacheLayout(StrictModel):
     """A model's KV-cache layout as users write it (``conf/kv_cache/*.yaml``)."""
 
+    model: str | None = None
+    """A model's ``config.json`` (or the folder holding it) to read the layout from: the layer
+    count, KV heads, head size, dtype, sliding-window layers, MLA latent and
+    ``max_position_embeddings`` (the default ``max_model_len``). It replaces the layers and groups
+    written here; ``block_size``, ``dtype``, ``max_model_len`` and ``tensor_parallel_size`` given
+    here win over the file. Families: llama, mistral, qwen2, qwen3, gemma2, gemma3(_text), gpt_oss,
+    deepseek_v2, deepseek_v3."""
     num_layers: PositiveInt | None = None
     """Attention (and state) layers in the model; needed unless every group lists names."""
     layer_name: str = DEFAULT_LAYER_NAME
@@ -110,7 +117,7 @@ class KVCacheLayout(StrictModel):
     memory: PositiveByteSize | None = None
     """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
     largest count that fits. Give this or ``num_blocks``, not both."""
-    groups: list[GroupLayout] = Field(min_length=1)
+    groups: list[GroupLayout] | None = Field(None, min_length=1)
     """The layers of each attention type: a spec each (``type`` and its fields) and the layers it
     covers. The plan's KV-cache groups are made from them as vLLM makes them (see ``layout``)."""
     max_model_len: PositiveInt | None = None
@@ -133,6 +140,23 @@ class KVCacheLayout(StrictModel):
     specs form one KV-cache group; a hybrid model (several specs of one page size) is split into
     groups of equal size whose tensors share one allocation, as vLLM does. Specs of different page
     sizes need ``BLHNC``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_model(cls, data: Any) -> Any:
+        """With ``model`` set, the file's layers and groups replace those written here, and its
+        dtype and max_model_len fill those left unset."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+            return data
+        from .model_files import layout_from_model
+
+        derived = layout_from_model(data["model"])
+        out = {**data, "num_layers": derived["num_layers"], "groups": derived["groups"],
+               "layer_name": DEFAULT_LAYER_NAME}
+        for key in ("dtype", "max_model_len"):
+            if out.get(key) is None and key in derived:
+                out[key] = derived[key]
+        return out
 
     @field_validator("layer_name")
     @classmethod
@@ -164,6 +188,10 @@ class KVCacheLayout(StrictModel):
         return self._unified
 
     def _derive(self, hybrid: bool = True) -> KVCacheConfig:
+        if not self.groups:
+            raise KVCacheInvariantError([Problem(
+                "kv_cache.groups", "no layers are described: neither groups nor a model's config.json",
+                fix="write kv_cache.groups (a spec and its layers each), or set kv_cache.model=PATH/config.json")])
         problems: list[Problem] = []
         names = [self.layer_name.format(i=i) for i in range(self.num_layers or 0)]
         groups: list[tuple[Any, list[str]]] = []
