@@ -1,5 +1,6 @@
-"""Every command in the README's shell blocks runs as written and exits 0, unless its own comment
-says what it needs (``# needs: ...``: a second terminal, your own module, 40 GiB free). The set-up
+"""Every command in the README's shell blocks runs as written and exits 0 (or the code its comment
+gives: ``# exit 2: ...``), unless its own comment says what it needs (``# needs: ...``: a second
+terminal, your own module). The set-up
 scripts are not run from inside the suite (``bash scripts/test.sh`` is what runs it); the command
 ``scripts/run.sh`` ends with is. Commands run in a folder of their own (``kvconf/`` linked into it,
 for the paths the README gives), with this environment's ``python``, ``kvconf`` and ``pytest``
@@ -25,7 +26,8 @@ NO_TORCH = ("action=check", "action=export", "role=scheduler", "--help", "--vers
 
 
 def readme_commands() -> list[tuple[str, str | None]]:
-    """(command, what it needs or None) for each command line of the README's shell blocks."""
+    """(command, what it needs or None) for each command line of the README's shell blocks; a
+    command whose comment starts ``exit N:`` keeps the comment, for :func:`expected_exit`."""
     text = (REPO / "README.md").read_text()
     out = []
     for block in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.M | re.S):
@@ -36,8 +38,9 @@ def readme_commands() -> list[tuple[str, str | None]]:
             if not line.startswith(PROGRAMS):
                 continue
             command, _, comment = line.partition("  #")
-            needs = comment.strip()[len("needs:"):].strip() if comment.strip().startswith("needs:") else None
-            out.append((command.strip(), needs))
+            note = comment.strip()
+            needs = note[len("needs:"):].strip() if note.startswith("needs:") else None
+            out.append((command.strip() + (f"  # {note}" if note.startswith("exit ") else ""), needs))
     return out
 
 
@@ -78,7 +81,9 @@ def test_readme_command_runs_as_written(command, needs, tmp_path):
     (cwd / "kvconf").symlink_to(REPO / "kvconf")
     env = kvconf_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    command, _, note = command.partition("  # ")
+    expected = int(note.split(":")[0].split()[1]) if note.startswith("exit ") else 0
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, f"{shlex.quote(command)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == expected, f"{shlex.quote(command)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
