@@ -179,16 +179,16 @@ class OffloadingConnector(TierConnector):
         import torch
 
         view, pool = self._views[layer], self._pool[layer]
-        for rows, blocks in _runs([(r, b) for c in op.chunks for r, b in zip(self._rows(c), c.block_ids)]):
+        for rows, blocks in _runs([(r, b) for c in op.chunks for r, b in zip(self._rows(c), self.ids_of(c, layer))]):
             # gather: index_select straight into the pool's consecutive rows
             torch.index_select(view, 0, torch.tensor(blocks), out=pool[rows[0]:rows[-1] + 1])
 
     def _load_chunks(self, op: TierOp) -> dict[int, str]:
-        pairs = [(b, r) for c in op.chunks for b, r in zip(c.block_ids, self._rows(c))]
         for name, view in self._views.items():
             pool = self._pool[name]
-            for b, r in pairs:  # scatter: a copy_ per block (index_copy_ is several times slower here)
-                view[b].copy_(pool[r])
+            for c in op.chunks:  # scatter: a copy_ per block (index_copy_ is several times slower here)
+                for b, r in zip(self.ids_of(c, name), self._rows(c)):
+                    view[b].copy_(pool[r])
         return {}
 
     def shutdown(self) -> None:

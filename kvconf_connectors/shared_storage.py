@@ -174,13 +174,13 @@ class SharedStorageConnector(TierConnector):
                             raise BadSegment(f"{path}: checksum mismatch in layer {name} (the file is corrupt)")
                         view = self._views[name]
                         for idx, c in items:
-                            for j, b in enumerate(c.block_ids):
+                            for j, b in enumerate(self.ids_of(c, name)):
                                 view[b].copy_(rows[(idx - lo) * k + j])
                         offset += n_keys * k * page
             except (BadSegment, OSError, ValueError, KeyError) as exc:
                 reason = str(exc) if isinstance(exc, BadSegment) else f"{path}: {type(exc).__name__}: {exc}"
                 for _, c in items:
-                    for b in c.block_ids:
+                    for b in {b for ids in c.block_ids for b in ids}:
                         errors[b] = reason
         return errors
 
@@ -218,7 +218,7 @@ class SharedStorageConnector(TierConnector):
     def _save_layer(self, op: TierOp, layer: str) -> None:
         import torch
 
-        ids = torch.tensor([b for c in op.chunks for b in c.block_ids])
+        ids = torch.tensor([b for c in op.chunks for b in self.ids_of(c, layer)])
         torch.index_select(self._views[layer], 0, ids, out=self._staging[op.request_id][layer])
 
     def _finish_save(self, op: TierOp) -> None:

@@ -16,14 +16,15 @@ from typing import Any, Optional
 
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, Request, SchedulerOutput, block_hashes
 from kvconf.contract.base import KVConnectorBase
-from kvconf.contract.capabilities import ComparesToBaseline, ExplainsFailures, ExportsToVLLM
+from kvconf.contract.capabilities import ComparesToBaseline, ExplainsFailures, ExportsToVLLM, SupportsHMA
 from kvconf.runtime.views import byte_views
 
 
 @dataclass
 class Chunk:
     key: bytes
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
+    """The chunk's block ids in each KV-cache group: a layer's pages lie at its own group's ids."""
     place: Any = None
     """Where the tier keeps it (the offloading tier's slot); None where the key says it all."""
 
@@ -42,11 +43,17 @@ class TierMetadata(KVConnectorMetadata):
     """Whether the worker has laid out this step's staging (a disk tier, on the step's first layer)."""
 
 
-class TierConnector(KVConnectorBase, ExplainsFailures, ExportsToVLLM, ComparesToBaseline):
+def _slice(groups: tuple[list[int], ...], start: int, stop: int) -> tuple[list[int], ...]:
+    return tuple(list(ids[start:stop]) for ids in groups)
+
+
+class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLLM, ComparesToBaseline):
     """Scheduler side by prefix hash; the worker side saves off the critical path on one thread
     and ``wait_for_save`` waits for it. Subclasses give the tier: ``_present``, ``_reserve``,
     ``_commit``, ``_abandon``, ``_load_chunks``, ``_save_layer`` and ``_finish_save``. Benchmarked
-    against the fastest plain host copy of the same blocks unless a subclass says otherwise."""
+    against the fastest plain host copy of the same blocks unless a subclass says otherwise.
+    Handles a hybrid model's groups: a chunk holds each group's block ids, and each layer's
+    pages are copied at its own group's ids (:meth:`ids_of`)."""
 
     chunk_blocks = 1
 
@@ -54,6 +61,7 @@ class TierConnector(KVConnectorBase, ExplainsFailures, ExportsToVLLM, ComparesTo
         super().__init__(config, role, kv_cache_config)
         self._block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self._pending = TierMetadata()
+        self._group_of = {n: gi for gi, g in enumerate(kv_cache_config.kv_cache_groups) for n in g.layer_names}
         self._unconfirmed: dict[str, list[Chunk]] = {}
         self._views: dict[str, Any] = {}
         self._saver: Optional[ThreadPoolExecutor] = None
@@ -113,7 +121,8 @@ class TierConnector(KVConnectorBase, ExplainsFailures, ExportsToVLLM, ComparesTo
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        ids = blocks.get_block_ids()[0]
+        groups = blocks.get_block_ids()
+        ids = groups[0]
         keys = self.keys(request)
         k = self.chunk_blocks
         n_load = num_external_tokens // self.chunk_tokens
@@ -122,12 +131,13 @@ class TierConnector(KVConnectorBase, ExplainsFailures, ExportsToVLLM, ComparesTo
             self._touch(loading)
             places = self._places(loading)
             self._pending.loads.append(TierOp(request.request_id, [
-                Chunk(key, ids[i * k:(i + 1) * k], place) for i, (key, place) in enumerate(zip(loading, places))]))
+                Chunk(key, _slice(groups, i * k, (i + 1) * k), place)
+                for i, (key, place) in enumerate(zip(loading, places))]))
         if self.is_producer and len(keys) > n_load:
             new = [(i, key) for i, key in enumerate(keys[n_load:], n_load)
                    if len(ids) >= (i + 1) * k]
             places = self._reserve([key for _, key in new], loading)
-            chunks = [Chunk(key, ids[i * k:(i + 1) * k], place)
+            chunks = [Chunk(key, _slice(groups, i * k, (i + 1) * k), place)
                       for (i, key), place in zip(new, places) if place is not False]
             if chunks:
                 self._pending.saves.append(TierOp(request.request_id, chunks))
@@ -152,6 +162,14 @@ class TierConnector(KVConnectorBase, ExplainsFailures, ExportsToVLLM, ComparesTo
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         # its blocks must stay until the worker reports the save finished
         return request.request_id in self._unconfirmed, None
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict[str, Any]]]:
+        return self.request_finished(request, block_ids[0])
+
+    def ids_of(self, chunk: Chunk, layer: str) -> list[int]:
+        """The block ids of ``chunk`` where ``layer`` keeps its pages (its group's)."""
+        return chunk.block_ids[self._group_of[layer]]
 
     # ---- worker side -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
