@@ -14,7 +14,6 @@ Users write the compact form (:mod:`kvconf.config.layout`), from which the full 
 derived; either form is checked against the same invariants (:func:`check_kv_cache_config`).
 """
 
-from __future__ import annotations
 
 import math
 from typing import Annotated, Any, Literal, Union
@@ -163,7 +162,7 @@ class MambaSpec(StrictModel):
     """Element type of each state tensor, in the order of ``shapes``."""
 
     @model_validator(mode="after")
-    def _same_length(self) -> MambaSpec:
+    def _same_length(self) -> "MambaSpec":
         if len(self.dtypes) != len(self.shapes):
             raise ValueError(
                 f"mamba spec has {len(self.shapes)} shapes but {len(self.dtypes)} dtypes; "
@@ -233,7 +232,7 @@ class KVCacheConfig(StrictModel):
     """Groups of layers, each with one spec."""
 
     @model_validator(mode="after")
-    def _invariants(self) -> KVCacheConfig:
+    def _invariants(self) -> "KVCacheConfig":
         problems = check_kv_cache_config(self)
         if problems:
             raise KVCacheInvariantError(problems)

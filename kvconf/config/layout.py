@@ -10,7 +10,6 @@ once, at validation.
 (32768, 4194304)
 """
 
-from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal, Optional, Union
@@ -80,7 +79,7 @@ class MambaGroup(_GroupLayout, MambaSpec):
     """Element type of each state tensor; defaults to the layout's ``dtype`` for every one."""
 
     @model_validator(mode="after")
-    def _same_length(self) -> MambaGroup:
+    def _same_length(self) -> "MambaGroup":
         if self.dtypes is not None and len(self.dtypes) != len(self.shapes):
             raise ValueError(
                 f"mamba group has {len(self.shapes)} shapes but {len(self.dtypes)} dtypes; "
@@ -168,7 +167,7 @@ class KVCacheLayout(StrictModel):
     _config: Optional[KVCacheConfig] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _derivable(self) -> KVCacheLayout:
+    def _derivable(self) -> "KVCacheLayout":
         self._config = self._derive()  # raises KVCacheInvariantError with every problem
         return self
 

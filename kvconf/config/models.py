@@ -5,7 +5,6 @@
 (``connector.kv_role``, never a union tag), the value, what is allowed and the fix.
 """
 
-from __future__ import annotations
 
 import re
 import uuid
@@ -114,7 +113,7 @@ class ConnectorConfig(StrictModel):
     _engine_id_given: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
-    def _engine_id(self) -> ConnectorConfig:
+    def _engine_id(self) -> "ConnectorConfig":
         self._engine_id_given = self.engine_id is not None
         if self.engine_id is None:
             object.__setattr__(self, "engine_id", str(uuid.uuid4()))
