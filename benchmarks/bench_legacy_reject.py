@@ -46,12 +46,11 @@ def timed(cmd: list[str], env: dict[str, str], cwd: str, expect: int, says: str 
     return dt
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--runs", type=int, default=15)
-    args = p.parse_args()
-    overrides = ["connector.module_path=zoo.connectors", "connector.name=Legacy", "action=check"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+def compare(what: str, overrides: list[str], runs: int, expect: int = 0, says: str = "",
+            env: dict[str, str] | None = None) -> None:
+    """``python -m kvconf OVERRIDES`` against the bare Hydra app given the same overrides,
+    interleaved ``runs`` times each; prints the medians and the ratio."""
+    env = env or dict(os.environ)
     with tempfile.TemporaryDirectory() as cwd:
         bare_py = Path(cwd) / "bare_app.py"
         bare_py.write_text(BARE_APP.replace("CONF_DIR", repr(str(REPO / "kvconf" / "conf"))))
@@ -64,19 +63,27 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "kvconf"), str(REPO / "kvconf_connectors"),
                         str(REPO / "tests" / "zoo")], check=True, capture_output=True)
         for _ in range(2):  # warm the page cache and .pyc files
-            timed(kvconf_cmd, env, cwd, 2, LEGACY)
+            timed(kvconf_cmd, env, cwd, expect, says)
             timed(bare_cmd, env, cwd, 0)
         kv, bare = [], []
-        for _ in range(args.runs):  # interleaved, so machine noise hits both alike
-            kv.append(timed(kvconf_cmd, env, cwd, 2, LEGACY))
+        for _ in range(runs):  # interleaved, so machine noise hits both alike
+            kv.append(timed(kvconf_cmd, env, cwd, expect, says))
             bare.append(timed(bare_cmd, env, cwd, 0))
     mk, mb = statistics.median(kv), statistics.median(bare)
-    print(f"runs: {args.runs} each, interleaved")
-    print(f"kvconf rejecting a legacy connector (action=check): median {mk * 1000:.0f} ms "
-          f"(min {min(kv) * 1000:.0f}, max {max(kv) * 1000:.0f})")
-    print(f"bare Hydra app composing the same config:          median {mb * 1000:.0f} ms "
+    print(f"runs: {runs} each, interleaved")
+    print(f"kvconf {what}: median {mk * 1000:.0f} ms (min {min(kv) * 1000:.0f}, max {max(kv) * 1000:.0f})")
+    print(f"bare Hydra app composing the same config: median {mb * 1000:.0f} ms "
           f"(min {min(bare) * 1000:.0f}, max {max(bare) * 1000:.0f})")
     print(f"ratio: {mk / mb:.2f}x (goal: at most 1.3x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=15)
+    args = p.parse_args()
+    compare("rejecting a legacy connector (action=check)",
+            ["connector.module_path=zoo.connectors", "connector.name=Legacy", "action=check"], args.runs,
+            expect=2, says=LEGACY, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
 
 
 if __name__ == "__main__":
