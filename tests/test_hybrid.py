@@ -1,7 +1,7 @@
 """Hybrid models end to end: the plan vLLM makes, allocated exactly, and every built-in connector
-saving, loading and verifying every byte on it (example, offloading and shared_storage on the
-hybrid plan itself, groups sharing one allocation; mooncake and nixl on the plan vLLM makes for a
-connector without hybrid support), on the layer-outermost and the block-outermost layouts."""
+(all are SupportsHMA) saving, loading and verifying every byte on it, the groups sharing one
+allocation and holding block ids of their own, on the layer-outermost and the block-outermost
+layouts."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_every_connector_passes_the_conformance_kit_on_a_hybrid_model(workdir, t
 
 
 @pytest.mark.parametrize(("connector", "groups"), [("example", 6), ("offloading", 6), ("shared_storage", 6),
-                                                   ("mooncake", 1), ("nixl", 1)])
+                                                   ("mooncake", 6), ("nixl", 6)])
 def test_the_plan_follows_whether_the_connector_supports_hybrid_groups(workdir, connector, groups):
     proc = run_kvconf(f"connector={connector}", "kv_cache=gemma3_hybrid", "action=check", "output=json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr

@@ -53,8 +53,8 @@ def test_hybrid_groups_take_every_num_groups_th_layer_of_their_bucket(compose):
 
 
 def test_a_connector_without_hybrid_support_gets_vllms_unified_plan(compose):
-    report = run_job(compose("connector=mooncake", "kv_cache=gemma3_hybrid", "kv_cache.memory=1GiB",
-                             "action=check"))
+    report = run_job(compose("connector.module_path=zoo.connectors", "connector.name=OneGroupOnly",
+                             "kv_cache=gemma3_hybrid", "kv_cache.memory=1GiB", "action=check"))
     (group,) = report["plan"]["groups"]  # sliding layers planned as full attention, as vLLM does
     assert group["type"] == "full_attention" and group["num_layers"] == 48
     assert report["plan"]["num_blocks"] == (1 << 30) // (48 * GEMMA3_PAGE) == 170

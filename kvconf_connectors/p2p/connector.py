@@ -31,6 +31,7 @@ from kvconf.contract.capabilities import (
     ChecksEnvironment,
     ExportsToVLLM,
     SelfTestContext,
+    SupportsHMA,
     SupportsRawPath,
     SupportsSelfTest,
     SupportsServe,
@@ -103,7 +104,7 @@ def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     return [s for s, _ in out], [e - s for s, e in out]
 
 
-class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest, SupportsServe,
+class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest, SupportsServe,
                    SupportsRawPath):
     """A producer (prefill) pushes, or lets a consumer (decode) read, a request's blocks on the
     consumer's request over the side channel. Subclasses give the engine: ``_engine_start``,
@@ -182,11 +183,11 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
 
     # ---- layout ----------------------------------------------------------------------------------
     def layout_fingerprint(self) -> str:
-        """Layer names and page sizes: two peers must agree on it."""
+        """Layer names, their groups and page sizes: two peers must agree on it."""
         h = hashlib.sha256()
-        for g in self.kv_cache_config.kv_cache_groups:
+        for gi, g in enumerate(self.kv_cache_config.kv_cache_groups):
             for name in g.layer_names:
-                h.update(f"{name}:{g.kv_cache_spec.page_size_bytes};".encode())
+                h.update(f"{gi}:{name}:{g.kv_cache_spec.page_size_bytes};".encode())
         return h.hexdigest()[:16]
 
     # ---- scheduler side ----------------------------------------------------------------------
@@ -200,15 +201,19 @@ class P2PConnector(KVConnectorBase, ChecksEnvironment, ExportsToVLLM, SupportsSe
         params = request.kv_transfer_params or {}
         if num_external_tokens > 0 and params.get("do_remote_prefill"):
             peer = params.get("remote_address") or self.extra.peer
-            block_ids = blocks.get_block_ids()[0]
-            self._recv_pending.append(_Recv(params.get("remote_request_id", request.request_id),
-                                            list(block_ids), peer))
+            # every group's ids, group after group (a hybrid model's groups share the memory)
+            block_ids = [b for ids in blocks.get_block_ids() for b in ids]
+            self._recv_pending.append(_Recv(params.get("remote_request_id", request.request_id), block_ids, peer))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta, self._recv_pending = P2PMetadata(self._recv_pending), []
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        return False, None
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict[str, Any]]]:
         return False, None
 
     # ---- worker side -------------------------------------------------------------------------

@@ -31,6 +31,10 @@ class Producer:
     def __init__(self, conn: P2PConnector) -> None:
         self.conn = conn
         self.num_blocks = conn.kv_cache_config.num_blocks
+        self.groups = len(conn.kv_cache_config.kv_cache_groups)
+        """A request holds ``num_blocks`` ids in each group, group after group (a hybrid model's
+        groups share one allocation, so each takes ids of its own)."""
+        self.group_of = {n: gi for gi, g in enumerate(conn.kv_cache_config.kv_cache_groups) for n in g.layer_names}
         self.free = collections.deque(range(self.num_blocks))
         self.prefilled: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self.senders: list[tuple[queue.Queue[Any], threading.Thread]] = []
@@ -172,21 +176,24 @@ class Producer:
     def prefill(self, msg: Any) -> Any:
         """Computes a request's KV into free blocks: the pattern of (seed, layer, block)."""
 
-        if msg.num_blocks > self.num_blocks:
+        need = msg.num_blocks * self.groups
+        if need > self.num_blocks:
             return sc.PrefillAck(request_id=msg.request_id, ok=False,
-                                 reason=f"the request needs {msg.num_blocks} blocks; this producer has {self.num_blocks}")
-        while len(self.free) < msg.num_blocks and self.prefilled:
+                                 reason=f"the request needs {need} blocks; this producer has {self.num_blocks}")
+        while len(self.free) < need and self.prefilled:
             stale = next((r for r in self.prefilled if r not in self.busy), None)
             if stale is None:
                 break
             self.free.extend(self.prefilled.pop(stale))  # never fetched: the oldest goes first
-        if len(self.free) < msg.num_blocks:
+        if len(self.free) < need:
             return sc.PrefillAck(request_id=msg.request_id, ok=False, reason="no free blocks: transfers in flight")
         if msg.request_id in self.prefilled:
             self.free.extend(self.prefilled.pop(msg.request_id))
-        ids = [self.free.popleft() for _ in range(msg.num_blocks)]
-        for li, view in enumerate(self.conn._views.values()):
-            for j, b in enumerate(ids):
+        ids = [self.free.popleft() for _ in range(need)]
+        n = msg.num_blocks
+        for li, (name, view) in enumerate(self.conn._views.items()):
+            g = self.group_of[name]
+            for j, b in enumerate(ids[g * n:(g + 1) * n]):
                 view[b].copy_(block_pattern(msg.seed, li, j, view.shape[1]))
         self.prefilled[msg.request_id] = ids
         return sc.PrefillAck(request_id=msg.request_id, ok=True)
@@ -217,8 +224,9 @@ class Producer:
                         reason = f"layer {region.name!r} differs between the peers"
                         break
                     base, stride, page = local
+                    n, g = len(src_ids) // self.groups, self.group_of[region.name]
                     coalesce(src, dst, lens, base, stride, region.base, region.block_stride, page,
-                              src_ids, msg.block_ids)
+                             src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n])
                 else:  # every layer matches
                     if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
                         self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session)

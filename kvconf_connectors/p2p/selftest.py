@@ -118,11 +118,14 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
         per_block = sum(v.shape[1] for v in views.values())
         total_target = parse_bytes(settings.transfer_bytes)
         requests = max(1, min(int(ctx.concurrency or settings.requests), cfg.num_blocks))
-        per_req = ctx.prompt_blocks or max(1, cfg.num_blocks // requests)
-        if requests * per_req > cfg.num_blocks:
+        n_groups = len(cfg.kv_cache_groups)  # each group holds its own ids for a request
+        group_of = {n: gi for gi, g in enumerate(cfg.kv_cache_groups) for n in g.layer_names}
+        per_req = ctx.prompt_blocks or max(1, cfg.num_blocks // (requests * n_groups))
+        if requests * per_req * n_groups > cfg.num_blocks:
             raise ConfigError(Problem(
-                "bench.prompt_blocks", f"{requests} requests in flight of {per_req} blocks need {requests * per_req} "
-                f"blocks; the cache has {cfg.num_blocks}", value=per_req,
+                "bench.prompt_blocks", f"{requests} requests in flight of {per_req} blocks need "
+                f"{requests * per_req * n_groups} blocks (in {n_groups} KV-cache group(s)); the cache has "
+                f"{cfg.num_blocks}", value=per_req,
                 fix="lower bench.prompt_blocks or bench.concurrency, or raise kv_cache.num_blocks / kv_cache.memory"))
         round_bytes = requests * per_req * per_block
         rounds = max(1, -(-total_target // round_bytes))
@@ -164,7 +167,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
             for r in range(requests):
                 seed = rnd * requests + r
                 rid = f"req-{str(conn.config.engine_id)[:8]}-{seed}"
-                ids = list(range(r * per_req, (r + 1) * per_req))
+                ids = tuple([(g * requests + r) * per_req + j for j in range(per_req)] for g in range(n_groups))
                 if producer_gone:
                     failures[rid] = f"the producer at {peer} stopped answering"
                     failed += 1
@@ -185,10 +188,9 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
                 if failures:
                     break
                 continue
-            n_groups = len(cfg.kv_cache_groups)
             for req, ids, _ in reqs:
                 n, _async = scheduler.get_num_new_matched_tokens(req, 0)
-                scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(ids) for _ in range(n_groups))), n or 0)
+                scheduler.update_state_after_alloc(req, KVCacheBlocks(tuple(list(x) for x in ids)), n or 0)
             meta = scheduler.build_connector_meta(SchedulerOutput([r.request_id for r, _, _ in reqs]))
             waiting = {r.request_id for r, _, _ in reqs}
             t0 = time.perf_counter()
@@ -218,10 +220,10 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
                     continue
                 loaded += 1
                 for li, name in enumerate(layers):
-                    for j, b in enumerate(ids):
+                    for j, b in enumerate(ids[group_of[name]]):
                         if not torch.equal(views[name][b], block_pattern(seed, li, j, views[name].shape[1])):
                             mismatched += 1
-                bytes_ok += len(ids) * per_block
+                bytes_ok += per_req * per_block
         control.close(linger=0)
         scheduler.shutdown()
         if conn.config.kv_load_failure_policy == "recompute":
@@ -278,13 +280,15 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
 
         hello = ask(sc.Hello(engine_id=str(conn.config.engine_id)))
         cfg = conn.kv_cache_config
-        requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks))
-        per = min(ctx.prompt_blocks or cfg.num_blocks // requests, cfg.num_blocks // requests) or 1
+        n_groups = len(cfg.kv_cache_groups)
+        requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks // n_groups))
+        room = cfg.num_blocks // (requests * n_groups)
+        per = min(ctx.prompt_blocks or room, room) or 1
         moved, seconds = 0, 0.0
         for r in range(requests):
             rid = f"bare-{r}"
             ask(sc.Prefill(request_id=rid, seed=r, num_blocks=per))
-            ids = list(range(r * per, (r + 1) * per))
+            ids = [(g * requests + r) * per + j for g in range(n_groups) for j in range(per)]
             reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
                                     layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
                                     meta=conn._engine_meta))

@@ -113,3 +113,28 @@ class Corrupts(Good):
         for load in meta.loads:
             view = next(iter(self._views.values()))
             view[load.block_ids[0][0]][0] ^= 0xFF  # group 0, its first block
+
+
+class OneGroupOnly(KVConnectorBase):
+    """A connector that does not handle hybrid groups (no SupportsHMA): vLLM plans one group for it."""
+
+    def start_load_kv(self, forward_context, **kwargs):
+        pass
+
+    def wait_for_layer_load(self, layer_name):
+        pass
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
+        pass
+
+    def wait_for_save(self):
+        pass
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        pass
+
+    def build_connector_meta(self, scheduler_output):
+        return KVConnectorMetadata()
