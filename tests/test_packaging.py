@@ -30,6 +30,8 @@ def test_wheel_ships_conf_and_connectors(wheel):
     assert {f"kvconf/conf/{c}" for c in conf} <= names
     assert {"kvconf/conf/__init__.py", "kvconf_connectors/example.py", "kvconf/cli/app.py",
             "kvconf_connectors/p2p/connector.py"} <= names
+    models = {str(p.relative_to(REPO)) for p in (CONF / "models").glob("*/config.json")}
+    assert len(models) == 9 and models <= names  # the model configs kv_cache.model can name
 
 
 def test_installed_copy_runs_from_anywhere(wheel, tmp_path):
