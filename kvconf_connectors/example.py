@@ -99,7 +99,7 @@ class ExampleConnector(KVConnectorBase, SupportsHMA, ComparesToBaseline):
         self._num_layers = sum(len(g.layer_names) for g in kv_cache_config.kv_cache_groups)
         self._pending = ExampleMetadata()
         self._views: dict[str, Any] = {}
-        self._group_of = {n: gi for gi, g in enumerate(kv_cache_config.kv_cache_groups) for n in g.layer_names}
+        self._group_of = kv_cache_config.group_of()
 
     # ---- scheduler side ----------------------------------------------------------------------
     def _matched_blocks(self, request: Request) -> list[bytes]:

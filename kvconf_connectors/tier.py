@@ -61,7 +61,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         super().__init__(config, role, kv_cache_config)
         self._block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self._pending = TierMetadata()
-        self._group_of = {n: gi for gi, g in enumerate(kv_cache_config.kv_cache_groups) for n in g.layer_names}
+        self._group_of = kv_cache_config.group_of()
         self._unconfirmed: dict[str, list[Chunk]] = {}
         self._views: dict[str, Any] = {}
         self._saver: Optional[ThreadPoolExecutor] = None

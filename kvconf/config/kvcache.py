@@ -242,6 +242,10 @@ class KVCacheConfig(StrictModel):
         """Spec of each layer, by name, in group order."""
         return {n: g.kv_cache_spec for g in self.kv_cache_groups for n in g.layer_names}
 
+    def group_of(self) -> dict[str, int]:
+        """Index of each layer's KV-cache group, by name: whose block ids hold the layer's pages."""
+        return {n: gi for gi, g in enumerate(self.kv_cache_groups) for n in g.layer_names}
+
     def allocations(self) -> list[list[int]]:
         """The tensors of each allocation, by index: a tensor with its aliases."""
         out: dict[int, list[int]] = {}

@@ -153,7 +153,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
         layers = list(views)
         page_bytes = sum(v.shape[1] for v in views.values())
         n_groups = len(cfg.kv_cache_groups)
-        group_of = {n: gi for gi, g in enumerate(cfg.kv_cache_groups) for n in g.layer_names}
+        group_of = cfg.group_of()
         per = wl.blocks_per_request
         half = wl.requests * per * n_groups  # each group's blocks come from the one pool, as in vLLM
         save_ids = [tuple([g * wl.requests * per + r * per + j for j in range(per)] for g in range(n_groups))

@@ -34,7 +34,7 @@ class Producer:
         self.groups = len(conn.kv_cache_config.kv_cache_groups)
         """A request holds ``num_blocks`` ids in each group, group after group (a hybrid model's
         groups share one allocation, so each takes ids of its own)."""
-        self.group_of = {n: gi for gi, g in enumerate(conn.kv_cache_config.kv_cache_groups) for n in g.layer_names}
+        self.group_of = conn.kv_cache_config.group_of()
         self.free = collections.deque(range(self.num_blocks))
         self.prefilled: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self.senders: list[tuple[queue.Queue[Any], threading.Thread]] = []

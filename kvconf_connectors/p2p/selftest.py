@@ -119,7 +119,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
         total_target = parse_bytes(settings.transfer_bytes)
         requests = max(1, min(int(ctx.concurrency or settings.requests), cfg.num_blocks))
         n_groups = len(cfg.kv_cache_groups)  # each group holds its own ids for a request
-        group_of = {n: gi for gi, g in enumerate(cfg.kv_cache_groups) for n in g.layer_names}
+        group_of = cfg.group_of()
         per_req = ctx.prompt_blocks or max(1, cfg.num_blocks // (requests * n_groups))
         if requests * per_req * n_groups > cfg.num_blocks:
             raise ConfigError(Problem(
