@@ -99,7 +99,8 @@ class MooncakeConnector(P2PConnector):
     def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:
         out = super().vllm_extra_config(extra)
         if out.get("mooncake_protocol") == "auto":
-            out["mooncake_protocol"] = choose_transport("auto")[0]
+            # what vLLM will do, not what this machine detected: vLLM has no auto and defaults to rdma
+            del out["mooncake_protocol"]
         if not out.get("device_name"):
             out.pop("device_name", None)
         return out

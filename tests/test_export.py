@@ -49,9 +49,25 @@ def test_mooncake_exports_vllms_mooncake_connector_with_its_extra_keys(workdir):
     assert ktc.kv_connector_extra_config == {"mooncake_protocol": "tcp", "num_workers": 4}
 
 
-def test_mooncake_auto_protocol_exports_the_transport_this_machine_would_use(workdir):
+def test_mooncake_auto_protocol_is_left_to_vllms_default_not_this_machines_transport(workdir):
     data, ktc = export(workdir, "connector=mooncake")
-    assert ktc.kv_connector_extra_config["mooncake_protocol"] in ("tcp", "rdma")
+    # vLLM has no "auto": it takes rdma when the key is absent; the exporting host's tcp would be wrong
+    assert "mooncake_protocol" not in ktc.kv_connector_extra_config
+
+
+def test_vllm_only_extra_keys_and_permute_flag_pass_through_export(workdir):
+    data, ktc = export(workdir, "connector=nixl", "+connector.vllm_extra_config.enforce_handshake_compat=false",
+                       "connector.enable_permute_local_kv=true")
+    assert ktc.kv_connector_extra_config["enforce_handshake_compat"] is False
+    assert ktc.enable_permute_local_kv is True
+
+
+def test_vllm_extra_config_key_that_vllms_connector_does_not_read_exits_2(workdir):
+    proc = run_kvconf("action=export", "connector=nixl", "+connector.vllm_extra_config.enforce_handshake=false",
+                      cwd=workdir)
+    assert proc.returncode == 2
+    assert "connector.vllm_extra_config.enforce_handshake" in proc.stderr
+    assert "enforce_handshake_compat" in proc.stderr  # did you mean
 
 
 def test_offloading_exports_cpu_bytes_to_use_in_bytes(workdir):

@@ -27,7 +27,7 @@ def render_text(r: dict[str, Any]) -> str:
                         if short else ""))
     if plan.get("max_concurrency") is not None:
         lines.append(f"  requests   {plan['max_concurrency']}x of max_model_len={plan['max_model_len']} tokens fit at once")
-    elif plan.get("allocates") and r["action"] in ("check", "run", "serve"):
+    elif plan.get("capacity_bytes") is None and plan.get("allocates") and r["action"] in ("check", "run", "serve"):
         lines.append(f"  capacity   unknown on {r['device']} (no NVML here to read free GPU memory)")
     if r["action"] in ("run", "bench"):
         lines.append(f"  allocated  {format_bytes(r['allocated_bytes'])} on {r['device']}"
@@ -41,6 +41,10 @@ def render_text(r: dict[str, Any]) -> str:
             lines.append(f"  self-test  {'verified' if st['verified'] else 'FAILED'}: {format_bytes(st['bytes'])} "
                          f"moved in {st['seconds']:.3f} s ({st['gbps']} GB/s), {st['requests']} requests"
                          + (f", {st['hits']} block hits" if "hits" in st else "") + extra)
+        for ch in st.get("children", ()):
+            lines.append(f"    child {ch['index']} {ch['name']}: {'verified' if ch['verified'] else 'FAILED'}, "
+                         f"{format_bytes(ch['bytes'])} in {ch['seconds']:.3f} s"
+                         + (f", transport {ch['transport']}" if ch.get("transport") else ""))
     b = r.get("bench")
     if b:
         f = b["figures"]

@@ -96,9 +96,17 @@ class ConnectorConfig(StrictModel):
     """Port for connectors that use a fixed one (vLLM's field; mooncake and nixl pick their own)."""
     kv_load_failure_policy: LoadFailurePolicy = "fail"
     """What a failed KV load does to its request: ``fail`` it, or ``recompute`` its prefill."""
+    enable_permute_local_kv: bool = False
+    """vLLM's experimental HND-to-NHD permutation of transferred KV (passed on by ``action=export``;
+    kvconf's connectors do not read it)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """The connector's own settings; a built-in connector validates them with its own model, so a
     misspelt key is an error rather than silently ignored (vLLM's ``kv_connector_extra_config``)."""
+    vllm_extra_config: dict[str, Any] = Field(default_factory=dict)
+    """Keys of vLLM's ``kv_connector_extra_config`` that vLLM's connector of this kind reads and
+    kvconf's does not (NIXL's ``enforce_handshake_compat``, Mooncake's ``bootstrap_server_address``):
+    checked against the keys vLLM's connector reads, and passed through unchanged by
+    ``action=export`` (``kvconf import`` puts them here)."""
 
     @field_validator("module_path")
     @classmethod

@@ -13,6 +13,7 @@ SupportsServe          ``action=serve``: a long-lived producer for consumers sta
 SupportsRawPath        its own raw path for ``action=bench`` (the bare engine under it)
 ComparesToBaseline     a raw path that kvconf measures for it (a plain host copy, or raw file I/O)
 SupportsHMA            vLLM's: several KV-cache groups (a hybrid model), each with its own block ids
+ChecksConfig           settings beyond its ``extra`` model (a multi connector's children), checked first
 =====================  ==========================================================================
 """
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvconf.errors import Problem
 
 __all__ = [
+    "ChecksConfig",
     "ChecksEnvironment",
     "ComparesToBaseline",
     "ExplainsFailures",
@@ -85,6 +87,22 @@ class ChecksEnvironment(ABC):
     @abstractmethod
     def check_environment(cls, extra: Any, role: KVConnectorRole) -> list[Problem]:
         """Problems with what the connector needs for ``role``; empty when all is there."""
+
+
+class ChecksConfig(ABC):
+    """A connector whose config says more than its ``extra`` model checks (a multi connector's
+    child connectors): checked with the rest of the config, before anything is constructed."""
+
+    @classmethod
+    @abstractmethod
+    def config_problems(cls, connector: dict[str, Any]) -> list[Problem]:
+        """Problems with ``connector`` (the connector node as plain data), with their config paths."""
+
+    @classmethod
+    def supports_hma_config(cls, connector: dict[str, Any]) -> bool:
+        """Whether this connector, so configured, handles hybrid KV-cache groups (vLLM's
+        ``supports_hma_config``: a multi connector does when every child does)."""
+        return issubclass(cls, SupportsHMA)
 
 
 class ExportsToVLLM:

@@ -5,7 +5,7 @@ then the ``kvconf.connectors`` entry-point group of installed packages. Only the
 module is imported, so importing kvconf imports no connector.
 
 >>> sorted(builtin_names())
-['example', 'mooncake', 'nixl', 'offloading', 'shared_storage']
+['example', 'mooncake', 'multi', 'nixl', 'offloading', 'shared_storage']
 """
 
 from __future__ import annotations
@@ -19,25 +19,44 @@ from typing import Any
 from kvconf.errors import ConfigError, ContractError, Problem, did_you_mean
 
 __all__ = ["ENTRY_POINT_GROUP", "Resolved", "builtin_extra_model", "builtin_extra_models", "builtin_name_of",
-           "builtin_names", "register_connector", "resolve"]
+           "builtin_for_vllm", "builtin_names", "register_connector", "resolve", "vllm_names"]
 
 ENTRY_POINT_GROUP = "kvconf.connectors"
 
 _REGISTRY: dict[str, tuple[str, str]] = {}
+_VLLM_NAMES: dict[str, str] = {}
 
 
-def register_connector(name: str, module: str, class_name: str) -> None:
-    """Adds ``name -> module:class_name`` to the registry; the module is imported only on use."""
+def register_connector(name: str, module: str, class_name: str, vllm_name: str | None = None) -> None:
+    """Adds ``name -> module:class_name`` to the registry; the module is imported only on use.
+    ``vllm_name``: the name vLLM registers its counterpart under (the class says the same as
+    ``ExportsToVLLM.vllm_name``; kept here too, so that reading a vLLM config imports no connector)."""
     if name in _REGISTRY:
         raise ValueError(f"Connector {name!r} is already registered.")
     _REGISTRY[name] = (module, class_name)
+    if vllm_name is not None:
+        _VLLM_NAMES[name] = vllm_name
 
 
 register_connector("example", "kvconf_connectors.example", "ExampleConnector")
-register_connector("mooncake", "kvconf_connectors.mooncake", "MooncakeConnector")
-register_connector("nixl", "kvconf_connectors.nixl", "NixlConnector")
-register_connector("offloading", "kvconf_connectors.offloading", "OffloadingConnector")
-register_connector("shared_storage", "kvconf_connectors.shared_storage", "SharedStorageConnector")
+register_connector("mooncake", "kvconf_connectors.mooncake", "MooncakeConnector", "MooncakeConnector")
+register_connector("multi", "kvconf_connectors.multi", "MultiConnector", "MultiConnector")
+register_connector("nixl", "kvconf_connectors.nixl", "NixlConnector", "NixlConnector")
+register_connector("offloading", "kvconf_connectors.offloading", "OffloadingConnector", "OffloadingConnector")
+register_connector("shared_storage", "kvconf_connectors.shared_storage", "SharedStorageConnector", "ExampleConnector")
+
+
+def vllm_names() -> dict[str, str]:
+    """kvconf name -> vLLM's name, for the built-in connectors that vLLM has a counterpart of."""
+    return dict(_VLLM_NAMES)
+
+
+def builtin_for_vllm(vllm_name: str) -> str | None:
+    """The built-in connector that stands for vLLM's ``vllm_name`` (``NixlPullConnector``, vLLM's
+    alias, is kvconf's nixl in pull mode), or None."""
+    if vllm_name in ("NixlPullConnector", "NixlPushConnector"):
+        vllm_name = "NixlConnector"
+    return next((k for k, v in _VLLM_NAMES.items() if v == vllm_name), None)
 
 
 def builtin_names() -> list[str]:
@@ -100,6 +119,19 @@ def resolve(name: str, module_path: str | None) -> Resolved:
             obj = _getattr(obj, module, part) if part else obj
         return Resolved(obj, module, attr, "entry_point", "connector.name")
     known = sorted(set(_REGISTRY) | set(eps))
+    ours = builtin_for_vllm(name)
+    if ours is not None:
+        raise ConfigError(Problem(
+            "connector.name", f"{name} is vLLM's name; kvconf's connector of that kind is {ours}", value=name,
+            allowed=known, fix=f"use connector={ours} (kvconf import translates a whole vLLM JSON)"))
+    from kvconf.config.vllm import REMOVED_CONNECTORS, RENAMED_CONNECTORS
+
+    gone = RENAMED_CONNECTORS.get(name) or REMOVED_CONNECTORS.get(name)
+    if gone is not None:
+        ours = builtin_for_vllm(gone.replacement) if gone.replacement else None
+        raise ConfigError(Problem(
+            "connector.name", f"{name} is no longer a vLLM connector: {gone.advice}", value=name, allowed=known,
+            fix=f"use connector={ours}" if ours else "use one of the allowed connectors"))
     hint = did_you_mean(name, known)
     raise ConfigError(Problem(
         "connector.name", "unknown connector", value=name, allowed=known,

@@ -44,8 +44,11 @@ def to_vllm(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:
     if connector.kv_port != ConnectorConfig.model_fields["kv_port"].default:
         out["kv_port"] = connector.kv_port
     out["kv_load_failure_policy"] = connector.kv_load_failure_policy
+    if connector.enable_permute_local_kv:
+        out["enable_permute_local_kv"] = True
     extra = validate_extra(getattr(cls, "extra_config", None), connector.extra)
     plain = extra.model_dump() if hasattr(extra, "model_dump") else dict(extra)
-    out["kv_connector_extra_config"] = cls.vllm_extra_config(extra) if exports else plain
+    out["kv_connector_extra_config"] = {**(cls.vllm_extra_config(extra) if exports else plain),
+                                        **connector.vllm_extra_config}
     assert set(out) <= set(VLLM_FIELDS)
     return out

@@ -23,7 +23,13 @@ from kvconf.config.models import KVConfConfig, validate, validate_extra
 from kvconf.contract import registry
 from kvconf.contract import signature as contract
 from kvconf.contract.api import KVConnectorRole
-from kvconf.contract.capabilities import ChecksEnvironment, SelfTestContext, SupportsHMA, SupportsServe
+from kvconf.contract.capabilities import (
+    ChecksConfig,
+    ChecksEnvironment,
+    SelfTestContext,
+    SupportsHMA,
+    SupportsServe,
+)
 from kvconf.errors import ConfigError, ConnectorRuntimeError, ContractError, KVConfError, Problem
 from kvconf.units import parse_bytes
 
@@ -109,6 +115,13 @@ def load(job: Job, *, environment: bool = True) -> None:
         except ConfigError as exc:
             extra_ok = False
             problems.extend(exc.problems)
+        if job.cls is not None and extra_ok:
+            from kvconf.config.vllm import vllm_extra_problems
+
+            problems.extend(vllm_extra_problems(getattr(job.cls, "vllm_name", None), connector,
+                                                getattr(job.cls, "vllm_extra_keys", {})))
+            if issubclass(job.cls, ChecksConfig):
+                problems.extend(job.cls.config_problems(connector))
         if job.cls is not None and extra_ok and job.cfg is not None:
             if job.cfg.action == "serve" and job.cfg.role != "worker":
                 problems.append(Problem("role", "action=serve needs the worker side: it holds the KV cache it "
@@ -129,6 +142,10 @@ def load(job: Job, *, environment: bool = True) -> None:
                     if issubclass(job.cls, ChecksEnvironment):
                         problems.extend(job.cls.check_environment(extra, role))
     if problems:
+        from kvconf.config.vllm import explain
+
+        problems = [explain(p, getattr(job.cls, "vllm_name", None), getattr(job.cls, "vllm_extra_keys", {}))
+                    for p in problems]
         only_contract = contract_error and all(p.path.startswith("connector.name") or
                                                p.path.startswith("connector.module_path") for p in problems)
         raise (ContractError if only_contract else ConfigError)(problems)
@@ -141,7 +158,8 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
     load(job)
     cfg, cls, resolved = job.cfg, job.cls, job.resolved
     assert cfg is not None and cls is not None and resolved is not None
-    hybrid = issubclass(cls, SupportsHMA)
+    hybrid = (cls.supports_hma_config(data["connector"]) if issubclass(cls, ChecksConfig)
+              else issubclass(cls, SupportsHMA))
     kv_cache_config = cfg.kv_cache_config_for(hybrid)  # vLLM disables its hybrid plan for other connectors
     if not hybrid and len(kv_cache_config.kv_cache_groups) > 1 and cfg.action not in ("check", "export"):
         raise ConfigError(Problem(
