@@ -35,6 +35,8 @@ SUBCOMMANDS = {
     "validate": ("kvconf.ci.validate", "validate config files, or every combination of the config groups (--matrix)"),
     "check-connector": ("kvconf.ci.check_connector", "check connector classes' constructor contract (MODULE:CLASS)"),
     "bench-compare": ("kvconf.bench.compare", "compare two benchmark results (results.json files or sweep folders)"),
+    "lint": ("kvconf.ci.lint", "check vLLM --kv-transfer-config JSON (strings, files, launch scripts, manifests)"),
+    "import": ("kvconf.ci.importer", "translate a vLLM --kv-transfer-config into kvconf's connector YAML"),
 }
 """``kvconf NAME ...`` runs these tools instead of the Hydra app: name -> (module, what it does)."""
 
