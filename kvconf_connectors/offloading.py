@@ -37,7 +37,7 @@ class OffloadingExtra(StrictModel):
     def _retired(cls, data: Any) -> Any:
         if isinstance(data, dict) and "num_cpu_blocks" in data:
             raise ValueError(
-                "num_cpu_blocks was retired (vLLM PR #24498): give the tier's size in bytes with "
+                "num_cpu_blocks was retired (vLLM PR #24498); fix: give the tier's size in bytes with "
                 "cpu_bytes_to_use instead, e.g. connector.extra.cpu_bytes_to_use=4GiB")
         return data
 

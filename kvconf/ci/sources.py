@@ -270,7 +270,7 @@ def extract(raw: str, label: str) -> tuple[list[Source], list[tuple[int, str]]]:
     literal (a shell variable, say), which cannot be checked."""
     line_of = _line_function(raw)
     stripped = raw.lstrip()
-    if stripped.startswith("{"):
+    if stripped.startswith(("{", "[")):
         start = len(raw) - len(stripped)
         return [Source(label, line_of(start), raw[start:].rstrip(), raw, start=start)], []
     sources: list[Source] = []

@@ -58,6 +58,8 @@ def problems_from_validation_error(exc: ValidationError, model: type[BaseModel],
             fix = f"set {path} to one of the allowed types"
         elif etype == "value_error":
             msg = msg.removeprefix("Value error, ")
+            if "; fix: " in msg:  # a validator's message that says how to fix it
+                msg, fix = msg.split("; fix: ", 1)
             m = re.search(r"allowed: (.*)$", msg)
             if m:
                 allowed = [a.strip() for a in m.group(1).split(",")]

@@ -113,7 +113,7 @@ class ConnectorConfig(StrictModel):
     def _module_path(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError(
-                "module_path cannot be an empty string: remove it (or set it to null) to use the "
+                "module_path cannot be an empty string; fix: remove it (or set it to null) to use the "
                 "registry, or give an importable module such as my_pkg.my_connector"
             )
         return v
