@@ -41,6 +41,11 @@ def check_target(target: str) -> dict[str, Any]:
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # the module does not import: that is the verdict
+        from kvconf.contract.static import is_vllm_missing, static_class
+
+        stand_in = static_class(module, attr) if is_vllm_missing(exc) else None
+        if stand_in is not None:  # a connector written for vLLM, on a machine without vLLM
+            return _verdict(out, contract.check(stand_in, attr))
         return {**out, "verdict": "import_error", "ok": False,
                 "message": f"importing {module!r} failed: {type(exc).__name__}: {exc}",
                 "fix": "make the module importable (installed, or its folder on PYTHONPATH) without side effects"}
@@ -52,10 +57,13 @@ def check_target(target: str) -> dict[str, Any]:
                     "message": f"{module!r} has no attribute {attr!r}",
                     "fix": "classes defined there: " + (", ".join(classes) or "none")}
         obj = getattr(obj, part)
-    v = contract.check(obj, attr)
+    return _verdict(out, contract.check(obj, attr))
+
+
+def _verdict(out: dict[str, Any], v: contract.Verdict) -> dict[str, Any]:
     return {**out, "verdict": v.verdict, "ok": v.ok, "message": v.message, "signature": v.signature,
             "location": v.location, "fix": None if v.ok else v.fix, "vllm_accepts": v.vllm_accepts,
-            "vllm_differs": _vllm_note(v)}
+            "vllm_differs": _vllm_note(v), "base": v.base, "details": list(v.details)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"     signature: {r['class'].split('.')[-1]}{r['signature']}")
             if r.get("fix"):
                 print(f"     fix: {r['fix']}")
+            for d in r.get("details") or ():
+                print(f"     note: {d}")
             if r.get("vllm_differs"):
                 print(f"     note: {r['vllm_differs']}")
     return 0 if all(r["ok"] for r in results) else 1

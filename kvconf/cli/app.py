@@ -224,6 +224,18 @@ def _layout_from_model(argv: list[str]) -> list[str]:
     return ["~kv_cache", *("+" + a if a.startswith("kv_cache.") else a for a in argv)]
 
 
+def _external_connector(argv: list[str]) -> list[str]:
+    """``connector.module_path=...`` without a ``connector=`` option: the user's own class, which
+    must not be handed the default connector's settings, so the ``external`` option (no settings)
+    is chosen and ``connector.extra.KEY=VALUE`` adds keys to it."""
+    if not any(a.startswith("connector.module_path=") for a in argv) or any(
+            a.lstrip("+~").startswith("connector=") for a in argv):
+        return argv
+    return ["connector=external",
+            *("+" + a if a.startswith("connector.extra.") or a.startswith("connector.vllm_extra_config.") else a
+              for a in argv)]
+
+
 def _completion_request(argv: list[str]) -> str | None:
     """The value of ``-sc``/``--shell-completion`` (``install=bash``), if given."""
     for i, a in enumerate(argv):
@@ -258,7 +270,7 @@ def _main(argv: list[str]) -> None:
             fix="run a subcommand (kvconf validate ...), or give overrides as key=value "
                 "(python -m kvconf --help lists them)")), None, None)
         raise SystemExit(2)
-    argv = _layout_from_model(argv)
+    argv = _external_connector(_layout_from_model(argv))
     from kvconf.config.overrides import check_overrides
     from kvconf.contract.registry import builtin_extra_model
 

@@ -105,8 +105,16 @@ def resolve(name: str, module_path: str | None) -> Resolved:
     """The object ``name`` names; a :class:`ConfigError` or :class:`ContractError` (exit 2) saying
     what is wrong and how to fix it when there is none."""
     if module_path is not None:
-        return Resolved(_getattr(_import(module_path, "connector.module_path"), module_path, name),
-                        module_path, name, "module_path", "connector.module_path")
+        try:
+            module = _import(module_path, "connector.module_path")
+        except ContractError:
+            from .static import static_class
+
+            stand_in = static_class(module_path, name) if _needs_vllm(module_path) else None
+            if stand_in is None:
+                raise
+            return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
+        return Resolved(_getattr(module, module_path, name), module_path, name, "module_path", "connector.module_path")
     if name in _REGISTRY:
         module, attr = _REGISTRY[name]
         return Resolved(_getattr(_import(module, "connector.name"), module, attr), module, attr,
@@ -137,6 +145,17 @@ def resolve(name: str, module_path: str | None) -> Resolved:
         "connector.name", "unknown connector", value=name, allowed=known,
         fix=(f"use connector={hint}" if hint else "use a registered name")
         + ", or give the class's module: connector.module_path=my_pkg.my_module connector.name=MyConnector"))
+
+
+def _needs_vllm(module: str) -> bool:
+    """Whether importing ``module`` fails only because vLLM is not installed."""
+    from .static import is_vllm_missing
+
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return is_vllm_missing(exc)
+    return False
 
 
 def _import(module: str, path: str) -> Any:

@@ -11,10 +11,14 @@ parameter that would have worked. kvconf asks what the engine will do:
 >>> v = check(Legacy)
 >>> v.verdict, v.signature
 ('legacy', '(config, role)')
->>> class Good:
+
+A class must also be a connector: a subclass of kvconf's ``KVConnectorBase`` or of vLLM's
+``KVConnectorBase_V1`` (a connector written for vLLM itself gets the same verdicts as kvconf's):
+
+>>> class Plain:
 ...     def __init__(self, config, role, kv_cache_config): ...
->>> check(Good).ok
-True
+>>> check(Plain).verdict
+'not_a_connector'
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from kvconf.errors import ContractError, Problem
 
-__all__ = ["Verdict", "check", "check_received", "require", "vllm_accepts"]
+__all__ = ["Verdict", "check", "check_received", "connector_base", "require", "vllm_accepts"]
 
 FIX = ("accept kv_cache_config as the third argument and pass it to super().__init__(): "
        "def __init__(self, config, role, kv_cache_config): super().__init__(config, role, kv_cache_config)")
@@ -39,7 +43,7 @@ class Verdict:
 
     verdict: str
     """``ok``, ``legacy``, ``kwargs_only``, ``keyword_only``, ``extra_required``, ``not_bindable``,
-    ``abstract`` or ``not_a_class``."""
+    ``not_a_connector``, ``abstract`` or ``not_a_class``."""
     message: str
     signature: str | None = None
     location: str | None = None
@@ -47,6 +51,8 @@ class Verdict:
     vllm_accepts: bool | None = None
     """What vLLM's name-based check (``supports_kw(cls, "kv_cache_config")``) would decide."""
     details: tuple[str, ...] = field(default_factory=tuple)
+    base: str | None = None
+    """Whose connector base the class subclasses: ``kvconf``, ``vllm`` or None."""
 
     @property
     def ok(self) -> bool:
@@ -54,7 +60,22 @@ class Verdict:
 
     def as_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "message": self.message, "signature": self.signature,
-                "location": self.location, "fix": self.fix, "vllm_accepts": self.vllm_accepts}
+                "location": self.location, "fix": self.fix, "vllm_accepts": self.vllm_accepts, "base": self.base,
+                "static": bool(self.details and self.details[0].startswith("read from source"))}
+
+
+def connector_base(cls: Any) -> str | None:
+    """``kvconf`` when ``cls`` subclasses kvconf's connector base, ``vllm`` when it subclasses
+    vLLM's ``KVConnectorBase_V1`` (or is a stand-in for such a class read from source), else None."""
+    marked = getattr(cls, "__kvconf_base__", None)
+    if isinstance(marked, str):
+        return marked
+    for k in getattr(cls, "__mro__", ()):
+        if k.__name__ == "KVConnectorBase" and k.__module__ == "kvconf.contract.base":
+            return "kvconf"
+        if k.__name__ == "KVConnectorBase_V1" and k.__module__.startswith("vllm."):
+            return "vllm"
+    return None
 
 
 def vllm_accepts(cls: Any) -> bool | None:
@@ -68,6 +89,9 @@ def vllm_accepts(cls: Any) -> bool | None:
 
 
 def _location(cls: Any) -> str | None:
+    static = getattr(cls, "__kvconf_static__", None)
+    if isinstance(static, str):
+        return static
     init = getattr(cls, "__init__", None)
     try:
         target = init if init is not None and init is not object.__init__ else cls
@@ -86,25 +110,35 @@ def check(target: Any, name: str | None = None) -> Verdict:
                        vllm_accepts=None)
     where = _location(target)
     accepts = vllm_accepts(target)
+    base = connector_base(target)
+    details = (("read from source: vLLM is not installed, so the module was not imported",)
+               if getattr(target, "__kvconf_static__", None) else ())
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError) as exc:
         return Verdict("not_bindable", f"{label}'s signature cannot be read: {exc}", location=where,
-                       fix=FIX, vllm_accepts=accepts)
+                       fix=FIX, vllm_accepts=accepts, details=details, base=base)
     shown = str(sig)
     try:
         sig.bind(object(), object(), object())
     except TypeError as exc:
         verdict, message = _classify(sig, label, str(exc))
-        return Verdict(verdict, message, signature=shown, location=where, fix=FIX, vllm_accepts=accepts)
+        return Verdict(verdict, message, signature=shown, location=where, fix=FIX, vllm_accepts=accepts,
+                       details=details, base=base)
+    if base is None:
+        return Verdict("not_a_connector", f"{label} subclasses neither kvconf's KVConnectorBase nor vLLM's "
+                       "KVConnectorBase_V1, so it lacks the connector API the engine calls", signature=shown,
+                       location=where, vllm_accepts=accepts, details=details,
+                       fix="subclass kvconf.KVConnectorBase (or vLLM's KVConnectorBase_V1) and implement its "
+                           "abstract methods")
     if inspect.isabstract(target):
         missing = sorted(getattr(target, "__abstractmethods__", ()))
         return Verdict("abstract", f"{label} cannot be instantiated: abstract methods not implemented: "
                        f"{', '.join(missing)}", signature=shown, location=where,
                        fix="implement them (kvconf.KVConnectorBase lists the worker and scheduler methods)",
-                       vllm_accepts=accepts)
+                       vllm_accepts=accepts, details=details, base=base)
     return Verdict("ok", f"{label} accepts (config, role, kv_cache_config)", signature=shown,
-                   location=where, vllm_accepts=accepts)
+                   location=where, vllm_accepts=accepts, details=details, base=base)
 
 
 def _classify(sig: inspect.Signature, label: str, error: str) -> tuple[str, str]:
@@ -137,7 +171,7 @@ def require(target: Any, *, module: str, attribute: str, path: str = "connector.
     v = check(target, f"{attribute} (module {module})")
     if v.ok:
         return target
-    details = []
+    details = list(v.details)
     if v.signature is not None:
         details.append(f"signature found: {attribute}{v.signature}")
     if v.vllm_accepts is not None and v.verdict != "not_a_class":

@@ -126,6 +126,13 @@ def load(job: Job, *, environment: bool = True) -> None:
             if job.cfg.action == "serve" and job.cfg.role != "worker":
                 problems.append(Problem("role", "action=serve needs the worker side: it holds the KV cache it "
                                         "serves", value=job.cfg.role, allowed=["worker"], fix="set role=worker"))
+            if job.cfg.action not in ("check", "export") and contract.connector_base(job.cls) == "vllm":
+                problems.append(Problem(
+                    "action", f"{name} is written for vLLM (it subclasses vLLM's KVConnectorBase_V1): kvconf checks "
+                    "its contract and exports its config, but runs only connectors on kvconf's base",
+                    value=job.cfg.action, allowed=["check", "export"],
+                    fix="use action=check (or export), or kvconf lint --import-modules; to run it under kvconf, "
+                        "subclass kvconf.KVConnectorBase"))
             if job.cfg.action == "serve" and not issubclass(job.cls, SupportsServe):
                 problems.append(Problem("action", f"the {name} connector cannot serve: action=serve is for "
                                         "peer-to-peer connectors (mooncake)", value="serve",

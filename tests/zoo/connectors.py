@@ -138,3 +138,10 @@ class OneGroupOnly(KVConnectorBase):
 
     def build_connector_meta(self, scheduler_output):
         return KVConnectorMetadata()
+
+
+class Plain:
+    """Takes the three arguments but subclasses neither kvconf's base nor vLLM's: no connector API."""
+
+    def __init__(self, config, role, kv_cache_config):
+        self._kv_cache_config = kv_cache_config
