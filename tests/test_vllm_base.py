@@ -1,0 +1,92 @@
+"""Connectors written for vLLM itself (subclasses of vLLM's ``KVConnectorBase_V1``) get the verdicts
+kvconf's own connectors get, with vLLM installed (here: a stand-in on the path) or not (read from
+source); a class that subclasses neither base is rejected at check time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TESTS, kvconf_env, run_kvconf
+
+PAIRS = [("VGood", "Good", "ok"), ("VLegacy", "Legacy", "legacy"), ("VKwargsOnly", "KwargsOnly", "kwargs_only"),
+         ("VAbstract", "Abstract", "abstract")]
+
+
+def check_connector(*targets: str, with_vllm: bool, cwd) -> dict:
+    path = str(TESTS) + ((":" + str(TESTS / "fake_vllm")) if with_vllm else "")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from kvconf.cli.app import main; sys.exit(main())",
+                           "check-connector", "--format", "json", *targets], cwd=cwd,
+                          env=kvconf_env(PYTHONPATH=path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    return {r["class"]: r for r in json.loads(proc.stdout)["results"]}
+
+
+@pytest.mark.parametrize("with_vllm", [True, False], ids=["vllm-importable", "vllm-absent-read-from-source"])
+def test_vllm_connector_gets_the_same_verdict_as_the_equivalent_kvconf_connector(with_vllm, workdir):
+    got = check_connector(*[f"zoo.vllm_connectors:{v}" for v, _, _ in PAIRS],
+                          *[f"zoo.connectors:{k}" for _, k, _ in PAIRS], with_vllm=with_vllm, cwd=workdir)
+    for ours, theirs, verdict in PAIRS:
+        assert got[ours]["verdict"] == got[theirs]["verdict"] == verdict, (ours, got[ours], got[theirs])
+        assert got[ours]["base"] == "vllm" and got[theirs]["base"] == "kvconf"
+        assert any("read from source" in d for d in got[ours]["details"]) is (not with_vllm)
+
+
+def test_vllm_absent_is_really_absent_here():
+    # the read-from-source case above means something only where vLLM cannot be imported
+    proc = subprocess.run([sys.executable, "-c", "import vllm"], env=kvconf_env(), capture_output=True)
+    assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("with_vllm", [True, False], ids=["vllm-importable", "vllm-absent-read-from-source"])
+def test_vllm_connector_passes_action_check_and_is_refused_for_run(with_vllm, workdir):
+    env = kvconf_env(PYTHONPATH=str(TESTS) + ((":" + str(TESTS / "fake_vllm")) if with_vllm else ""))
+    ok = run_kvconf("connector.module_path=zoo.vllm_connectors", "connector.name=VGood", "action=check", cwd=workdir,
+                    env=env)
+    assert ok.returncode == 0, ok.stderr
+    legacy = run_kvconf("connector.module_path=zoo.vllm_connectors", "connector.name=VLegacy", "action=check",
+                        cwd=workdir, env=env)
+    assert legacy.returncode == 2 and "legacy 2-argument constructor" in legacy.stderr
+    run = run_kvconf("connector.module_path=zoo.vllm_connectors", "connector.name=VGood", "action=run", cwd=workdir,
+                     env=env)
+    assert run.returncode == 2 and "written for vLLM" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_class_that_subclasses_neither_base_exits_2_at_check(workdir):
+    proc = run_kvconf("connector.module_path=zoo.connectors", "connector.name=Plain", "action=check", cwd=workdir)
+    assert proc.returncode == 2
+    assert "subclasses neither" in proc.stderr and "fix: subclass kvconf.KVConnectorBase" in proc.stderr
+    got = check_connector("zoo.connectors:Plain", with_vllm=False, cwd=workdir)
+    assert got["Plain"]["verdict"] == "not_a_connector"
+
+
+FREE_FORM = '''
+from kvconf import KVConnectorBase, KVConnectorMetadata
+
+
+class Mine(KVConnectorBase):
+    """Takes its extra settings free-form (no extra_config model)."""
+
+    def start_load_kv(self, forward_context, **kwargs): ...
+    def wait_for_layer_load(self, layer_name): ...
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs): ...
+    def wait_for_save(self): ...
+    def get_num_new_matched_tokens(self, request, num_computed_tokens): return 0, False
+    def update_state_after_alloc(self, request, blocks, num_external_tokens): ...
+    def build_connector_meta(self, scheduler_output): return KVConnectorMetadata()
+'''
+
+
+def test_module_path_on_the_default_group_does_not_hand_over_the_example_connectors_settings(workdir):
+    (workdir / "mine.py").write_text(FREE_FORM)
+    env = kvconf_env(PYTHONPATH=str(workdir))
+    proc = run_kvconf("connector.module_path=mine", "connector.name=Mine", "action=export", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kv_connector_extra_config"] == {}  # not the example connector's capacity
+    proc = run_kvconf("connector.module_path=mine", "connector.name=Mine", "connector.extra.depth=3",
+                      "action=export", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kv_connector_extra_config"] == {"depth": 3}
