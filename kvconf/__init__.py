@@ -19,11 +19,13 @@ from kvconf.config.models import ConnectorConfig, KVConfConfig
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, KVConnectorRole, Request, SchedulerOutput
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import (
+    ChecksConfig,
     ChecksEnvironment,
     ComparesToBaseline,
     ExplainsFailures,
     ExportsToVLLM,
     SelfTestContext,
+    SupportsHMA,
     SupportsRawPath,
     SupportsSelfTest,
     SupportsServe,
@@ -32,6 +34,7 @@ from kvconf.errors import ConfigError, ConnectorRuntimeError, ContractError, KVC
 from kvconf.version import __version__
 
 __all__ = [
+    "ChecksConfig",
     "ChecksEnvironment",
     "ComparesToBaseline",
     "ConfigError",
@@ -54,6 +57,7 @@ __all__ = [
     "Request",
     "SchedulerOutput",
     "SelfTestContext",
+    "SupportsHMA",
     "SupportsRawPath",
     "SupportsSelfTest",
     "SupportsServe",

@@ -226,14 +226,13 @@ def _layout_from_model(argv: list[str]) -> list[str]:
 
 def _external_connector(argv: list[str]) -> list[str]:
     """``connector.module_path=...`` without a ``connector=`` option: the user's own class, which
-    must not be handed the default connector's settings, so the ``external`` option (no settings)
-    is chosen and ``connector.extra.KEY=VALUE`` adds keys to it."""
+    must not be handed the default connector's settings, so ``connector.extra`` starts empty
+    (``connector.extra={}``) and ``connector.extra.KEY=VALUE`` adds the class's own keys."""
     if not any(a.startswith("connector.module_path=") for a in argv) or any(
-            a.lstrip("+~").startswith("connector=") for a in argv):
+            a.lstrip("+~").startswith(("connector=", "connector.extra=")) for a in argv):
         return argv
-    return ["connector=external",
-            *("+" + a if a.startswith("connector.extra.") or a.startswith("connector.vllm_extra_config.") else a
-              for a in argv)]
+    return ["~connector.extra", "+connector.extra={}",
+            *("+" + a if a.startswith("connector.extra.") else a for a in argv)]
 
 
 def _completion_request(argv: list[str]) -> str | None:
