@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-collect_ignore = ["zoo", "fake_mooncake", "fake_nixl", "fake_vllm"]  # modules for the tests to import by path, some broken on purpose
+# modules for the tests to import by path, some broken on purpose
+collect_ignore = ["zoo", "fake_mooncake", "fake_nixl", "fake_vllm"]
 REPO = TESTS.parent
 CONF = REPO / "kvconf" / "conf"
 OWNER = "KVCONF_TEST_OWNER"

@@ -108,8 +108,9 @@ vllm serve meta-llama/Llama-3.1-8B \\
   --kv-transfer-config '{"kv_connector":"MooncakeConnector",
                          "kv_role":"kv_producer",
                          "kv_connector_extra_config": {"protocol": "tcp"}}' &
-vllm serve meta-llama/Llama-3.1-8B --port 8200 --kv-transfer-config="{\\"kv_connector\\":\\"NixlConnector\\",\\"kv_rank\\":1,\\"kv_role\\":\\"kv_consumer\\"}"
-"""
+vllm serve meta-llama/Llama-3.1-8B --port 8200 --kv-transfer-config=DECODE_JSON
+""".replace("DECODE_JSON", json.dumps(json.dumps({"kv_connector": "NixlConnector", "kv_rank": 1,
+                                                   "kv_role": "kv_consumer"}, separators=(",", ":"))))
 
 MANIFEST = """apiVersion: apps/v1
 kind: Deployment
@@ -125,8 +126,9 @@ spec:
             - '{"kv_connector":"OffloadingConnector","kv_role":"kv_both",
                "kv_connector_extra_config":{"num_cpu_blocks":10000}}'
         - name: decode
-          command: ["vllm", "serve", "m", "--kv-transfer-config", "{\\"kv_connector\\":\\"SharedStorageConnector\\",\\"kv_role\\":\\"kv_both\\"}"]
-"""
+          command: ["vllm", "serve", "m", "--kv-transfer-config", OLD_JSON]
+""".replace("OLD_JSON", json.dumps(json.dumps({"kv_connector": "SharedStorageConnector", "kv_role": "kv_both"},
+                                               separators=(",", ":"))))
 
 
 def test_launch_script_problems_are_reported_at_their_own_lines(tmp_path):
@@ -225,3 +227,10 @@ def test_import_of_a_connector_kvconf_has_no_counterpart_of_exits_1(workdir):
 def test_import_refuses_a_misconfigured_json_with_lints_messages(workdir):
     proc = kvconf_cli("import", '{"kv_connector":"NixlConnector"}', cwd=workdir)
     assert proc.returncode == 1 and "kv_role" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_lists_every_catalogue_entry():
+    from conftest import REPO
+
+    table = (REPO / "README.md").read_text().split("<!-- catalogue -->")[1].split("<!-- /catalogue -->")[0]
+    assert [e.id for e in CATALOGUE] == [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]

@@ -266,7 +266,7 @@ def _extra_value(t: Target) -> Iterable[Hit]:
     """The extra keys kvconf's own connector of that kind reads, checked by its model."""
     if t.external or t.connector is None or t.connector == "MultiConnector":
         return
-    from kvconf.ci.importer import extra_problems
+    from kvconf.ci.translate import extra_problems
 
     for key, message, literal in extra_problems(t.connector, t.extra):
         yield Hit(t.at(EXTRA, key), t.extra.get(key), message,

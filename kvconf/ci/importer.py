@@ -20,97 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["extra_problems", "main", "to_yaml", "translate"]
+from .translate import ImportFailure, translate
 
-
-class ImportFailure(Exception):
-    """The JSON has no kvconf counterpart: why."""
-
-
-def _builtin(vllm_name: str) -> tuple[str, type] | None:
-    from kvconf.contract import registry
-
-    ours = registry.builtin_for_vllm(vllm_name)
-    if ours is None:
-        return None
-    return ours, registry.resolve(ours, None).target
-
-
-def _number(v: Any) -> Any:
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-def extra_problems(vllm_name: str, extra: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """``(vLLM key, message, kvconf-only)`` for each extra value kvconf's connector of this kind
-    rejects; ``kvconf-only`` marks a value outside a choice kvconf's connector has and vLLM's may not
-    (a Mooncake protocol kvconf cannot run). Keys kvconf does not read, and missing keys, are other
-    entries' business."""
-    found = _builtin(vllm_name)
-    if found is None:
-        return []
-    _, cls = found
-    model = getattr(cls, "extra_config", None)
-    mapped = {v: k for k, v in getattr(cls, "vllm_extra_keys", {}).items()}
-    if model is None or not mapped:
-        return []
-    from pydantic import ValidationError
-
-    data = {mapped[k]: _number(v) for k, v in extra.items() if k in mapped}
-    try:
-        model.model_validate(data)
-    except ValidationError as exc:
-        back = {k: v for v, k in mapped.items()}
-        out = []
-        for err in exc.errors():
-            key = err["loc"][0] if err["loc"] else None
-            if err["type"] == "missing" or key not in back:
-                continue
-            out.append((back[key], err["msg"], err["type"] == "literal_error"))
-        return out
-    return []
-
-
-def translate(ktc: dict[str, Any]) -> dict[str, Any]:
-    """kvconf's connector node for vLLM's KVTransferConfig ``ktc`` (a linted one)."""
-    name = ktc.get("kv_connector")
-    module_path = ktc.get("kv_connector_module_path")
-    extra_in = dict(ktc.get("kv_connector_extra_config") or {})
-    node: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    passthrough: dict[str, Any] = {}
-    if module_path:
-        node.update(name=name, module_path=module_path)
-        extra = extra_in  # an external connector takes its extra settings as they are
-    else:
-        found = _builtin(str(name))
-        if found is None:
-            from kvconf.contract.registry import vllm_names
-
-            raise ImportFailure(f"kvconf has no counterpart of vLLM's {name}; it runs "
-                                + ", ".join(f"{v} (as {k})" for k, v in sorted(vllm_names().items())))
-        ours, cls = found
-        node["name"] = ours
-        mapped = {v: k for k, v in getattr(cls, "vllm_extra_keys", {}).items()}
-        for key, value in extra_in.items():
-            if ours == "multi" and key == "connectors":
-                extra["connectors"] = [translate(child) for child in value]
-            elif key in mapped:
-                extra[mapped[key]] = _number(value)
-            else:
-                passthrough[key] = value
-        if name in ("NixlPullConnector", "NixlPushConnector"):
-            extra["mode"] = "push" if name == "NixlPushConnector" else "pull"
-    node["kv_role"] = ktc.get("kv_role")
-    for key in ("engine_id", "kv_buffer_device", "kv_port", "kv_load_failure_policy", "enable_permute_local_kv"):
-        if key in ktc:
-            node[key] = _number(ktc[key]) if key == "kv_port" and not isinstance(ktc[key], str) else ktc[key]
-    if isinstance(node.get("kv_port"), str):
-        node["kv_port"] = int(node["kv_port"])  # vLLM's lax validation takes "30000"
-    if extra:
-        node["extra"] = extra
-    if passthrough:
-        node["vllm_extra_config"] = passthrough
-    return node
+__all__ = ["main", "to_yaml"]
 
 
 def to_yaml(node: dict[str, Any], origin: str) -> str:

@@ -153,7 +153,7 @@ class _Parser:
 
     def string(self) -> str:
         self.i += 1
-        out = []
+        out: list[str] = []
         while True:
             if self.i >= len(self.s):
                 raise self.error("unterminated string")

@@ -12,6 +12,7 @@ diagnostics    pydantic errors told as ``Problem`` records (path, value, allowed
 overrides      command-line overrides checked before Hydra composes (did-you-mean for typos)
 fielddocs      field docstrings copied into descriptions, for ``--help`` and the JSON Schemas
 jsonschema     the JSON Schemas generated from the models
+vllm           vLLM's ``--kv-transfer-config`` as data: fields, connector names, extra keys, aliases
 =============  =================================================================================
 
 Nothing here imports torch, Hydra's app or a connector.

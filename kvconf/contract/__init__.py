@@ -8,7 +8,8 @@ base           ``KVConnectorBase``: vLLM's v1 connector API with the three-argum
 capabilities   kvconf's optional capabilities, one mixin each (self-test, serve, export, ...)
 registry       connector names to classes: built-in names, entry points, ``module_path``
 signature      the constructor contract: ``cls(config, role, kv_cache_config)``, checked without
-               calling ``cls``
+               calling ``cls``; a class must subclass kvconf's base or vLLM's ``KVConnectorBase_V1``
+static         connectors written for vLLM, read from source where vLLM is not installed
 =============  =================================================================================
 
 Importing this package imports no connector and no torch. It also keeps the names of the old

@@ -131,5 +131,5 @@ def static_class(module: str, attr: str) -> Optional[type]:
     stand_in = type(attr, (), ns)
     missing = required - methods
     if missing:
-        stand_in.__abstractmethods__ = frozenset(missing)  # type: ignore[misc]  # marks it abstract
+        stand_in.__abstractmethods__ = frozenset(missing)  # type: ignore[attr-defined]  # marks it abstract
     return stand_in

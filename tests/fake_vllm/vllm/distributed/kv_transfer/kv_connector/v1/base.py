@@ -14,7 +14,7 @@ class KVConnectorMetadata(ABC):  # noqa: B024 - vLLM's marker class has no metho
     pass
 
 
-class KVConnectorBase_V1(ABC):  # noqa: N801 - vLLM's name
+class KVConnectorBase_V1(ABC):  # vLLM's name
     def __init__(self, vllm_config, role, kv_cache_config):
         if vllm_config is None:
             raise ValueError("kv_transfer_config must be set for KVConnectorBase_V1")
