@@ -106,3 +106,21 @@ def test_replica_rejects_what_vllm_rejects():
         TypeAdapter(KVTransferConfig).validate_json('{"kv_connector": "X", "kv_role": "kv_producer", "kv_ip": "1"}')
     with pytest.raises(ValidationError):
         TypeAdapter(KVTransferConfig).validate_json('{"kv_connector": "X"}')
+
+
+def test_mooncake_export_says_where_kvconfs_connector_differs_from_vllms(workdir):
+    proc = run_kvconf("action=export", "connector=mooncake", cwd=workdir)
+    assert proc.returncode == 0
+    json.loads(proc.stdout)  # stdout stays the JSON alone
+    assert "bootstrap server" in proc.stderr and "side_channel" in proc.stderr
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("connector.extra.mooncake_protocol=tcp", "kvconf calls it connector.extra.protocol"),
+    ("connector.kv_connector=MooncakeConnector", "kvconf calls it connector.name"),
+    ("connector.kv_ip=10.0.0.1", "vLLM removed 'kv_ip'"),
+    ("connector.extra.bootstrap_server_address=10.0.0.2:8998", "connector.vllm_extra_config.bootstrap_server_address"),
+])
+def test_vllm_spellings_in_overrides_are_told_in_kvconfs_terms(override, said, workdir):
+    proc = run_kvconf("connector=mooncake", override, "action=check", cwd=workdir)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr

@@ -132,6 +132,8 @@ def _emit(report: dict[str, Any], output: str) -> None:
         _print(json.dumps({"ok": True, **report}, default=str))
     elif report["action"] == "export":
         _print(json.dumps(report["kv_transfer_config"], indent=2))
+        for note in report.get("export_notes", ()):  # on stderr: stdout stays the JSON alone
+            print(f"kvconf: note: {note}", file=sys.stderr)
     else:
         from .report import render_text
 
@@ -235,6 +237,23 @@ def _external_connector(argv: list[str]) -> list[str]:
             *("+" + a if a.startswith("connector.extra.") else a for a in argv)]
 
 
+def _in_vllm_terms(exc: ConfigError, argv: list[str]) -> ConfigError:
+    """An unknown key that is vLLM's spelling (``connector.kv_connector``, mooncake's
+    ``connector.extra.mooncake_protocol``) or a field vLLM removed, told as such."""
+    from kvconf.config.vllm import explain
+    from kvconf.contract import registry
+
+    name = next((a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("connector=")), "example")
+    vllm_name = registry.vllm_names().get(name)
+    mapped: dict[str, str] = {}
+    if vllm_name is not None:
+        try:
+            mapped = getattr(registry.resolve(name, None).target, "vllm_extra_keys", {})
+        except Exception:  # the connector's module does not import: keep the plain message
+            mapped = {}
+    return ConfigError([explain(p, vllm_name, mapped) for p in exc.problems])
+
+
 def _completion_request(argv: list[str]) -> str | None:
     """The value of ``-sc``/``--shell-completion`` (``install=bash``), if given."""
     for i, a in enumerate(argv):
@@ -276,7 +295,7 @@ def _main(argv: list[str]) -> None:
     try:
         check_overrides(argv, CONF_DIR, extra_model=builtin_extra_model)
     except ConfigError as exc:
-        _report_error(exc, None, None)
+        _report_error(_in_vllm_terms(exc, argv), None, None)
         raise SystemExit(2) from None
     if _plain_run(argv):
         _compose_and_run(argv)

@@ -112,6 +112,9 @@ class ExportsToVLLM:
     """The name vLLM registers the equivalent connector under (``MooncakeConnector``)."""
     vllm_extra_keys: ClassVar[dict[str, str]] = {}
     """``extra`` field -> key of vLLM's ``kv_connector_extra_config``; empty: every field as is."""
+    vllm_differences: ClassVar[tuple[str, ...]] = ()
+    """Where this connector behaves differently from vLLM's of the same name (``action=export``
+    says so, beside the JSON)."""
 
     @classmethod
     def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:

@@ -207,6 +207,9 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
         from .export import to_vllm
 
         report["kv_transfer_config"] = to_vllm(cfg.connector, cls)
+        notes = list(getattr(cls, "vllm_differences", ()))
+        if notes:
+            report["export_notes"] = notes
     elif cfg.action != "check":
         act = {**ACTIONS, **(actions or {})}.get(cfg.action)
         if act is None:
