@@ -306,6 +306,8 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
         report["seconds"] = round(seconds, 6)
         report["gbps"] = round(total / seconds / 1e9, 3) if seconds > 0 else None
         report["requests"] = max(int(r.get("requests") or 0) for r in parts)
+        if all(r.get("scheduler_only") for r in parts):
+            report["scheduler_only"] = True
         report["verified"] = all(r.get("verified") for r in report["children"]) and (
             report.get("multi", {}).get("verified", True))
         if not report["verified"]:

@@ -234,3 +234,11 @@ def test_readme_lists_every_catalogue_entry():
 
     table = (REPO / "README.md").read_text().split("<!-- catalogue -->")[1].split("<!-- /catalogue -->")[0]
     assert [e.id for e in CATALOGUE] == [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+
+
+def test_manifest_with_the_json_in_a_block_scalar(tmp_path):
+    manifest = tmp_path / "args.yaml"
+    manifest.write_text("args:\n  - --kv-transfer-config\n  - |\n    {\"kv_connector\": \"NixlConnector\",\n"
+                        "     \"kv_role\": \"kv_prefill\"}\n")
+    _, findings = lint(str(manifest))
+    assert [(f.id, f.line) for f in findings] == [("bad-kv-role", 5)]

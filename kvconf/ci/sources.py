@@ -277,8 +277,9 @@ def extract(raw: str, label: str) -> tuple[list[Source], list[tuple[int, str]]]:
     skipped: list[tuple[int, str]] = []
     for m in re.finditer(re.escape(FLAG) + r"(?![\w.-])", raw):
         i = m.end()
-        # past '=', spaces, a line break, quotes, and a YAML list item's "- " or a flow list's ", "
-        while i < len(raw) and raw[i] in " \t=\r\n'\",-\\[":
+        # past '=', spaces, a line break, quotes, a YAML list item's "- ", a flow list's ", " and a
+        # block scalar's "|" or ">"
+        while i < len(raw) and raw[i] in " \t=\r\n'\",-\\[|>":
             i += 1
         if i >= len(raw) or raw[i] != "{":
             rest = raw[i:].split("\n", 1)[0].strip()[:40]
