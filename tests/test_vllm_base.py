@@ -63,30 +63,11 @@ def test_class_that_subclasses_neither_base_exits_2_at_check(workdir):
     assert got["Plain"]["verdict"] == "not_a_connector"
 
 
-FREE_FORM = '''
-from kvconf import KVConnectorBase, KVConnectorMetadata
-
-
-class Mine(KVConnectorBase):
-    """Takes its extra settings free-form (no extra_config model)."""
-
-    def start_load_kv(self, forward_context, **kwargs): ...
-    def wait_for_layer_load(self, layer_name): ...
-    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs): ...
-    def wait_for_save(self): ...
-    def get_num_new_matched_tokens(self, request, num_computed_tokens): return 0, False
-    def update_state_after_alloc(self, request, blocks, num_external_tokens): ...
-    def build_connector_meta(self, scheduler_output): return KVConnectorMetadata()
-'''
-
-
 def test_module_path_on_the_default_group_does_not_hand_over_the_example_connectors_settings(workdir):
-    (workdir / "mine.py").write_text(FREE_FORM)
-    env = kvconf_env(PYTHONPATH=str(workdir))
-    proc = run_kvconf("connector.module_path=mine", "connector.name=Mine", "action=export", cwd=workdir, env=env)
+    proc = run_kvconf("connector.module_path=zoo.connectors", "connector.name=FreeForm", "action=export", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["kv_connector_extra_config"] == {}  # not the example connector's capacity
-    proc = run_kvconf("connector.module_path=mine", "connector.name=Mine", "connector.extra.depth=3",
-                      "action=export", cwd=workdir, env=env)
+    proc = run_kvconf("connector.module_path=zoo.connectors", "connector.name=FreeForm", "connector.extra.depth=3",
+                      "action=export", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["kv_connector_extra_config"] == {"depth": 3}

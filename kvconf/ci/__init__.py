@@ -11,6 +11,7 @@ catalogue         the misconfigurations vLLM users hit, as data (detector, messa
 sources           where ``--kv-transfer-config`` values are in a file, parsed with each key's line
 translate         vLLM's KVTransferConfig in kvconf's terms (names, extra keys, model checks)
 importer          ``kvconf import``: a vLLM ``--kv-transfer-config`` as ``connector/NAME.yaml``
+usage             the CI commands' argument parser (a usage error exits 2)
 conformance       the conformance tests a connector class must pass
 pytest_plugin     ``pytest --kvconf-connector MODULE:CLASS``: those tests as a pytest plugin
 schemas           ``python -m kvconf.ci.schemas``: writes the JSON Schemas, or ``--check`` they are current

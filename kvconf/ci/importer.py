@@ -15,7 +15,6 @@ Exit 2 for a usage error.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,10 @@ def _default_name(node: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvconf.ci.lint import UsageError, lint_inputs, print_findings
+    from .lint import UsageError, lint_inputs, print_findings
+    from .usage import UsageParser
 
-    p = argparse.ArgumentParser(prog="kvconf import", description=__doc__.split("\n\n")[0])
+    p = UsageParser(prog="kvconf import", description=__doc__.split("\n\n")[0])
     p.add_argument("input", metavar="JSON|FILE|-")
     p.add_argument("--out", type=Path, help="write DIR/connector/NAME.yaml (default: the YAML on stdout)")
     p.add_argument("--name", help="the option's name (default: kvconf's connector name and the kv_role)")

@@ -16,16 +16,16 @@ a file with no value in it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NoReturn, Optional
+from typing import IO, Any, Optional
 
 from .catalogue import CATALOGUE, Entry, Target, render_path
 from .sources import JSONSyntaxError, Source, extract
+from .usage import UsageParser
 
 __all__ = ["Finding", "Result", "UsageError", "lint_inputs", "lint_source", "main", "print_findings"]
 
@@ -176,15 +176,8 @@ def _jsonable(v: Any) -> bool:
         return False
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # usage errors exit 2 with the usage line
-        self.print_usage(sys.stderr)
-        print(f"kvconf lint: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="kvconf lint", description=__doc__.split("\n\n")[0])
+    p = UsageParser(prog="kvconf lint", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="JSON|FILE|-")
     p.add_argument("--format", choices=("text", "json", "github"), default="text")
     p.add_argument("--import-modules", action="store_true",

@@ -13,7 +13,6 @@ invalid, 2 usage error (unknown flag, missing file). Also ``python -m kvconf.ci.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -21,7 +20,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
@@ -31,6 +30,8 @@ from kvconf.config.models import ConnectorConfig, KVCacheGroupFile, validate_ext
 from kvconf.contract.registry import builtin_extra_model
 from kvconf.errors import MISSING, ConfigError, KVConfError, Problem
 from kvconf.runtime.pipeline import Job, load, run_job
+
+from .usage import UsageParser
 
 __all__ = ["Finding", "main", "positions", "validate_file", "validate_matrix"]
 
@@ -354,15 +355,8 @@ def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
           + (f"{bad} invalid" if report.findings else "all valid") + f" ({seconds:.2f} s)")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # usage errors exit 2 with the usage line
-        self.print_usage(sys.stderr)
-        print(f"kvconf validate: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="kvconf validate", description=__doc__.split("\n\n")[0])
+    p = UsageParser(prog="kvconf validate", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path, help="config files: group files or whole configs")
     p.add_argument("--group", choices=GROUPS, help="the config group of every FILE (default: its folder's name)")
     p.add_argument("--matrix", action="store_true", help="check every combination of the config groups' options")

@@ -145,3 +145,7 @@ class Plain:
 
     def __init__(self, config, role, kv_cache_config):
         self._kv_cache_config = kv_cache_config
+
+
+class FreeForm(_Trivial):
+    """Takes its extra settings free-form (no extra_config model)."""
