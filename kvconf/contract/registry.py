@@ -107,12 +107,15 @@ def resolve(name: str, module_path: str | None) -> Resolved:
     if module_path is not None:
         try:
             module = _import(module_path, "connector.module_path")
-        except ContractError:
+        except _NeedsVLLM:  # a connector written for vLLM, on a machine without vLLM: read its source
             from .static import static_class
 
-            stand_in = static_class(module_path, name) if _needs_vllm(module_path) else None
+            stand_in = static_class(module_path, name)
             if stand_in is None:
-                raise
+                raise ContractError(Problem(
+                    "connector.module_path", f"importing {module_path!r} needs vLLM, which is not installed, and "
+                    f"its source has no class {name!r} on vLLM's KVConnectorBase_V1", value=module_path,
+                    fix="install vLLM, or check connector.name")) from None
             return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
         return Resolved(_getattr(module, module_path, name), module_path, name, "module_path", "connector.module_path")
     if name in _REGISTRY:
@@ -147,21 +150,18 @@ def resolve(name: str, module_path: str | None) -> Resolved:
         + ", or give the class's module: connector.module_path=my_pkg.my_module connector.name=MyConnector"))
 
 
-def _needs_vllm(module: str) -> bool:
-    """Whether importing ``module`` fails only because vLLM is not installed."""
-    from .static import is_vllm_missing
-
-    try:
-        importlib.import_module(module)
-    except Exception as exc:
-        return is_vllm_missing(exc)
-    return False
+class _NeedsVLLM(Exception):
+    """Importing a ``module_path`` failed only because vLLM is not installed."""
 
 
 def _import(module: str, path: str) -> Any:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
+        from .static import is_vllm_missing
+
+        if path == "connector.module_path" and is_vllm_missing(exc):
+            raise _NeedsVLLM(module) from None
         if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
             raise ContractError(Problem(
                 path, f"no module named {module!r}", value=module,
