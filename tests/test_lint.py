@@ -94,6 +94,12 @@ def test_valid_vllm_configs_with_keys_only_vllm_reads_pass(text):
     assert results[0].ok, [f.message for f in findings]
 
 
+def test_a_byte_count_written_as_text_is_an_error_though_kvconf_would_take_it():
+    results, findings = lint('{"kv_connector":"OffloadingConnector","kv_role":"kv_both",'
+                             '"kv_connector_extra_config":{"cpu_bytes_to_use":"4GiB"}}')
+    assert not results[0].ok and [f.id for f in findings] == ["extra-value"]
+
+
 def test_human_readable_numbers_are_read_as_vllm_expands_them():
     results, _ = lint('{"kv_connector":"OffloadingConnector","kv_role":"kv_both",'
                       '"kv_connector_extra_config":{"cpu_bytes_to_use": 4G}}')

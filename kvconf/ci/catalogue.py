@@ -268,6 +268,12 @@ def _extra_value(t: Target) -> Iterable[Hit]:
         return
     from kvconf.ci.translate import extra_problems
 
+    table = V.EXTRA_KEYS.get(t.connector)
+    for key, v in t.extra.items():
+        whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        if table is not None and table.integer(key) and v is not None and (isinstance(v, bool) or not whole):
+            yield Hit(t.at(EXTRA, key), v, f"{t.connector} reads {key} as an integer",
+                      f"write a plain number{' of bytes (4G is 4 GiB)' if 'bytes' in key else ''}")
     for key, message, literal in extra_problems(t.connector, t.extra):
         yield Hit(t.at(EXTRA, key), t.extra.get(key), message,
                   severity="warning" if literal else None,
@@ -431,7 +437,7 @@ CATALOGUE: tuple[Entry, ...] = (
           "keep one", "vllm/distributed/kv_transfer/kv_connector/v1/offloading/config.py",
           _j(**_OFF, kv_connector_extra_config={"cpu_bytes_to_use": 10**9, "block_size": 64, "blocks_per_chunk": 4}),
           _offload_chunk),
-    Entry("extra-value", "an extra value kvconf's connector of that kind rejects (a count of 0, a bad size)",
+    Entry("extra-value", "an extra value of the wrong type or out of range (a count of 0, a byte count written as text)",
           "give a value in range", "kvconf's connector models (connector.extra)",
           _j(**_MC, kv_connector_extra_config={"num_workers": 0}), _extra_value,
           hydra=("connector=mooncake", "connector.extra.num_workers=0")),

@@ -138,6 +138,13 @@ class ExtraTable:
     source: str
     retired: dict[str, str] = field(default_factory=dict)
     """Keys it no longer reads -> what replaced them."""
+    integers: frozenset[str] = frozenset()
+    """Required keys that take an integer (a key with a default takes its default's type)."""
+
+    def integer(self, key: str) -> bool:
+        """Whether vLLM's connector reads ``key`` as an integer (a byte count, a count)."""
+        default = self.keys.get(key)
+        return key in self.integers or (isinstance(default, int) and not isinstance(default, bool))
 
 
 _NIXL = ExtraTable(
@@ -160,7 +167,8 @@ EXTRA_KEYS: dict[str, ExtraTable] = {
          "canonical_layout": False, "self_describing_kv_events": False, "secondary_tiers": None,
          "backpressure": None},
         "distributed/kv_transfer/kv_connector/v1/offloading_connector.py, v1/kv_offload/",
-        retired={"num_cpu_blocks": "cpu_bytes_to_use (bytes across all workers; vLLM PR #24498)"}),
+        retired={"num_cpu_blocks": "cpu_bytes_to_use (bytes across all workers; vLLM PR #24498)"},
+        integers=frozenset({"cpu_bytes_to_use", "block_size"})),
     "SimpleCPUOffloadConnector": ExtraTable(
         {"cpu_bytes_to_use": 8 << 30, "cpu_bytes_to_use_per_rank": None, "lazy_offload": False,
          "kv_offload_backend": "cpu", "disk_path": None, "disk_capacity_bytes": 100 << 30,
