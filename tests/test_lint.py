@@ -248,3 +248,19 @@ def test_manifest_with_the_json_in_a_block_scalar(tmp_path):
                         "     \"kv_role\": \"kv_prefill\"}\n")
     _, findings = lint(str(manifest))
     assert [(f.id, f.line) for f in findings] == [("bad-kv-role", 5)]
+
+
+def test_nested_multiconnector_children_are_checked_too():
+    _, findings = lint('{"kv_connector":"MultiConnector","kv_role":"kv_both","kv_connector_extra_config":{"connectors":'
+                       '[{"kv_connector":"MultiConnector","kv_role":"kv_both","kv_connector_extra_config":'
+                       '{"connectors":[{"kv_connector":"NixlConnector"}]}}]}}')
+    assert [(f.id, f.path) for f in findings] == [
+        ("missing-kv-role", "kv_connector_extra_config.connectors[0].kv_connector_extra_config.connectors[0]"
+                            ".kv_connector")]
+
+
+def test_a_file_with_a_byte_order_mark_is_read(tmp_path):
+    f = tmp_path / "bom.json"
+    f.write_bytes(b'\xef\xbb\xbf{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}')
+    results, _ = lint(str(f))
+    assert results[0].ok and results[0].value["kv_role"] == "kv_consumer"

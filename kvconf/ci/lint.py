@@ -95,19 +95,23 @@ def lint_source(source: Source, import_modules: bool = False) -> Result:
     for path in doc.duplicates:
         result.findings.append(_finding("duplicate-key", source, doc.line_of(path), render_path(path),
                                         f"{path[-1]!r} is written more than once"))
-    targets = [Target(doc.value, (), import_modules=import_modules)]
-    extra = doc.value.get("kv_connector_extra_config")
-    if doc.value.get("kv_connector") == "MultiConnector" and isinstance(extra, dict) and \
-            isinstance(extra.get("connectors"), list):
-        targets += [Target(kid, ("kv_connector_extra_config", "connectors", i), child=True,
-                           import_modules=import_modules)
-                    for i, kid in enumerate(extra["connectors"]) if isinstance(kid, dict)]
-    for t in targets:
+    for t in _targets(Target(doc.value, (), import_modules=import_modules)):
         for entry in CATALOGUE:
             for hit in entry.detect(t):
                 result.findings.append(_finding(entry.id, source, doc.line_of(hit.path), render_path(hit.path),
                                                 hit.detail, hit.value, hit.fix, hit.severity))
     return result
+
+
+def _targets(t: Target) -> list[Target]:
+    """``t`` and, for a MultiConnector, each child (and each child's children)."""
+    out = [t]
+    kids = t.extra.get("connectors") if t.connector == "MultiConnector" else None
+    for i, kid in enumerate(kids if isinstance(kids, list) else []):
+        if isinstance(kid, dict):
+            out += _targets(Target(kid, t.at("kv_connector_extra_config", "connectors", i), child=True,
+                                   import_modules=t.import_modules))
+    return out
 
 
 def _read(arg: str, n: int) -> tuple[str, str]:
@@ -119,7 +123,7 @@ def _read(arg: str, n: int) -> tuple[str, str]:
     if not path.is_file():
         raise UsageError(f"{arg}: no such file (give a JSON string, a file, or - for standard input)")
     try:
-        return arg, path.read_text()
+        return arg, path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{arg}: cannot be read: {exc}") from None
 
