@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TESTS, kvconf_env, run_kvconf
-from kvconf.ci.catalogue import CATALOGUE
+from kvconf.ci.catalogue import CATALOGUE, NOTICES
 from kvconf.ci.lint import lint_inputs
 from kvconf.ci.lint import main as lint_main
 from kvconf.errors import KVConfError
@@ -34,7 +34,7 @@ def kvconf_cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Co
 # ---- the catalogue: one test per entry --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry", CATALOGUE, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", [*CATALOGUE, *NOTICES], ids=lambda e: e.id)
 def test_catalogue_entry_is_reported_with_its_path_and_fix(entry, tmp_path):
     if entry.id == "not-a-literal":
         script = tmp_path / "launch.sh"
@@ -239,7 +239,19 @@ def test_readme_lists_every_catalogue_entry():
     from conftest import REPO
 
     table = (REPO / "README.md").read_text().split("<!-- catalogue -->")[1].split("<!-- /catalogue -->")[0]
-    assert [e.id for e in CATALOGUE] == [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    listed = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert listed == [e.id for e in (*CATALOGUE, *NOTICES)]
+
+
+def test_every_catalogue_entry_exits_1_and_every_notice_exits_0(tmp_path):
+    sys.path.insert(0, str(TESTS))  # zoo.connectors, for --import-modules
+    for entry in CATALOGUE:
+        if entry.id != "external-contract":
+            assert lint_main([entry.example]) == 1, entry.id
+    assert lint_main(["--import-modules", CATALOGUE[[e.id for e in CATALOGUE].index("external-contract")].example]) == 1
+    script = tmp_path / "launch.sh"
+    script.write_text(NOTICES[0].example + "\n")
+    assert lint_main([str(script)]) == 0 and lint_main([NOTICES[1].example]) == 0
 
 
 def test_manifest_with_the_json_in_a_block_scalar(tmp_path):

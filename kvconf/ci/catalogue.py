@@ -15,7 +15,7 @@ from typing import Any, Optional
 from kvconf.config import vllm as V
 from kvconf.errors import did_you_mean
 
-__all__ = ["CATALOGUE", "Entry", "Hit", "Target", "render_path"]
+__all__ = ["CATALOGUE", "NOTICES", "Entry", "Hit", "Target", "render_path"]
 
 Path = tuple[Any, ...]
 EXTRA = "kv_connector_extra_config"
@@ -365,9 +365,6 @@ CATALOGUE: tuple[Entry, ...] = (
           _document),
     Entry("not-an-object", "JSON that is not an object", "write one JSON object of KVTransferConfig fields",
           "vllm/engine/arg_utils.py (parse_dataclass)", '["NixlConnector", "kv_both"]', _document),
-    Entry("not-a-literal", "a --kv-transfer-config whose value is not written out (a shell variable)",
-          "lint the value itself: kvconf lint \"$VAR\" or the file it comes from", "kvconf lint",
-          "vllm serve m --kv-transfer-config \"$KV_CONFIG\"", _document, severity="note"),
     Entry("duplicate-key", "a key written twice in one object (JSON keeps the last, silently)",
           "keep one", "RFC 8259 section 4; Python's json module",
           '{"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_role": "kv_consumer"}', _document),
@@ -465,10 +462,20 @@ CATALOGUE: tuple[Entry, ...] = (
           "vLLM PR #39832; vllm/distributed/kv_transfer/kv_connector/factory.py",
           _j(kv_connector="Legacy", kv_role="kv_both", kv_connector_module_path="zoo.connectors"), _external,
           hydra=("connector.module_path=zoo.connectors", "connector.name=Legacy")),
+)
+"""Every misconfiguration ``kvconf lint`` knows: each is an error (exit 1), except that an external
+connector's contract is checked only with ``--import-modules`` (a note says it was skipped). The
+README lists them; each has a test."""
+
+NOTICES: tuple[Entry, ...] = (
+    Entry("not-a-literal", "a --kv-transfer-config whose value is not written out (a shell variable)",
+          "lint the value itself: kvconf lint \"$VAR\" or the file it comes from", "kvconf lint",
+          "vllm serve m --kv-transfer-config \"$KV_CONFIG\"", _document, severity="note"),
     Entry("nixl-kv-both", "NixlConnector with kv_role kv_both (deprecated by vLLM 0.32's NIXL)",
           "use kv_producer on the prefill instance and kv_consumer on the decode instance",
           "vllm/distributed/kv_transfer/kv_connector/v1/nixl/connector.py", _j(kv_connector="NixlConnector",
                                                                                kv_role="kv_both"),
           _nixl_both, severity="warning"),
 )
-"""Every misconfiguration ``kvconf lint`` knows (the README lists them; each has a test)."""
+"""What ``kvconf lint`` reports without counting it as a problem (exit code unaffected): warnings
+and notes."""

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from .catalogue import CATALOGUE, Entry, Target, render_path
+from .catalogue import CATALOGUE, NOTICES, Entry, Target, render_path
 from .sources import JSONSyntaxError, Source, extract
 from .usage import UsageParser
 
 __all__ = ["Finding", "Result", "UsageError", "lint_inputs", "lint_source", "main", "print_findings"]
 
-ENTRIES: dict[str, Entry] = {e.id: e for e in CATALOGUE}
+ENTRIES: dict[str, Entry] = {e.id: e for e in (*CATALOGUE, *NOTICES)}
 
 
 class UsageError(Exception):
@@ -96,7 +96,7 @@ def lint_source(source: Source, import_modules: bool = False) -> Result:
         result.findings.append(_finding("duplicate-key", source, doc.line_of(path), render_path(path),
                                         f"{path[-1]!r} is written more than once"))
     for t in _targets(Target(doc.value, (), import_modules=import_modules)):
-        for entry in CATALOGUE:
+        for entry in ENTRIES.values():
             for hit in entry.detect(t):
                 result.findings.append(_finding(entry.id, source, doc.line_of(hit.path), render_path(hit.path),
                                                 hit.detail, hit.value, hit.fix, hit.severity))
