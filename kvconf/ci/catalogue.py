@@ -374,7 +374,7 @@ CATALOGUE: tuple[Entry, ...] = (
           hydra=("+connector.kv_rank=0",)),
     Entry("role-as-key", "a kv_role value used as a key", "write it as the value of kv_role",
           "vllm-project/vllm-ascend#16033 (review)", '{"kv_connector": "NixlConnector", "kv_producer": "kv_consumer"}',
-          _role_as_key),
+          _role_as_key, hydra=("+connector.kv_producer=kv_consumer",)),
     Entry("unknown-key", "a key KVTransferConfig does not have (vLLM rejects the whole JSON)",
           "correct its spelling or remove it", "vLLM PR #15960 (review); vllm/config/kv_transfer.py",
           _j(**_MC, kv_extra_config={"mooncake_protocol": "tcp"}), _unknown_key,

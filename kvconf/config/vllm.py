@@ -270,6 +270,9 @@ def explain(problem: Problem, vllm_name: str | None, mapped: dict[str, str]) -> 
         if ours is not None:
             return replace(problem, message=f"{key!r} is vLLM's spelling; kvconf calls it connector.{ours}",
                            fix=f"write connector.{ours}", allowed=None)
+        if key in KV_ROLES:
+            return replace(problem, message=f"{key!r} is a kv_role value, written as a key", allowed=None,
+                           fix=f"write connector.kv_role={key} (the data direction), and remove connector.{key}")
         gone = REMOVED_FIELDS.get(key)
         if gone is not None:
             return replace(problem, message=f"vLLM removed {key!r} from its KVTransferConfig: {gone.advice}",
