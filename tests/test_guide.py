@@ -22,21 +22,22 @@ def guide_connector(folder: Path) -> Path:
     return path
 
 
+def run_guide_connector(workdir: Path, *overrides: str):
+    """``python -m kvconf`` with the guide's connector (written into ``workdir``)."""
+    guide_connector(workdir)
+    return run_kvconf("connector.module_path=my_connector", "connector.name=HostConnector", *overrides,
+                      cwd=workdir, env=kvconf_env(PYTHONPATH=str(workdir)))
+
+
 @pytest.mark.torch
 def test_guide_connector_passes_action_run(workdir):
-    guide_connector(workdir)
-    env = kvconf_env(PYTHONPATH=str(workdir))
-    proc = run_kvconf("connector.module_path=my_connector", "connector.name=HostConnector", "output=json",
-                      cwd=workdir, env=env)
+    proc = run_guide_connector(workdir, "output=json")
     assert proc.returncode == 0, proc.stderr
     assert '"verified": true' in proc.stdout and '"hits": 0' not in proc.stdout
 
 
 def test_guide_connector_passes_the_contract_check(workdir):
-    guide_connector(workdir)
-    env = kvconf_env(PYTHONPATH=str(workdir))
-    proc = run_kvconf("connector.module_path=my_connector", "connector.name=HostConnector", "action=check",
-                      cwd=workdir, env=env)
+    proc = run_guide_connector(workdir, "action=check")
     assert proc.returncode == 0, proc.stderr
 
 
