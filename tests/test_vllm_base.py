@@ -71,3 +71,17 @@ def test_module_path_on_the_default_group_does_not_hand_over_the_example_connect
                       "action=export", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["kv_connector_extra_config"] == {"depth": 3}
+
+
+@pytest.mark.parametrize(("cls", "code"), [("VGood", 0), ("VLegacy", 1)])
+def test_kvconf_validate_matrix_checks_a_vllm_connector_read_from_source(cls, code, tmp_path):
+    conf = tmp_path / "conf" / "connector"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text(f"name: {cls}\nmodule_path: zoo.vllm_connectors\nkv_role: kv_producer\n")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from kvconf.cli.app import main; sys.exit(main())",
+                           "validate", "--matrix", "--config-dir", str(tmp_path / "conf"), "--format", "json"],
+                          cwd=tmp_path, env=kvconf_env(PYTHONPATH=str(TESTS)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    failed = json.loads(proc.stdout)["failed_combinations"]
+    assert all("connector=mine" in c for c in failed) and (bool(failed) == bool(code))
