@@ -38,6 +38,7 @@ from kvconf.contract.capabilities import (
     SelfTestContext,
     SupportsHMA,
     SupportsSelfTest,
+    supports_hma,
 )
 from kvconf.errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
 
@@ -147,7 +148,7 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
     def supports_hma_config(cls, connector: dict[str, Any]) -> bool:
         found, _ = children(connector)
         return bool(found) and all(
-            c.supports_hma_config(cfg.model_dump()) if issubclass(c, ChecksConfig) else issubclass(c, SupportsHMA)
+            c.supports_hma_config(cfg.model_dump()) if issubclass(c, ChecksConfig) else supports_hma(c)
             for cfg, c in found)
 
     @classmethod

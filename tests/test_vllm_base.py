@@ -85,3 +85,13 @@ def test_kvconf_validate_matrix_checks_a_vllm_connector_read_from_source(cls, co
     assert proc.returncode == code, proc.stdout + proc.stderr
     failed = json.loads(proc.stdout)["failed_combinations"]
     assert all("connector=mine" in c for c in failed) and (bool(failed) == bool(code))
+
+
+@pytest.mark.parametrize("with_vllm", [True, False], ids=["vllm-importable", "vllm-absent-read-from-source"])
+@pytest.mark.parametrize(("cls", "groups"), [("VHybrid", 6), ("VGood", 1)])
+def test_vllm_supports_hma_gets_the_hybrid_plan_as_in_vllm(cls, groups, with_vllm, workdir):
+    env = kvconf_env(PYTHONPATH=str(TESTS) + ((":" + str(TESTS / "fake_vllm")) if with_vllm else ""))
+    proc = run_kvconf("connector.module_path=zoo.vllm_connectors", f"connector.name={cls}", "kv_cache=gemma3_hybrid",
+                      "action=check", "output=json", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["plan"]["groups"]) == groups

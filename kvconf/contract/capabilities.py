@@ -41,6 +41,7 @@ __all__ = [
     "SupportsRawPath",
     "SupportsSelfTest",
     "SupportsServe",
+    "supports_hma",
 ]
 
 KVCaches = Optional[dict[str, "torch.Tensor"]]
@@ -80,6 +81,15 @@ class SupportsHMA(ABC):
         """``request_finished`` with every group's block ids."""
 
 
+def supports_hma(cls: Any) -> bool:
+    """vLLM's ``supports_hma``: ``cls`` subclasses kvconf's :class:`SupportsHMA`, or vLLM's own
+    (a connector written for vLLM; also when it was read from source)."""
+    if getattr(cls, "__kvconf_hma__", False):
+        return True
+    return any(k is SupportsHMA or (k.__name__ == "SupportsHMA" and k.__module__.startswith("vllm."))
+               for k in getattr(cls, "__mro__", ()))
+
+
 class ChecksEnvironment(ABC):
     """A connector that needs something installed (an engine) checks it before anything is allocated."""
 
@@ -102,7 +112,7 @@ class ChecksConfig(ABC):
     def supports_hma_config(cls, connector: dict[str, Any]) -> bool:
         """Whether this connector, so configured, handles hybrid KV-cache groups (vLLM's
         ``supports_hma_config``: a multi connector does when every child does)."""
-        return issubclass(cls, SupportsHMA)
+        return supports_hma(cls)
 
 
 class ExportsToVLLM:

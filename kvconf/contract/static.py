@@ -127,7 +127,8 @@ def static_class(module: str, attr: str) -> Optional[type]:
     sig = _signature(init) if isinstance(init, ast.FunctionDef) else _BASE_SIGNATURE
     required = VLLM_ABSTRACT | (_HMA_ABSTRACT if hma else frozenset())
     ns: dict[str, Any] = {"__module__": module, "__qualname__": attr, "__signature__": sig,
-                          "__kvconf_static__": f"{spec.origin}:{cls.lineno}", "__kvconf_base__": "vllm"}
+                          "__kvconf_static__": f"{spec.origin}:{cls.lineno}", "__kvconf_base__": "vllm",
+                          "__kvconf_hma__": hma}
     stand_in = type(attr, (), ns)
     missing = required - methods
     if missing:

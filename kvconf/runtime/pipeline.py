@@ -27,8 +27,8 @@ from kvconf.contract.capabilities import (
     ChecksConfig,
     ChecksEnvironment,
     SelfTestContext,
-    SupportsHMA,
     SupportsServe,
+    supports_hma,
 )
 from kvconf.errors import ConfigError, ConnectorRuntimeError, ContractError, KVConfError, Problem
 from kvconf.units import parse_bytes
@@ -166,7 +166,7 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
     cfg, cls, resolved = job.cfg, job.cls, job.resolved
     assert cfg is not None and cls is not None and resolved is not None
     hybrid = (cls.supports_hma_config(data["connector"]) if issubclass(cls, ChecksConfig)
-              else issubclass(cls, SupportsHMA))
+              else supports_hma(cls))
     kv_cache_config = cfg.kv_cache_config_for(hybrid)  # vLLM disables its hybrid plan for other connectors
     if not hybrid and len(kv_cache_config.kv_cache_groups) > 1 and cfg.action not in ("check", "export"):
         raise ConfigError(Problem(

@@ -2,7 +2,7 @@
 case, mirroring zoo.connectors; and a class that subclasses neither base. Importing this module
 needs vLLM (or tests/fake_vllm on the path); without either, kvconf reads it from source."""
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, SupportsHMA
 
 
 class VGood(KVConnectorBase_V1):
@@ -30,3 +30,16 @@ class VKwargsOnly(VGood):
 
 class VAbstract(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs): ...
+
+
+class VHybrid(KVConnectorBase_V1, SupportsHMA):
+    """Handles a hybrid model's groups (vLLM's SupportsHMA)."""
+
+    def start_load_kv(self, forward_context, **kwargs): ...
+    def wait_for_layer_load(self, layer_name): ...
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs): ...
+    def wait_for_save(self): ...
+    def get_num_new_matched_tokens(self, request, num_computed_tokens): return 0, False
+    def update_state_after_alloc(self, request, blocks, num_external_tokens): ...
+    def build_connector_meta(self, scheduler_output): return KVConnectorMetadata()
+    def request_finished_all_groups(self, request, block_ids): return False, None
