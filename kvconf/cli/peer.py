@@ -8,11 +8,12 @@ parent, including a user's ``--config-dir`` files, with only the data direction 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from omegaconf import OmegaConf
 
-from kvconf.runtime.process import hard_exit
+from kvconf.runtime.process import die_with_parent, hard_exit
 
 from .app import execute
 
@@ -24,8 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         print("usage: python -m kvconf.cli.peer CONFIG.json", file=sys.stderr)
         raise SystemExit(2)
+    die_with_parent()  # a parent killed by SIGKILL leaves no peer serving behind it
     with open(args[0]) as f:
         data = json.load(f)
+    try:
+        os.unlink(args[0])  # the config was written for this peer alone: read, it is gone
+    except OSError:
+        pass
     code: object = 0
     try:
         execute(OmegaConf.create(data), multirun=False, label="peer")

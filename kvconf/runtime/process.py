@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["hard_exit", "hard_exit_requested", "request_hard_exit"]
+__all__ = ["PARENT_ENV", "die_with_parent", "hard_exit", "hard_exit_requested", "request_hard_exit"]
 
 _hard_exit = False
 
@@ -42,3 +42,25 @@ def hard_exit(code: object) -> None:
         except (OSError, ValueError):  # a closed pipe: nothing more can be said
             pass
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+PARENT_ENV = "KVCONF_PEER_PARENT"
+"""Set by a parent that starts a peer process: the parent's pid (:func:`die_with_parent`)."""
+
+
+def die_with_parent(signum: int = 15) -> bool:
+    """In a peer process: asks the kernel to send ``signum`` (SIGTERM: the peer shuts down as on
+    Ctrl-C) when the parent that started it dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``);
+    if the parent is already gone, sends it now. False where the platform has no such call."""
+    parent = os.environ.get(PARENT_ENV)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signum, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent is not None and parent.isdigit() and os.getppid() != int(parent):
+        os.kill(os.getpid(), signum)  # the parent died before the request took effect
+    return True

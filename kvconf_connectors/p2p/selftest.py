@@ -6,6 +6,7 @@ bare engine on the same blocks, the raw path of ``action=bench``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,6 +24,7 @@ from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, Schedul
 from kvconf.contract.capabilities import SelfTestContext
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 from kvconf.runtime.pattern import block_pattern
+from kvconf.runtime.process import PARENT_ENV
 from kvconf.units import parse_bytes
 
 from . import protocol as sc
@@ -58,8 +60,9 @@ def start_peer(data: dict[str, Any]) -> tuple[subprocess.Popen, str]:
     fd, path = tempfile.mkstemp(prefix="kvconf-peer-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     proc = subprocess.Popen([sys.executable, "-m", PEER_MODULE, path], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     return proc, path
 
 
@@ -95,7 +98,8 @@ def stop_peer(proc: subprocess.Popen, path: str) -> int:
                 proc.wait()
         return proc.returncode
     finally:
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # the peer removes it once read
+            os.unlink(path)
 
 
 def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:

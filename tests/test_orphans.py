@@ -1,0 +1,59 @@
+"""No orphans: a peer process started by ``action=run`` dies with its parent, SIGKILL included, and
+leaves no temporary file behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import kvconf_env, owned_processes
+
+
+def listening(pid: int, state: str = "0A") -> bool:
+    """Whether process ``pid`` holds a TCP socket in ``state`` (0A: listening, 01: connected)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(r.split()[3] == state and r.split()[9] in inodes for r in rows):
+            return True
+    return False
+
+
+@pytest.mark.torch
+@pytest.mark.mooncake
+def test_sigkill_of_action_run_leaves_no_process_and_no_temporary_file(workdir):
+    tmp = Path(os.environ["TMPDIR"])
+    parent = subprocess.Popen([sys.executable, "-m", "kvconf", "connector=mooncake", "self_test.transfer_bytes=4GiB",
+                               "output=json"], cwd=workdir, env=kvconf_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(listening(p) for p in owned_processes() if p != parent.pid):
+            time.sleep(0.05)  # until the producer peer serves (its side channel listens)
+        assert any(listening(p) for p in owned_processes() if p != parent.pid), "the producer peer never served"
+        while time.monotonic() < deadline and not listening(parent.pid, "01"):
+            time.sleep(0.05)  # until the consumer is connected to it: the transfer is under way
+        time.sleep(0.5)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and owned_processes():
+            time.sleep(0.1)
+        assert owned_processes() == [], "a kvconf process outlived its parent by 10 s"
+        assert not list(tmp.glob("kvconf-peer-*")), "the peer's config file was left behind"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
