@@ -293,3 +293,49 @@ def test_matrix_composes_each_combination_as_hydra_does(tmp_path):
         for key in ("engine_id",):
             hydra["connector"].pop(key, None), combo.data["connector"].pop(key, None)
         assert combo.data == hydra, combo.label
+
+
+WRITES_AT_IMPORT = '''
+from pathlib import Path
+
+from kvconf_connectors.example import ExampleConnector
+
+Path(__file__).with_name("imported.txt").write_text("this module ran")
+
+
+class Loud(ExampleConnector):
+    """A connector whose module writes a file when imported."""
+'''
+
+
+@pytest.mark.parametrize("form", ["matrix", "whole-config"])
+def test_validate_never_runs_a_module_path_module_unless_asked(form, tmp_path):
+    pkg = tmp_path / "code"
+    pkg.mkdir()
+    (pkg / "loud.py").write_text(WRITES_AT_IMPORT)
+    conf = tmp_path / "conf"
+    (conf / "connector").mkdir(parents=True)
+    node = "name: Loud\nmodule_path: loud\nkv_role: kv_both\n"
+    (conf / "connector" / "loud.yaml").write_text(node)
+    whole = tmp_path / "whole.yaml"
+    whole.write_text("connector:\n  " + node.replace("\n", "\n  ").rstrip() + "\nrole: scheduler\nkv_cache:\n"
+                     "  num_layers: 2\n  num_blocks: 8\n  groups: [{type: full_attention, num_kv_heads: 1, head_size: 8}]\n")
+    args = ["--matrix", "--config-dir", str(conf)] if form == "matrix" else [str(whole)]
+    env = kvconf_env(PYTHONPATH=str(pkg))
+    run = [sys.executable, "-m", "kvconf", "validate", *args]
+    proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (pkg / "imported.txt").exists()  # read from source: checked, never run
+    proc = subprocess.run([*run, "--import-modules"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (pkg / "imported.txt").read_text() == "this module ran"
+
+
+def test_validate_reads_a_legacy_connector_from_source_and_rejects_it(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "connector").mkdir(parents=True)
+    (conf / "connector" / "old.yaml").write_text("name: Legacy\nmodule_path: zoo.connectors\nkv_role: kv_both\n")
+    proc = subprocess.run([sys.executable, "-m", "kvconf", "validate", "--matrix", "--config-dir", str(conf)],
+                          cwd=tmp_path, env=kvconf_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "legacy 2-argument constructor" in proc.stdout

@@ -4,6 +4,8 @@ no GPU and no allocation.
     kvconf validate FILE...                 group files (group from the folder, or --group) or whole configs
     kvconf validate --matrix [--config-dir DIR]   every combination of the groups' options, through
                                             validation, the contract check and the memory plan
+    --import-modules                        import the modules configs name (connector.module_path);
+                                            without it they are read from source, never run
     --format text|json|github               github: one ``::error file=F,line=L,col=C::message`` per error
 
 Every error names the file, the line and column of the offending key (from the YAML's own
@@ -13,6 +15,7 @@ invalid, 2 usage error (unknown flag, missing file). Also ``python -m kvconf.ci.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
@@ -27,7 +30,7 @@ import yaml
 from kvconf.conf import CONF_DIR, GROUPS, compose_data
 from kvconf.config.diagnostics import problems_from_validation_error
 from kvconf.config.models import ConnectorConfig, KVCacheGroupFile, validate_extra
-from kvconf.contract.registry import builtin_extra_model
+from kvconf.contract.registry import builtin_extra_model, no_imports
 from kvconf.errors import MISSING, ConfigError, KVConfError, Problem
 from kvconf.runtime.pipeline import Job, load, run_job
 
@@ -363,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-dir", action="append", type=Path, default=[],
                    help="a folder of your own group options (connector/, role/, kv_cache/), for --matrix")
     p.add_argument("--format", choices=("text", "json", "github"), default="text")
+    p.add_argument("--import-modules", action="store_true",
+                   help="import the modules that configs name (connector.module_path) to check their classes; "
+                        "this runs their code (without it they are read from source)")
     args = p.parse_args(argv)
+    with contextlib.nullcontext() if args.import_modules else no_imports():
+        return _run(p, args)
+
+
+def _run(p: UsageParser, args: Any) -> int:
     t0 = time.perf_counter()
     if args.matrix == bool(args.files):
         p.error("give FILE... or --matrix (not both)")

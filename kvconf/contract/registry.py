@@ -10,16 +10,19 @@ module is imported, so importing kvconf imports no connector.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import importlib.metadata
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kvconf.errors import ConfigError, ContractError, Problem, did_you_mean
 
 __all__ = ["ENTRY_POINT_GROUP", "Resolved", "builtin_extra_model", "builtin_extra_models", "builtin_name_of",
-           "builtin_for_vllm", "builtin_names", "register_connector", "resolve", "vllm_names"]
+           "builtin_for_vllm", "builtin_names", "no_imports", "register_connector", "resolve", "vllm_names"]
 
 ENTRY_POINT_GROUP = "kvconf.connectors"
 
@@ -57,6 +60,20 @@ def builtin_for_vllm(vllm_name: str) -> str | None:
     if vllm_name in ("NixlPullConnector", "NixlPushConnector"):
         vllm_name = "NixlConnector"
     return next((k for k, v in _VLLM_NAMES.items() if v == vllm_name), None)
+
+
+_IMPORT_MODULES: contextvars.ContextVar[bool] = contextvars.ContextVar("kvconf_import_modules", default=True)
+
+
+@contextlib.contextmanager
+def no_imports() -> Iterator[None]:
+    """Within it, :func:`resolve` reads a ``module_path`` connector from its source and never
+    imports (runs) the user's module (``kvconf validate`` without ``--import-modules``)."""
+    token = _IMPORT_MODULES.set(False)
+    try:
+        yield
+    finally:
+        _IMPORT_MODULES.reset(token)
 
 
 def builtin_names() -> list[str]:
@@ -104,6 +121,8 @@ class Resolved:
 def resolve(name: str, module_path: str | None) -> Resolved:
     """The object ``name`` names; a :class:`ConfigError` or :class:`ContractError` (exit 2) saying
     what is wrong and how to fix it when there is none."""
+    if module_path is not None and not _IMPORT_MODULES.get():
+        return _read_only(name, module_path)
     if module_path is not None:
         try:
             module = _import(module_path, "connector.module_path")
@@ -148,6 +167,24 @@ def resolve(name: str, module_path: str | None) -> Resolved:
         "connector.name", "unknown connector", value=name, allowed=known,
         fix=(f"use connector={hint}" if hint else "use a registered name")
         + ", or give the class's module: connector.module_path=my_pkg.my_module connector.name=MyConnector"))
+
+
+def _read_only(name: str, module_path: str) -> Resolved:
+    """``module_path``'s class read from source, nothing of the user's run."""
+    from .static import source_of, static_class
+
+    if source_of(module_path) is None:
+        raise ContractError(Problem(
+            "connector.module_path", f"no module named {module_path!r} (looked for its source on the path, "
+            "without importing it)", value=module_path,
+            fix="check the spelling, or add its folder to PYTHONPATH"))
+    stand_in = static_class(module_path, name, why="no-import")
+    if stand_in is None:
+        raise ContractError(Problem(
+            "connector.name", f"{name} in {module_path!r} cannot be checked from its source alone: the class, or "
+            "one of its bases, is not a class statement this reading can follow", value=name,
+            fix="pass --import-modules to import the module (this runs its code), or check the spelling"))
+    return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
 
 
 class _NeedsVLLM(Exception):

@@ -111,8 +111,9 @@ def check(target: Any, name: str | None = None) -> Verdict:
     where = _location(target)
     accepts = vllm_accepts(target)
     base = connector_base(target)
-    details = (("read from source: vLLM is not installed, so the module was not imported",)
-               if getattr(target, "__kvconf_static__", None) else ())
+    why = getattr(target, "__kvconf_static_why__", None)
+    details = ((("read from source: vLLM is not installed, so the module was not imported",) if why == "vllm" else
+                ("read from source, not imported (--import-modules imports it)",)) if why else ())
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError) as exc:

@@ -1,21 +1,26 @@
-"""Connector classes written for vLLM, read from their source when vLLM is not installed.
+"""Connector classes read from their source, never run: for a machine without vLLM, and for tools
+that must not execute what a config names (``kvconf validate``).
 
-A connector author's class subclasses vLLM's ``KVConnectorBase_V1``; importing its module imports
-vLLM, which a CI machine or a laptop may not have. :func:`static_class` then reads the module's
-source (never running it) and returns a stand-in class with the same name, constructor signature
+:func:`static_class` finds the module's file on ``sys.path`` without importing it (nor its parent
+packages), parses it, and follows the class's bases: classes of the same module, classes of other
+modules it imports (read the same way), vLLM's ``KVConnectorBase_V1`` and ``SupportsHMA``, and
+kvconf's own classes (kvconf's and its built-in connectors' modules are imported: they are
+kvconf's code, not the user's). It returns a stand-in with the same name, constructor signature
 and unimplemented abstract methods, so that the contract check gives the verdict it would give
-the real class. It recognises ``from vllm...v1.base import KVConnectorBase_V1 [as X]`` and
-``import vllm...v1.base as b`` (``b.KVConnectorBase_V1``), with ``SupportsHMA`` beside it.
+the real class; None when a base cannot be read that way.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import importlib
 import inspect
+import os
+import sys
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["VLLM_ABSTRACT", "VLLM_BASE", "VLLM_BASE_MODULE", "is_vllm_missing", "static_class"]
+__all__ = ["VLLM_ABSTRACT", "VLLM_BASE", "VLLM_BASE_MODULE", "is_vllm_missing", "source_of", "static_class"]
 
 VLLM_BASE = "KVConnectorBase_V1"
 VLLM_BASE_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.base"
@@ -23,6 +28,8 @@ VLLM_ABSTRACT = frozenset({"start_load_kv", "wait_for_layer_load", "save_kv_laye
                            "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta"})
 """The abstract methods of vLLM 0.32's ``KVConnectorBase_V1``."""
 _HMA_ABSTRACT = frozenset({"request_finished_all_groups"})
+_TRUSTED = ("kvconf", "kvconf_connectors")
+_IGNORED = {"object", "abc.ABC", "ABC", "typing.Generic", "Generic"}
 
 
 def is_vllm_missing(exc: BaseException) -> bool:
@@ -31,13 +38,30 @@ def is_vllm_missing(exc: BaseException) -> bool:
     return isinstance(exc, ModuleNotFoundError) and (name == "vllm" or name.startswith("vllm."))
 
 
-def _imports(tree: ast.Module) -> dict[str, str]:
+def source_of(module: str) -> Optional[str]:
+    """The ``.py`` file of ``module`` on ``sys.path`` (the current folder for ``""``), found
+    without importing it or its parent packages; None when there is none."""
+    parts = module.split(".")
+    for entry in sys.path:
+        base = os.path.join(entry or os.getcwd(), *parts)
+        for candidate in (base + ".py", os.path.join(base, "__init__.py")):
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def _imports(tree: ast.Module, module: str) -> dict[str, str]:
     """Local name -> dotted origin (``KVConnectorBase_V1`` -> ``vllm....base.KVConnectorBase_V1``)."""
     out: dict[str, str] = {}
+    package = module.rsplit(".", 1)[0] if "." in module else ""
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.ImportFrom):
+            origin = node.module or ""
+            if node.level:  # relative: from .base import X
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+                origin = ".".join([*up, *([origin] if origin else [])])
             for a in node.names:
-                out[a.asname or a.name] = f"{node.module}.{a.name}"
+                out[a.asname or a.name] = f"{origin}.{a.name}"
         elif isinstance(node, ast.Import):
             for a in node.names:
                 out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
@@ -72,65 +96,120 @@ def _signature(fn: ast.FunctionDef) -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def _walk(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], names: dict[str, str],
-          seen: set[str]) -> Optional[tuple[set[str], Optional[ast.FunctionDef], bool]]:
-    """The methods ``cls`` defines or inherits from classes of its own module, its ``__init__``
-    (the first found in base order) and whether it is SupportsHMA; None unless vLLM's base is
-    among its ancestors."""
-    seen.add(cls.name)
-    methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
-    vllm = hma = False
-    for b in cls.bases:
-        dotted = _dotted(b, names)
-        if dotted == f"{VLLM_BASE_MODULE}.{VLLM_BASE}":
-            vllm = True
-        elif dotted == f"{VLLM_BASE_MODULE}.SupportsHMA":
-            hma = True
-        elif isinstance(b, ast.Name) and b.id in classes and b.id not in seen:
-            sub = _walk(classes[b.id], classes, names, seen)
-            if sub is not None:
-                vllm = True
-                methods |= sub[0]
-                init = init or sub[1]
-                hma = hma or sub[2]
-    return (methods, init, hma) if vllm else None
-
-
 _BASE_SIGNATURE = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                      for n in ("vllm_config", "role", "kv_cache_config")])
 
 
-def static_class(module: str, attr: str) -> Optional[type]:
-    """A stand-in for ``module.attr`` read from source, when that class subclasses vLLM's connector
-    base directly; None when the source cannot be found or the class is not such a class."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+@dataclass
+class _Read:
+    """What the source says of a class and its ancestors."""
+
+    methods: set[str] = field(default_factory=set)
+    init: Optional[ast.FunctionDef] = None
+    vllm: bool = False
+    hma: bool = False
+    trusted: Optional[type] = None
+    """The nearest of kvconf's own classes among the ancestors (imported: kvconf's code)."""
+    own_extra: bool = False
+    """Whether the class (or an ancestor read from source) sets ``extra_config`` itself."""
+
+
+def _parse(module: str) -> Optional[tuple[str, ast.Module]]:
+    path = source_of(module)
+    if path is None:
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
     try:
-        with open(spec.origin, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), spec.origin)
+        with open(path, encoding="utf-8") as f:
+            return path, ast.parse(f.read(), path)
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
-    names = _imports(tree)
+
+
+def _read(module: str, name: str, depth: int = 0) -> Optional[tuple[_Read, str, int]]:
+    """``(what the class says, its file, its line)``; None where it, or a base, cannot be read."""
+    if depth > 8:
+        return None
+    parsed = _parse(module)
+    if parsed is None:
+        return None
+    path, tree = parsed
+    names = _imports(tree, module)
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    cls = classes.get(attr)
+    cls = classes.get(name)
     if cls is None:
         return None
-    found = _walk(cls, classes, names, set())
+    read = _Read()
+    read.methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    read.init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    read.own_extra = any(isinstance(n, (ast.Assign, ast.AnnAssign)) and any(
+        isinstance(t, ast.Name) and t.id == "extra_config" for t in (n.targets if isinstance(n, ast.Assign)
+                                                                     else [n.target])) for n in cls.body)
+    for b in cls.bases:
+        dotted = _dotted(b, names)
+        if dotted in _IGNORED or not dotted:
+            continue
+        if dotted == f"{VLLM_BASE_MODULE}.{VLLM_BASE}":
+            read.vllm = True
+            continue
+        if dotted == f"{VLLM_BASE_MODULE}.SupportsHMA":
+            read.hma = True
+            continue
+        if isinstance(b, ast.Name) and b.id in classes and "." not in dotted:
+            sub = _read(module, b.id, depth + 1)
+        elif dotted.split(".")[0] in _TRUSTED:
+            mod, _, attr = dotted.rpartition(".")
+            try:
+                real = getattr(importlib.import_module(mod), attr)
+            except (ImportError, AttributeError):
+                return None
+            read.trusted = read.trusted or real
+            continue
+        elif "." in dotted:
+            mod, _, attr = dotted.rpartition(".")
+            sub = _read(mod, attr, depth + 1)
+        else:
+            return None  # a base this reading cannot follow (a builtin, a name made at run time)
+        if sub is None:
+            return None
+        r = sub[0]
+        read.methods |= r.methods
+        read.init = read.init or r.init
+        read.vllm = read.vllm or r.vllm
+        read.hma = read.hma or r.hma
+        read.trusted = read.trusted or r.trusted
+        read.own_extra = read.own_extra or r.own_extra
+    return read, path, cls.lineno
+
+
+def _stub(self: Any, *args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError("a stand-in read from source: it is never run")
+
+
+def static_class(module: str, attr: str, *, why: str = "vllm") -> Optional[type]:
+    """A stand-in for ``module.attr`` read from source (see the module's docstring), or None when
+    the class, or one of its bases, cannot be read that way. ``why``: ``vllm`` (vLLM is not
+    installed) or ``no-import`` (the caller must not run the user's code)."""
+    found = _read(module, attr)
     if found is None:
         return None
-    methods, init, hma = found
-    sig = _signature(init) if isinstance(init, ast.FunctionDef) else _BASE_SIGNATURE
-    required = VLLM_ABSTRACT | (_HMA_ABSTRACT if hma else frozenset())
-    ns: dict[str, Any] = {"__module__": module, "__qualname__": attr, "__signature__": sig,
-                          "__kvconf_static__": f"{spec.origin}:{cls.lineno}", "__kvconf_base__": "vllm",
-                          "__kvconf_hma__": hma}
+    read, path, line = found
+    if not read.vllm and read.trusted is None:
+        return None  # neither base: the contract check needs the real class to say more
+    ns: dict[str, Any] = {"__module__": module, "__qualname__": attr, "__kvconf_static__": f"{path}:{line}",
+                          "__kvconf_static_why__": why, "__kvconf_hma__": read.hma}
+    if read.init is not None:
+        ns["__signature__"] = _signature(read.init)
+    if read.trusted is not None:
+        ns.update({m: _stub for m in read.methods if m != "__init__"})
+        if read.own_extra:
+            ns["extra_config"] = None  # the user's own model: not evaluated without running the module
+        return type(attr, (read.trusted,), ns)
+    ns.setdefault("__signature__", _BASE_SIGNATURE)
+    ns["__kvconf_base__"] = "vllm"
     stand_in = type(attr, (), ns)
-    missing = required - methods
+    missing = VLLM_ABSTRACT - read.methods
+    if read.hma:
+        missing |= _HMA_ABSTRACT - read.methods
     if missing:
         stand_in.__abstractmethods__ = frozenset(missing)  # type: ignore[attr-defined]  # marks it abstract
     return stand_in
