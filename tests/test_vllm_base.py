@@ -95,3 +95,13 @@ def test_vllm_supports_hma_gets_the_hybrid_plan_as_in_vllm(cls, groups, with_vll
                       "action=check", "output=json", cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["plan"]["groups"]) == groups
+
+
+def test_the_report_names_the_user_code_a_job_ran(workdir):
+    proc = run_kvconf("connector.module_path=zoo.connectors", "connector.name=Good", "action=check", "output=json",
+                      cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["user_modules"] == ["zoo.connectors"]
+    proc = run_kvconf("hydra.run.dir=out", "action=check", "output=json", cwd=workdir)  # Hydra's own runtime
+    report = json.loads(proc.stdout)
+    assert report["user_modules"] == [] and report["callbacks"] == ["kvconf.cli.callbacks.SweepSummary"]

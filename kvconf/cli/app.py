@@ -54,6 +54,7 @@ def _task(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    state.callbacks = [str(c.get("_target_")) for c in (hc.callbacks or {}).values() if hasattr(c, "get")]
     execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)",
             job_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices))
 
@@ -77,6 +78,7 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
                                       fix="fix the interpolation")) from None
         report = run_job(data, actions={"bench": _bench})
         report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
+        report["callbacks"] = list(state.callbacks)
         if report["action"] == "bench":
             from kvconf.bench.results import write_results
 

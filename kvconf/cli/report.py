@@ -59,5 +59,7 @@ def render_text(r: dict[str, Any]) -> str:
             lines.append(f"  ceilings   memcpy {c['memcpy_gbps']} GB/s, loopback TCP {c['loopback_tcp_gbps']} GB/s")
         if r.get("results_file"):
             lines.append(f"  results    {r['results_file']}")
+    if r.get("user_modules"):
+        lines.append(f"  user code  imported (ran): {', '.join(r['user_modules'])}")
     lines.append("  timings    " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["timings"].items()))
     return "\n".join(lines)

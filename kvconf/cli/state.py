@@ -21,6 +21,8 @@ class SweepState:
     """(overrides, exit code) of each job run in this process."""
     swept_failures: list[tuple[str, int]] = field(default_factory=list)
     """(job folder, exit code) of failed jobs that a launcher ran in other processes (joblib)."""
+    callbacks: list[str] = field(default_factory=list)
+    """The ``_target_`` of each Hydra callback the config names (Hydra runs them around the jobs)."""
 
 
 state = SweepState()

@@ -22,7 +22,7 @@ from typing import Any
 from kvconf.errors import ConfigError, ContractError, Problem, did_you_mean
 
 __all__ = ["ENTRY_POINT_GROUP", "Resolved", "builtin_extra_model", "builtin_extra_models", "builtin_name_of",
-           "builtin_for_vllm", "builtin_names", "no_imports", "register_connector", "resolve", "vllm_names"]
+           "builtin_for_vllm", "builtin_names", "no_imports", "register_connector", "resolve", "user_modules", "vllm_names"]
 
 ENTRY_POINT_GROUP = "kvconf.connectors"
 
@@ -60,6 +60,20 @@ def builtin_for_vllm(vllm_name: str) -> str | None:
     if vllm_name in ("NixlPullConnector", "NixlPushConnector"):
         vllm_name = "NixlConnector"
     return next((k for k, v in _VLLM_NAMES.items() if v == vllm_name), None)
+
+
+_USER_MODULES: list[str] = []
+
+
+def user_modules() -> list[str]:
+    """The modules of user code that :func:`resolve` imported (ran) in this process, in order:
+    ``module_path`` modules and entry points; kvconf's own built-in connectors are not listed."""
+    return list(_USER_MODULES)
+
+
+def _ran(module: str) -> None:
+    if module not in _USER_MODULES:
+        _USER_MODULES.append(module)
 
 
 _IMPORT_MODULES: contextvars.ContextVar[bool] = contextvars.ContextVar("kvconf_import_modules", default=True)
@@ -136,6 +150,7 @@ def resolve(name: str, module_path: str | None) -> Resolved:
                     f"its source has no class {name!r} on vLLM's KVConnectorBase_V1", value=module_path,
                     fix="install vLLM, or check connector.name")) from None
             return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
+        _ran(module_path)
         return Resolved(_getattr(module, module_path, name), module_path, name, "module_path", "connector.module_path")
     if name in _REGISTRY:
         module, attr = _REGISTRY[name]
@@ -145,6 +160,7 @@ def resolve(name: str, module_path: str | None) -> Resolved:
     if name in eps:
         module, _, attr = eps[name].partition(":")
         obj = _import(module, "connector.name")
+        _ran(module)
         for part in attr.split("."):
             obj = _getattr(obj, module, part) if part else obj
         return Resolved(obj, module, attr, "entry_point", "connector.name")

@@ -200,6 +200,7 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
         "allocated_bytes": 0,
         "timings": job.timings,
     })
+    report["user_modules"] = registry.user_modules()  # the user code this job imported (ran)
     if layout is not None and layout.pipeline_parallel_size > 1:
         report["plan"]["workers"] = [{**w, "layers": len(w["layers"]), "first_layer": w["layers"][0],
                                       "last_layer": w["layers"][-1]} for w in layout.workers(hybrid)]
