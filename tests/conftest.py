@@ -75,6 +75,7 @@ def _owned(tmp_path_factory, monkeypatch):
     """Marks what this test starts, gives it its own TMPDIR, and stops whatever it left running."""
     monkeypatch.setenv(OWNER, uuid.uuid4().hex)
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))  # shared_storage's default home
     yield
     for pid in owned_processes():
         try:

@@ -1,0 +1,140 @@
+"""The disk tier cannot serve corrupt bytes (#13): a real page hash, regular files only, a strict
+header, a layout folder that is no symlink, a per-user default folder, orphans removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+from test_tiers import Engine, load_errors, prompt, saved_store, segments
+
+from conftest import json_out, run_kvconf
+from kvconf_connectors.shared_storage import _PREFIX, MAGIC, SharedStorageConnector
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_two_swapped_words_fail_by_policy_naming_the_file(policy, workdir, tmp_path):
+    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
+    assert run_kvconf("connector=shared_storage", store, cwd=workdir).returncode == 0
+    victim = segments(tmp_path / "kv")[0]
+    data = bytearray(victim.read_bytes())
+    i = len(data) - 4096  # inside the last layer's pages
+    while data[i:i + 8] == data[i + 8:i + 16]:
+        i += 8
+    data[i:i + 8], data[i + 8:i + 16] = data[i + 8:i + 16], data[i:i + 8]
+    victim.write_bytes(data)
+    proc = run_kvconf("connector=shared_storage", store, f"connector.kv_load_failure_policy={policy}", "output=json",
+                      cwd=workdir)
+    if policy == "fail":
+        assert proc.returncode == 1 and str(victim) in proc.stderr and "checksum mismatch" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        st = json_out(proc)["self_test"]
+        assert st["verified"] and any(str(victim) in why for why in st["recomputed"].values())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_a_fifo_or_symlink_at_a_segment_path_is_a_load_failure_not_a_hang(kind, policy, workdir, tmp_path):
+    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
+    assert run_kvconf("connector=shared_storage", store, cwd=workdir).returncode == 0
+    victim = segments(tmp_path / "kv")[0]
+    victim.unlink()
+    if kind == "fifo":
+        os.mkfifo(victim)
+    else:
+        outside = tmp_path / "elsewhere.kvseg"
+        outside.write_bytes(b"not yours")
+        victim.symlink_to(outside)
+    proc = run_kvconf("connector=shared_storage", store, f"connector.kv_load_failure_policy={policy}", "output=json",
+                      cwd=workdir, timeout=120)
+    if policy == "fail":
+        assert proc.returncode == 1 and str(victim) in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert any(str(victim) in why for why in json_out(proc)["self_test"]["recomputed"].values())
+
+
+def rewrite_header(seg: Path, header: object) -> None:
+    data = seg.read_bytes()
+    magic, hlen, _ = _PREFIX.unpack(data[:_PREFIX.size])
+    raw = json.dumps(header).encode()
+    seg.write_bytes(_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw + data[_PREFIX.size + hlen:])
+
+
+@pytest.mark.parametrize("header", [
+    {"version": 2, "layout": 7, "keys": "x"},             # wrong types (once: TypeError)
+    [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],  # not an object
+    {"version": 2},                                        # fields missing
+])
+def test_a_malformed_header_with_a_valid_checksum_is_a_load_failure(header, tmp_path):
+    seg = saved_store(tmp_path)
+    rewrite_header(seg, header)
+    _, errors = load_errors(tmp_path)
+    assert errors and all(str(seg) in why and "malformed header" in why for why in errors.values())
+
+
+def test_a_deeply_nested_header_is_a_load_failure_not_a_crash(tmp_path):
+    seg = saved_store(tmp_path)
+    data = seg.read_bytes()
+    _, hlen, _ = _PREFIX.unpack(data[:_PREFIX.size])
+    raw = b"[" * 100_000 + b"]" * 100_000
+    seg.write_bytes(_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw + data[_PREFIX.size + hlen:])
+    _, errors = load_errors(tmp_path)
+    assert errors and str(seg) in next(iter(errors.values()))
+
+
+def test_a_symlinked_layout_folder_is_refused_and_eviction_deletes_nothing_where_it_points(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    for i in range(3):
+        (precious / f"{i:02x}.kvseg").write_bytes(b"x" * 8192)
+    store = tmp_path / "store"
+    eng = Engine(SharedStorageConnector, store, capacity="1KiB")
+    try:
+        Path(eng.worker.root).mkdir(parents=True, exist_ok=True)
+        Path(eng.worker.dir).symlink_to(precious)
+        eng.step("a", prompt(1, 3), [0, 1, 2], fill=5)
+        errors = eng.worker.get_save_errors()
+        assert "symbolic link" in errors["a"] and str(eng.worker.dir) in errors["a"]
+    finally:
+        eng.close()
+    assert sorted(p.name for p in precious.iterdir()) == ["00.kvseg", "01.kvseg", "02.kvseg"]
+
+
+def test_orphaned_temporary_files_of_dead_writers_are_removed_at_start(tmp_path):
+    seg = saved_store(tmp_path)
+    host = os.uname().nodename
+    dead = seg.parent / f".{host}.999999999.{'ab' * 16}.tmp"
+    alive = seg.parent / f".{host}.{os.getpid()}.{'cd' * 16}.tmp"
+    dead.write_bytes(b"half a segment")
+    alive.write_bytes(b"being written")
+    eng = Engine(SharedStorageConnector, tmp_path)
+    eng.close()
+    assert not dead.exists() and alive.exists()
+
+
+def test_the_default_folder_is_per_user_and_private(workdir, tmp_path):
+    cache = tmp_path / "cache"
+    from conftest import kvconf_env
+
+    proc = run_kvconf("connector=shared_storage", cwd=workdir, env=kvconf_env(XDG_CACHE_HOME=str(cache)))
+    assert proc.returncode == 0, proc.stderr
+    root = cache / "kvconf" / "shared_storage"
+    assert segments(root) and (root.stat().st_mode & 0o777) == 0o700
+
+
+def test_the_page_hash_sees_swapped_words():
+    import torch
+
+    from kvconf_connectors.shared_storage import page_sums
+
+    page = torch.arange(64, dtype=torch.uint8).view(1, 64)
+    swapped = page.clone()
+    swapped[0, 0:8], swapped[0, 8:16] = page[0, 8:16].clone(), page[0, 0:8].clone()
+    assert page_sums(page) != page_sums(swapped)
