@@ -69,7 +69,8 @@ def _moved(p: Problem, prefix: str) -> Problem:
     return dataclasses.replace(p, path=path)
 
 
-def children(connector: dict[str, Any]) -> tuple[list[tuple[ConnectorConfig, type]], list[Problem]]:
+def children(connector: dict[str, Any],
+             kv_cache_config: Any = None) -> tuple[list[tuple[ConnectorConfig, type]], list[Problem]]:
     """Each child's validated config and class, and every problem (paths under
     ``connector.extra.connectors.N``); nothing is constructed."""
     extra = connector.get("extra") or {}
@@ -107,7 +108,7 @@ def children(connector: dict[str, Any]) -> tuple[list[tuple[ConnectorConfig, typ
             cls = contract.require(resolved.target, module=resolved.module, attribute=resolved.attribute)
             validate_extra(getattr(cls, "extra_config", None), cfg.extra)
             if issubclass(cls, ChecksConfig):
-                problems.extend(_moved(p, prefix) for p in cls.config_problems(node))
+                problems.extend(_moved(p, prefix) for p in cls.config_problems(node, kv_cache_config))
         except KVConfError as exc:
             problems.extend(_moved(p, prefix) for p in exc.problems)
             continue
@@ -141,8 +142,8 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
 
     # ---- config ------------------------------------------------------------------------------
     @classmethod
-    def config_problems(cls, connector: dict[str, Any]) -> list[Problem]:
-        return children(connector)[1]
+    def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
+        return children(connector, kv_cache_config)[1]
 
     @classmethod
     def supports_hma_config(cls, connector: dict[str, Any]) -> bool:

@@ -33,13 +33,16 @@ INSTALL = ("pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1 on top of the CPU
 
 Pull = Literal["pull"]
 Push = Literal["push"]
+Backend = Literal["UCX", "UCX_MO", "GDS", "GDS_MT", "POSIX", "OBJ", "HF3FS", "Mooncake", "LIBFABRIC", "UCCL",
+                  "GPUNETIO", "GUSLI", "AZURE_BLOB"]
+"""The backend plugins NIXL 1.5 ships (``nixl_agent.get_plugin_list()`` lists what this install has)."""
 Mode = Literal[Pull, Push]
 
 
 class NixlExtra(P2PExtra):
     """Settings of the nixl connector (vLLM's names where vLLM has them)."""
 
-    backends: list[str] = Field(default_factory=lambda: ["UCX"], min_length=1)
+    backends: list[Backend] = Field(default_factory=lambda: list[Backend](["UCX"]), min_length=1)
     """NIXL backends to create (vLLM's ``backends``)."""
     num_threads: int = Field(0, ge=0)
     """Worker threads of the UCX backend (vLLM's ``num_threads``; 0: NIXL's default)."""

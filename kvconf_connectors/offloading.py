@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import PositiveInt, model_validator
 
 from kvconf.config.base import StrictModel
+from kvconf.contract.capabilities import ChecksConfig
 from kvconf.errors import ConfigError, Problem
 from kvconf.units import PositiveByteSize, format_bytes, parse_bytes
 from kvconf_connectors.tier import Chunk, TierConnector, TierOp
@@ -40,6 +41,23 @@ class OffloadingExtra(StrictModel):
                 "num_cpu_blocks was retired (vLLM PR #24498); fix: give the tier's size in bytes with "
                 "cpu_bytes_to_use instead, e.g. connector.extra.cpu_bytes_to_use=4GiB")
         return data
+
+
+def _chunk_problems(extra: OffloadingExtra, kv_cache_config: Any) -> list[Problem]:
+    """An offload chunk must be whole KV blocks, and the tier must hold at least one."""
+    block = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    chunk_tokens = extra.block_size or block
+    if chunk_tokens % block:
+        return [Problem("connector.extra.block_size", f"an offload chunk of {chunk_tokens} tokens is not a whole "
+                        f"number of KV blocks of {block} tokens", value=chunk_tokens,
+                        fix=f"use a multiple of {block} (kv_cache.block_size)")]
+    chunk_bytes = chunk_tokens // block * kv_cache_config.bytes_per_block
+    capacity = parse_bytes(extra.cpu_bytes_to_use)
+    if capacity < chunk_bytes:
+        return [Problem("connector.extra.cpu_bytes_to_use", f"{format_bytes(capacity)} holds no chunk: one chunk is "
+                        f"{chunk_tokens // block} block(s) x {kv_cache_config.bytes_per_block} B = {chunk_bytes} B",
+                        value=extra.cpu_bytes_to_use, fix=f"give at least {chunk_bytes} B")]
+    return []
 
 
 class LRUIndex:
@@ -96,7 +114,7 @@ class LRUIndex:
         return list(self.entries)
 
 
-class OffloadingConnector(TierConnector):
+class OffloadingConnector(TierConnector, ChecksConfig):
     """Host-memory tier with LRU eviction."""
 
     extra_config = OffloadingExtra
@@ -106,23 +124,24 @@ class OffloadingConnector(TierConnector):
 
     def __init__(self, config, role, kv_cache_config) -> None:
         super().__init__(config, role, kv_cache_config)
-        chunk_tokens = self.extra.block_size or self._block_size
-        if chunk_tokens % self._block_size:
-            raise ConfigError(Problem(
-                "connector.extra.block_size", f"an offload chunk of {chunk_tokens} tokens is not a whole number of "
-                f"KV blocks of {self._block_size} tokens", value=chunk_tokens,
-                fix=f"use a multiple of {self._block_size} (kv_cache.block_size)"))
-        self.chunk_blocks = chunk_tokens // self._block_size
+        problems = _chunk_problems(self.extra, kv_cache_config)
+        if problems:
+            raise ConfigError(problems)
+        self.chunk_blocks = (self.extra.block_size or self._block_size) // self._block_size
         self.chunk_bytes = self.chunk_blocks * kv_cache_config.bytes_per_block
-        capacity = parse_bytes(self.extra.cpu_bytes_to_use)
-        slots = capacity // self.chunk_bytes
-        if slots < 1:
-            raise ConfigError(Problem(
-                "connector.extra.cpu_bytes_to_use", f"{format_bytes(capacity)} holds no chunk: one chunk is "
-                f"{self.chunk_blocks} block(s) x {kv_cache_config.bytes_per_block} B = {self.chunk_bytes} B",
-                value=self.extra.cpu_bytes_to_use, fix=f"give at least {self.chunk_bytes} B"))
-        self.index = LRUIndex(slots)
+        self.index = LRUIndex(parse_bytes(self.extra.cpu_bytes_to_use) // self.chunk_bytes)
         self._pool: dict[str, Any] = {}
+
+    @classmethod
+    def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
+        """The chunk against the plan, at check time (nothing is constructed then)."""
+        if kv_cache_config is None:
+            return []
+        try:
+            extra = OffloadingExtra.model_validate(connector.get("extra") or {})
+        except ValueError:
+            return []  # the extra model's own problems are reported already
+        return _chunk_problems(extra, kv_cache_config)
 
     @classmethod
     def vllm_extra_config(cls, extra: Any) -> dict[str, Any]:

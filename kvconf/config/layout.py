@@ -37,6 +37,10 @@ __all__ = ["DEFAULT_LAYER_NAME", "FullAttentionGroup", "GroupLayout", "KVCacheLa
            "SlidingWindowGroup"]
 
 DEFAULT_LAYER_NAME = "model.layers.{i}.self_attn.attn"
+MAX_LAYERS = 4096
+"""More layers than any model has: a bound, so that a typo cannot plan for hours."""
+MAX_BLOCKS = 2**31
+"""More blocks per layer than a machine holds (vLLM's block ids are int32)."""
 
 LayerOuter = Literal["LBHNC"]
 BlockOuter = Literal["BLHNC"]
@@ -103,16 +107,17 @@ class KVCacheLayout(StrictModel):
     written here; ``block_size``, ``dtype``, ``max_model_len`` and ``tensor_parallel_size`` given
     here win over the file. Families: llama, mistral, qwen2, qwen3, gemma2, gemma3(_text), gpt_oss,
     deepseek_v2, deepseek_v3."""
-    num_layers: PositiveInt | None = None
-    """Attention (and state) layers in the model; needed unless every group lists names."""
+    num_layers: Optional[int] = Field(None, ge=1, le=MAX_LAYERS)
+    """Attention (and state) layers in the model (at most 4,096; the largest models have a few
+    hundred); needed unless every group lists names."""
     layer_name: str = DEFAULT_LAYER_NAME
     """Name of layer ``i``; ``{i}`` is replaced by the index."""
     block_size: PositiveInt = 16
     """Tokens per block, for every group that does not set its own."""
     dtype: DType = "bfloat16"
     """Element type, for every group that does not set its own."""
-    num_blocks: PositiveInt | None = None
-    """Blocks per layer. Give this or ``memory``, not both."""
+    num_blocks: Optional[int] = Field(None, ge=1, le=MAX_BLOCKS)
+    """Blocks per layer (at most 2**31). Give this or ``memory``, not both."""
     memory: PositiveByteSize | None = None
     """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
     largest count that fits. Give this or ``num_blocks``, not both."""

@@ -143,7 +143,7 @@ class SelfTestConfig(StrictModel):
     cache is smaller."""
     transfer_bytes: PositiveByteSize = "64MiB"
     """Bytes a two-process self-test (mooncake) moves in all, in rounds that each fit the KV cache."""
-    timeout: float = Field(120.0, gt=0)
+    timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
     """Seconds a two-process self-test may take before it gives up on its peer."""
 
 

@@ -105,8 +105,9 @@ class ChecksConfig(ABC):
 
     @classmethod
     @abstractmethod
-    def config_problems(cls, connector: dict[str, Any]) -> list[Problem]:
-        """Problems with ``connector`` (the connector node as plain data), with their config paths."""
+    def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
+        """Problems with ``connector`` (the connector node as plain data), with their config paths;
+        ``kv_cache_config`` is the job's plan where it validated (None otherwise)."""
 
     @classmethod
     def supports_hma_config(cls, connector: dict[str, Any]) -> bool:

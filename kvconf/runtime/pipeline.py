@@ -121,7 +121,7 @@ def load(job: Job, *, environment: bool = True) -> None:
             problems.extend(vllm_extra_problems(getattr(job.cls, "vllm_name", None), connector,
                                                 getattr(job.cls, "vllm_extra_keys", {})))
             if issubclass(job.cls, ChecksConfig):
-                problems.extend(job.cls.config_problems(connector))
+                problems.extend(job.cls.config_problems(connector, job.cfg.kv_cache_config if job.cfg else None))
         if job.cls is not None and extra_ok and job.cfg is not None:
             if job.cfg.action == "serve" and job.cfg.role != "worker":
                 problems.append(Problem("role", "action=serve needs the worker side: it holds the KV cache it "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import re
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from kvconf.config.base import StrictModel
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, KVConnectorRole, Request, SchedulerOutput
@@ -49,6 +50,13 @@ __all__ = ["P2PConnector", "P2PExtra", "P2PMetadata"]
 log = logging.getLogger("kvconf.p2p")
 
 
+HOST = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[?[0-9a-fA-F:]+\]?|"
+                  r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                  r"[A-Za-z0-9])?)*)$")
+"""An IPv4 or IPv6 address, or a host name (RFC 1123)."""
+HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+):(?P<port>[0-9]{1,5})$")
+
+
 class P2PExtra(StrictModel):
     """The settings every peer-to-peer connector has (a connector's own model adds its engine's)."""
 
@@ -59,13 +67,31 @@ class P2PExtra(StrictModel):
     """Port of a producer's side channel; 0 picks a free one."""
     num_workers: PositiveInt = 10
     """Sender threads of a producer (vLLM's ``num_workers``)."""
-    handshake_timeout: PositiveFloat = 10.0
-    """Seconds to wait for a producer's side channel to answer the first message."""
-    transfer_timeout: PositiveFloat = 30.0
-    """Seconds a request's blocks may take to arrive before the request fails."""
-    peer: Optional[str] = None
+    handshake_timeout: PositiveFloat = Field(10.0, allow_inf_nan=False)
+    """Seconds to wait for a producer's side channel to answer the first message (finite)."""
+    transfer_timeout: PositiveFloat = Field(30.0, allow_inf_nan=False)
+    """Seconds a request's blocks may take to arrive before the request fails (finite)."""
+    peer: Optional[str] = Field(None, json_schema_extra={"pattern": HOST_PORT.pattern})
     """``HOST:PORT`` of a serving producer (what it printed as ``serving on HOST:PORT``), for a
     consumer started separately; unset, ``action=run`` starts its own peer process."""
+
+    @field_validator("side_channel_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not HOST.match(v):
+            raise ValueError(f"{v!r} is not an IP address or a host name; fix: give one, e.g. 127.0.0.1")
+        return v
+
+    @field_validator("peer")
+    @classmethod
+    def _peer(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        m = HOST_PORT.match(v)
+        if not m or not 1 <= int(m.group("port")) <= 65535:
+            raise ValueError(f"{v!r} is not HOST:PORT; fix: give what the producer printed as "
+                             "'serving on HOST:PORT', e.g. 127.0.0.1:40123")
+        return v
 
 
 @dataclass
