@@ -49,3 +49,34 @@ def test_bad_input_is_a_config_error_naming_its_key(overrides, key, compose):
         run_job({**data, "action": data.get("action", "check") if "action=" in " ".join(overrides) else "check"})
     assert err.value.exit_code == 2
     assert key in [p.path for p in err.value.problems], err.value.render()
+
+
+DEEP = "a: " + "[" * 200 + "]" * 200 + "\n"
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(12))
+FILES = {
+    "duplicate-key": ("name: example\nkv_role: kv_both\nname: example\n", 3),
+    "not-yaml": ("name: [example\n", 2),
+    "not-utf8": (b"name: example\nkv_role: \xff\xfe\n", 2),
+    "deep-nesting": (DEEP, 1),
+    "alias-bomb": (BOMB, None),
+}
+
+
+@pytest.mark.parametrize("kind", list(FILES))
+def test_a_malformed_yaml_file_in_a_config_dir_is_one_message_with_its_line(kind, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import kvconf_env
+
+    text, line = FILES[kind]
+    folder = tmp_path / "conf" / "connector"
+    folder.mkdir(parents=True)
+    target = folder / "mine.yaml"
+    target.write_bytes(text if isinstance(text, bytes) else text.encode())
+    proc = subprocess.run([sys.executable, "-m", "kvconf", "--config-dir", str(tmp_path / "conf"), "connector=mine",
+                           "action=check"], cwd=tmp_path, env=kvconf_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{target}:{line}" in proc.stderr if line else str(target) in proc.stderr

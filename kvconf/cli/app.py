@@ -256,6 +256,17 @@ def _in_vllm_terms(exc: ConfigError, argv: list[str]) -> ConfigError:
     return ConfigError([explain(p, vllm_name, mapped) for p in exc.problems])
 
 
+def _config_dirs(argv: list[str]) -> list[str]:
+    """The folders given with ``--config-dir DIR``, ``--config-dir=DIR`` or ``-cd DIR``."""
+    out = []
+    for i, a in enumerate(argv):
+        if a in ("--config-dir", "-cd") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--config-dir="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
 def _completion_request(argv: list[str]) -> str | None:
     """The value of ``-sc``/``--shell-completion`` (``install=bash``), if given."""
     for i, a in enumerate(argv):
@@ -291,6 +302,14 @@ def _main(argv: list[str]) -> None:
                 "(python -m kvconf --help lists them)")), None, None)
         raise SystemExit(2)
     argv = _external_connector(_layout_from_model(argv))
+    dirs = _config_dirs(argv)
+    if dirs:  # a user's YAML: malformed, duplicate keys, alias bombs are one message, not a traceback
+        from kvconf.config.yamlfiles import config_dir_problems
+
+        problems = [p for d in dirs if Path(d).is_dir() for p in config_dir_problems(Path(d))]
+        if problems:
+            _report_error(ConfigError(problems), None, None)
+            raise SystemExit(2)
     from kvconf.config.overrides import check_overrides
     from kvconf.contract.registry import builtin_extra_model
 
