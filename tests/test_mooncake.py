@@ -245,3 +245,47 @@ def test_scheduler_side_needs_no_engine(workdir):
 def test_serve_is_refused_for_a_connector_that_cannot_serve(workdir):
     proc = run_kvconf("action=serve", cwd=workdir)
     assert proc.returncode == 2 and "cannot serve" in proc.stderr
+
+
+def pin_blocks_and_vanish(address: str, num_blocks: int, tag: str) -> str:
+    """What a consumer killed between the producer's answer and its release leaves: a pull lease
+    (Hello, Prefill, Transfer(pull)) that is never released. Returns the producer's answer's type."""
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{address}")
+    try:
+        def ask(msg: dict) -> dict:
+            s.send(msgpack.packb({"v": 1, **msg}))
+            assert s.poll(10000), f"no answer to {msg['type']}"
+            return msgpack.unpackb(s.recv())
+
+        ack = ask({"type": "hello", "engine_id": tag})
+        pre = ask({"type": "prefill", "request_id": tag, "seed": 1, "num_blocks": num_blocks})
+        if not pre["ok"]:
+            return "refused: " + pre["reason"]
+        layers = [{"v": 1, "type": "layer", "name": f"model.layers.{i}.self_attn.attn", "base": 0,
+                   "block_stride": 8192, "page": 8192} for i in range(4)]
+        ans = ask({"type": "transfer", "request_id": tag, "session": tag, "layout": ack["layout"], "layers": layers,
+                   "block_ids": list(range(num_blocks)), "mode": "pull"})
+        return ans["type"]
+    finally:
+        s.close()  # and never a Release
+
+
+def test_consumers_that_vanish_mid_transfer_do_not_pin_the_producer(workdir, producer):
+    # the tiny layout: 128 blocks of 4 layers x 8 KiB; five vanished consumers pin all of them
+    p = producer("connector.extra.transfer_timeout=2")
+    answers = [pin_blocks_and_vanish(p.address, 32, f"gone-{i}") for i in range(5)]
+    assert answers[:4] == ["pull_source"] * 4
+    assert answers[4].startswith("refused: no free blocks")  # pinned, for now
+    time.sleep(2.5)  # past the producer's transfer_timeout: the leases expire
+    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
+                          "self_test.requests=2", cwd=workdir)
+    assert consumer.returncode == 0, consumer.stderr
+    code, out, err = p.stop()
+    assert code == 0 and "lease of gone-0 expired" in err
+    assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["expired_leases"] == 4

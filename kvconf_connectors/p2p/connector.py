@@ -468,7 +468,8 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
             for sig, h in handlers.items():
                 signal.signal(sig, h)
         return {"address": address, "served_requests": server.served, "failed_requests": server.failed,
-                "bytes": server.bytes, "rejected_messages": server.rejected, "transport": self.transport,
+                "bytes": server.bytes, "rejected_messages": server.rejected, "expired_leases": server.expired,
+                "transport": self.transport,
                 "transport_reason": self.transport_reason}
 
     def raw_path(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext,

@@ -42,7 +42,7 @@ class Producer:
         self.results: queue.Queue[tuple[bytes, bytes, str]] = queue.Queue()
         self.waker = sc.Waker()
         self.sock: Any = None
-        self.served = self.failed = self.bytes = self.rejected = 0
+        self.served = self.failed = self.bytes = self.rejected = self.expired = 0
         self.busy: set[str] = set()
         self.pulling: dict[str, tuple[float, int, str]] = {}
         """Pull mode: requests whose blocks a consumer is reading (started, bytes, session)."""
@@ -89,6 +89,7 @@ class Producer:
         wait = 1 if self.conn.needs_progress else 100
         while not stop.is_set():
             self.send_results()
+            self.expire_leases()
             self.conn._engine_progress()
             ready = dict(poller.poll(timeout=wait))
             if self.waker.r in ready:
@@ -127,6 +128,21 @@ class Producer:
     def _send_loop(self, q: queue.Queue[Any]) -> None:
         while (item := q.get()) is not None:
             self.push(*item)
+
+    def expire_leases(self) -> None:
+        """Pull mode: a consumer that never releases what it read (it died between the answer and
+        its release, or never meant to) holds the blocks for ``transfer_timeout`` at most: by then
+        it has given up on them too. Later consumers are never refused because of it."""
+        if not self.pulling:
+            return
+        limit = self.conn.extra.transfer_timeout
+        now = time.perf_counter()
+        for rid, (started, _, session) in list(self.pulling.items()):
+            if now - started > limit:
+                log.warning("the lease of %s expired after %g s: %s never released it; its blocks are free again",
+                            rid, limit, session)
+                self.expired += 1
+                self.release(sc.Release(request_id=rid, ok=False))
 
     def release(self, msg: Any) -> None:
         """Pull mode: the consumer finished reading (or gave up); the blocks are free again."""
