@@ -100,4 +100,7 @@ def help_template(subcommands: dict[str, tuple[str, str]]) -> str:
         parts.append(f" {g.model_fields['type'].default}:")
         parts.extend(describe(g, "", skip=("type",)))
     parts += ["", "== The composed config ==", "$CONFIG", "${hydra.help.footer}"]
+    placeholders = {"${hydra.help.header}", "$APP_CONFIG_GROUPS", "$CONFIG", "${hydra.help.footer}"}
+    # Hydra fills the template with string.Template: a $ of a docstring ($XDG_CACHE_HOME) is text
+    parts = [p if p in placeholders else p.replace("$", "$$") for p in parts]
     return "\n".join(parts).replace("${i}", "{i}")

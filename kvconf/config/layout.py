@@ -107,7 +107,7 @@ class KVCacheLayout(StrictModel):
     written here; ``block_size``, ``dtype``, ``max_model_len`` and ``tensor_parallel_size`` given
     here win over the file. Families: llama, mistral, qwen2, qwen3, gemma2, gemma3(_text), gpt_oss,
     deepseek_v2, deepseek_v3."""
-    num_layers: Optional[int] = Field(None, ge=1, le=MAX_LAYERS)
+    num_layers: Optional[int] = Field(None, gt=0, le=MAX_LAYERS)
     """Attention (and state) layers in the model (at most 4,096; the largest models have a few
     hundred); needed unless every group lists names."""
     layer_name: str = DEFAULT_LAYER_NAME
@@ -116,7 +116,7 @@ class KVCacheLayout(StrictModel):
     """Tokens per block, for every group that does not set its own."""
     dtype: DType = "bfloat16"
     """Element type, for every group that does not set its own."""
-    num_blocks: Optional[int] = Field(None, ge=1, le=MAX_BLOCKS)
+    num_blocks: Optional[int] = Field(None, gt=0, le=MAX_BLOCKS)
     """Blocks per layer (at most 2**31). Give this or ``memory``, not both."""
     memory: PositiveByteSize | None = None
     """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
