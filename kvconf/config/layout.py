@@ -12,6 +12,7 @@ once, at validation.
 
 
 import re
+import string
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, PositiveInt, PrivateAttr, field_validator, model_validator
@@ -167,6 +168,13 @@ class KVCacheLayout(StrictModel):
     def _layer_name(cls, v: str) -> str:
         if "{i}" not in v:
             raise ValueError(f"layer_name must contain '{{i}}' (the layer index), got {v!r}")
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(v) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"layer_name {v!r} is not a format string: {exc}; fix: use {{i}} alone") from None
+        if any(f != "i" or spec or conv for f, spec, conv in fields) or len(v) > 256:
+            raise ValueError(f"layer_name may hold only {{i}} (no other field, width or conversion), at most 256 "
+                             f"characters, got {v!r}; fix: e.g. model.layers.{{i}}.self_attn.attn")
         return v
 
     _config: Optional[KVCacheConfig] = PrivateAttr(default=None)
@@ -257,6 +265,12 @@ class KVCacheLayout(StrictModel):
                 value=self.layout, allowed=["BLHNC"], fix="set kv_cache.layout=BLHNC (block-outermost)")])
         # pipeline parallelism: each worker holds its stage's layers of every group (the groups are
         # made over the whole model, as vLLM makes them); all workers take the smallest num_blocks
+        n_layers = sum(len(c) for _, c in groups_made)
+        if self.pipeline_parallel_size > n_layers:
+            raise KVCacheInvariantError([Problem(
+                "kv_cache.pipeline_parallel_size", f"{self.pipeline_parallel_size} pipeline stages for {n_layers} "
+                "layers: a stage would hold none", value=self.pipeline_parallel_size,
+                fix=f"use at most {n_layers} stages")])
         stages = _stages([n for _, c in groups_made for n in c], names, self.pipeline_parallel_size)
         per_worker = [[(s, [n for n in c if n in stage]) for s, c in groups_made] for stage in stages]
         per_worker = [[(s, c) for s, c in w if c] for w in per_worker]
@@ -350,6 +364,10 @@ class KVCacheLayout(StrictModel):
                                             value=item, fix=f"use 0..{len(names) - 1}, or raise kv_cache.num_layers"))
                     continue
                 chosen.append(names[item])
+            elif names and str(item) not in names:  # with num_layers, a name is one of its layers
+                problems.append(Problem(path, f"layer {item!r} is not one of the model's {len(names)} layers "
+                                        f"(kv_cache.layer_name={self.layer_name!r})", value=item,
+                                        fix="name an existing layer, use its index, or raise kv_cache.num_layers"))
             else:
                 chosen.append(str(item))
         return chosen, problems
