@@ -226,3 +226,15 @@ def test_a_closed_stdout_ends_quietly(workdir, args):
                           cwd=workdir, env=kvconf_env(), capture_output=True, text=True, timeout=120)
     assert proc.stderr == "", proc.stderr
     assert proc.stdout.strip() in ("exit 0", "exit 141")  # done, or ended by SIGPIPE as any Unix tool
+
+
+def test_a_composition_error_without_text_is_told_by_the_error_behind_it():
+    from kvconf.cli.app import _exception_lines
+
+    try:
+        try:
+            raise ValueError("token recognition error at: '~'")
+        except ValueError as inner:
+            raise RuntimeError() from inner
+    except RuntimeError as outer:
+        assert _exception_lines(outer) == ["ValueError: token recognition error at: '~'"]

@@ -193,9 +193,22 @@ def _compose_and_run(overrides: list[str]) -> None:
     except Exception as exc:  # composition failed: Hydra's message, as its main would print it
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in lines), file=sys.stderr)
+        print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in _exception_lines(exc)), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _exception_lines(exc: BaseException) -> list[str]:
+    """The message of ``exc``, or of the first exception behind it that has one (Hydra wraps an
+    interpolation that does not parse in an exception with no text)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        lines = [ln for ln in str(cur).splitlines() if ln.strip()]
+        if lines:
+            return lines if cur is exc else [f"{type(cur).__name__}: {lines[0]}", *lines[1:]]
+        cur = cur.__cause__ or cur.__context__
+    return [f"{type(exc).__name__} (no message)"]
     execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)", choices=choices)
 
 
