@@ -195,6 +195,7 @@ def _compose_and_run(overrides: list[str]) -> None:
             traceback.print_exc()
         print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in _exception_lines(exc)), file=sys.stderr)
         raise SystemExit(2) from None
+    execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)", choices=choices)
 
 
 def _exception_lines(exc: BaseException) -> list[str]:
@@ -209,7 +210,6 @@ def _exception_lines(exc: BaseException) -> list[str]:
             return lines if cur is exc else [f"{type(cur).__name__}: {lines[0]}", *lines[1:]]
         cur = cur.__cause__ or cur.__context__
     return [f"{type(exc).__name__} (no message)"]
-    execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)", choices=choices)
 
 
 def main() -> None:
