@@ -2,8 +2,9 @@
 
 Each test owns what it starts: every process a test starts (and every process those start) carries
 the test's own ``KVCONF_TEST_OWNER`` token in its environment, so :func:`owned_processes` finds
-exactly those and nothing else that runs on the machine; each test gets its own ``TMPDIR`` (the
-shared_storage connector's default folder lives there). A test that needs torch, an engine or
+exactly those and nothing else that runs on the machine; each test gets its own ``TMPDIR`` and
+``XDG_CACHE_HOME`` (the shared_storage connector's default folder lives there). A test that needs
+torch, an engine or
 network namespaces is marked and skips with the reason where it is missing.
 """
 
