@@ -91,9 +91,9 @@ def translate(ktc: dict[str, Any]) -> dict[str, Any]:
     node["kv_role"] = ktc.get("kv_role")
     for key in ("engine_id", "kv_buffer_device", "kv_port", "kv_load_failure_policy", "enable_permute_local_kv"):
         if key in ktc:
-            node[key] = to_number(ktc[key]) if key == "kv_port" and not isinstance(ktc[key], str) else ktc[key]
-    if isinstance(node.get("kv_port"), str):
-        node["kv_port"] = int(node["kv_port"])  # vLLM's lax validation takes "30000"
+            node[key] = ktc[key]
+    if "kv_port" in node:  # linted: an int, a whole float, or a numeric string ("30000", which vLLM takes)
+        node["kv_port"] = int(node["kv_port"])
     if extra:
         node["extra"] = extra
     if passthrough:

@@ -136,20 +136,12 @@ def resolve(name: str, module_path: str | None) -> Resolved:
     """The object ``name`` names; a :class:`ConfigError` or :class:`ContractError` (exit 2) saying
     what is wrong and how to fix it when there is none."""
     if module_path is not None and not _IMPORT_MODULES.get():
-        return _read_only(name, module_path)
+        return _from_source(name, module_path, "no-import")
     if module_path is not None:
         try:
             module = _import(module_path, "connector.module_path")
-        except _NeedsVLLM:  # a connector written for vLLM, on a machine without vLLM: read its source
-            from .static import static_class
-
-            stand_in = static_class(module_path, name)
-            if stand_in is None:
-                raise ContractError(Problem(
-                    "connector.module_path", f"importing {module_path!r} needs vLLM, which is not installed, and "
-                    f"its source has no class {name!r} on vLLM's KVConnectorBase_V1", value=module_path,
-                    fix="install vLLM, or check connector.name")) from None
-            return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
+        except _NeedsVLLM:  # a connector written for vLLM, on a machine without vLLM
+            return _from_source(name, module_path, "vllm")
         _ran(module_path)
         return Resolved(_getattr(module, module_path, name), module_path, name, "module_path", "connector.module_path")
     if name in _REGISTRY:
@@ -185,22 +177,28 @@ def resolve(name: str, module_path: str | None) -> Resolved:
         + ", or give the class's module: connector.module_path=my_pkg.my_module connector.name=MyConnector"))
 
 
-def _read_only(name: str, module_path: str) -> Resolved:
-    """``module_path``'s class read from source, nothing of the user's run."""
+def _from_source(name: str, module_path: str, why: str) -> Resolved:
+    """``module_path``'s class read from its source, nothing of the user's run: because the caller
+    must not run it (``why="no-import"``), or because it needs vLLM, which is missing (``"vllm"``)."""
     from .static import source_of, static_class
 
-    if source_of(module_path) is None:
+    if why == "no-import" and source_of(module_path) is None:  # (an import that needed vLLM found it)
         raise ContractError(Problem(
             "connector.module_path", f"no module named {module_path!r} (looked for its source on the path, "
             "without importing it)", value=module_path,
             fix="check the spelling, or add its folder to PYTHONPATH"))
-    stand_in = static_class(module_path, name, why="no-import")
-    if stand_in is None:
+    stand_in = static_class(module_path, name, why=why)
+    if stand_in is not None:
+        return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
+    if why == "vllm":
         raise ContractError(Problem(
-            "connector.name", f"{name} in {module_path!r} cannot be checked from its source alone: the class, or "
-            "one of its bases, is not a class statement this reading can follow", value=name,
-            fix="pass --import-modules to import the module (this runs its code), or check the spelling"))
-    return Resolved(stand_in, module_path, name, "module_path (read from source)", "connector.module_path")
+            "connector.module_path", f"importing {module_path!r} needs vLLM, which is not installed, and "
+            f"its source has no class {name!r} on vLLM's KVConnectorBase_V1", value=module_path,
+            fix="install vLLM, or check connector.name"))
+    raise ContractError(Problem(
+        "connector.name", f"{name} in {module_path!r} cannot be checked from its source alone: the class, or "
+        "one of its bases, is not a class statement this reading can follow", value=name,
+        fix="pass --import-modules to import the module (this runs its code), or check the spelling"))
 
 
 class _NeedsVLLM(Exception):
