@@ -93,6 +93,23 @@ def kvconf_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def side_channel(address: str, key_file: str | None):
+    """A DEALER socket to the producer at ``address``, as a consumer makes one: it proves the key
+    in ``key_file`` (None: no key, as a stranger's socket)."""
+    import zmq
+
+    from kvconf_connectors.p2p import auth
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if key_file is not None:
+        key = auth.load_key(key_file)
+        assert key is not None
+        auth.client_keys(s, key)
+    s.connect(f"tcp://{address}")
+    return s
+
+
 def run_kvconf(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120,
                module: str = "kvconf") -> subprocess.CompletedProcess:
     """``python -m kvconf ARGS`` in ``cwd``, as a user types it."""

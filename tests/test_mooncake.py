@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, json_out, kvconf_env, owned_processes, run_kvconf
+from conftest import TESTS, json_out, kvconf_env, owned_processes, run_kvconf, side_channel
 
 pytestmark = [pytest.mark.torch, pytest.mark.mooncake]
 
@@ -31,7 +31,11 @@ class Producer:
             [sys.executable, "-m", "kvconf", f"connector={connector}", "role=worker", "connector.kv_role=kv_producer",
              "action=serve", "output=json", *overrides],
             cwd=cwd, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.address = self._read_until(self.proc.stdout, "serving on ", 60).split("serving on ", 1)[1].strip()
+        line = self._read_until(self.proc.stdout, "serving on ", 60)  # serving on HOST:PORT (key: FILE)
+        self.address = line.split()[2]
+        self.key_file = line.split("(key: ", 1)[1].rstrip().rstrip(")")
+        self.peer_args = (f"connector.extra.peer={self.address}", f"connector.extra.auth_key_file={self.key_file}")
+        """What a consumer is given: the address and the key file the producer printed."""
 
     def _read_until(self, stream, prefix: str, timeout: float) -> str:
         sel = selectors.DefaultSelector()
@@ -104,7 +108,7 @@ def test_two_terminal_serve_workflow(workdir, producer):
     host, port = p.address.rsplit(":", 1)
     assert host == "127.0.0.1"
     consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", "action=run",
-                          f"connector.extra.peer={p.address}", "self_test.requests=3", "output=json", cwd=workdir)
+                          *p.peer_args, "self_test.requests=3", "output=json", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
     st = json_out(consumer)["self_test"]
     assert st["verified"] and st["peer_started"] is False and st["peer"] == p.address
@@ -125,16 +129,12 @@ def test_sigint_stops_the_producer_cleanly(workdir, producer):
 
 def test_producer_keeps_serving_after_garbage_on_the_side_channel(workdir, producer):
     import msgpack
-    import zmq
 
     p = producer()
     host, port = p.address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as raw:  # not even zmq
         raw.sendall(os.urandom(4096))
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{p.address}")
+    s = side_channel(p.address, p.key_file)  # garbage from a peer that holds the key
     for junk in (b"\xff\x00garbage", msgpack.packb({"v": 99, "type": "hello"}),
                  msgpack.packb({"v": 1, "type": "transfer", "request_id": "x"}), msgpack.packb([1, 2, 3]),
                  b"x" * (5 * MiB)):
@@ -143,16 +143,14 @@ def test_producer_keeps_serving_after_garbage_on_the_side_channel(workdir, produ
     while len(replies) < 5 and s.poll(10000):
         replies.append(msgpack.unpackb(s.recv()))
     s.close()
-    huge = ctx.socket(zmq.DEALER)  # past the socket's limit: zmq drops the connection, serving goes on
-    huge.setsockopt(zmq.LINGER, 0)
-    huge.connect(f"tcp://{p.address}")
+    huge = side_channel(p.address, p.key_file)  # past the socket's limit: zmq drops the connection
     huge.send(b"x" * (80 * MiB))
     time.sleep(0.3)
     huge.close()
     assert [r["type"] for r in replies] == ["rejected"] * 5
     assert "msgpack" in replies[0]["reason"] and "version" in replies[1]["reason"]
     assert "over the" in replies[4]["reason"] and "limit" in replies[4]["reason"]
-    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
+    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", *p.peer_args,
                           "self_test.requests=2", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
     code, out, err = p.stop()
@@ -170,7 +168,7 @@ def consumer_against(p: Producer, workdir: Path, *overrides: str, connector: str
     """A consumer with a long run of requests against ``p``, and a short transfer timeout."""
     return subprocess.Popen(
         [sys.executable, "-m", "kvconf", f"connector={connector}", "connector.kv_role=kv_consumer",
-         f"connector.extra.peer={p.address}", "kv_cache=llama3_8b", "self_test.transfer_bytes=32GiB",
+         *p.peer_args, "kv_cache=llama3_8b", "self_test.transfer_bytes=32GiB",
          f"connector.extra.transfer_timeout={TRANSFER_TIMEOUT:g}", "output=json", *overrides],
         cwd=workdir, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -247,45 +245,78 @@ def test_serve_is_refused_for_a_connector_that_cannot_serve(workdir):
     assert proc.returncode == 2 and "cannot serve" in proc.stderr
 
 
-def pin_blocks_and_vanish(address: str, num_blocks: int, tag: str) -> str:
-    """What a consumer killed between the producer's answer and its release leaves: a pull lease
-    (Hello, Prefill, Transfer(pull)) that is never released. Returns the producer's answer's type."""
-    import msgpack
-    import zmq
+PINNER = """
+import sys, time, msgpack
+sys.path.insert(0, sys.argv[4])
+from conftest import side_channel
+s = side_channel(sys.argv[1], sys.argv[2])
+tag, n = sys.argv[3], 32
+def ask(msg):
+    s.send(msgpack.packb({"v": 1, **msg}))
+    assert s.poll(30000), msg["type"]
+    return msgpack.unpackb(s.recv())
+ack = ask({"type": "hello", "engine_id": tag})
+pre = ask({"type": "prefill", "request_id": tag, "seed": 1, "num_blocks": n})
+if not pre["ok"]:
+    print("refused: " + pre["reason"], flush=True)
+    sys.exit(0)
+layers = [{"v": 1, "type": "layer", "name": f"model.layers.{i}.self_attn.attn", "base": 0, "block_stride": 8192,
+           "page": 8192} for i in range(4)]
+ans = ask({"type": "transfer", "request_id": tag, "session": tag, "layout": ack["layout"], "layers": layers,
+           "block_ids": list(range(n)), "mode": "pull"})
+print(ans["type"], flush=True)
+time.sleep(3600)  # reading, until it is killed: never a Release
+"""
+"""A consumer that pins 32 of a producer's blocks in a pull lease (Hello, Prefill, Transfer(pull))
+and never releases them: argv ADDRESS KEY_FILE TAG TESTS."""
 
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{address}")
+
+def pinning_consumer(p: Producer, tag: str) -> tuple[subprocess.Popen, str]:
+    """A :data:`PINNER` process against ``p``, and the producer's answer to its transfer request."""
+    proc = subprocess.Popen([sys.executable, "-c", PINNER, p.address, p.key_file, tag, str(TESTS)],
+                            env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    return proc, line or proc.stderr.read()
+
+
+def test_consumers_killed_mid_transfer_do_not_pin_the_producer(workdir, producer):
+    # the tiny layout: 128 blocks of 4 layers x 8 KiB; four pinning consumers hold all of them
+    p = producer("connector.extra.transfer_timeout=600")  # no lease ends by its timeout in this test
+    pinners = [pinning_consumer(p, f"gone-{i}") for i in range(5)]
     try:
-        def ask(msg: dict) -> dict:
-            s.send(msgpack.packb({"v": 1, **msg}))
-            assert s.poll(10000), f"no answer to {msg['type']}"
-            return msgpack.unpackb(s.recv())
-
-        ack = ask({"type": "hello", "engine_id": tag})
-        pre = ask({"type": "prefill", "request_id": tag, "seed": 1, "num_blocks": num_blocks})
-        if not pre["ok"]:
-            return "refused: " + pre["reason"]
-        layers = [{"v": 1, "type": "layer", "name": f"model.layers.{i}.self_attn.attn", "base": 0,
-                   "block_stride": 8192, "page": 8192} for i in range(4)]
-        ans = ask({"type": "transfer", "request_id": tag, "session": tag, "layout": ack["layout"], "layers": layers,
-                   "block_ids": list(range(num_blocks)), "mode": "pull"})
-        return ans["type"]
+        assert [answer for _, answer in pinners[:4]] == ["pull_source"] * 4
+        assert pinners[4][1].startswith("refused: no free blocks")  # pinned, while they live
+        for proc, _ in pinners:
+            proc.kill()  # SIGKILL, mid-transfer: no Release ever comes
+            proc.wait()
     finally:
-        s.close()  # and never a Release
-
-
-def test_consumers_that_vanish_mid_transfer_do_not_pin_the_producer(workdir, producer):
-    # the tiny layout: 128 blocks of 4 layers x 8 KiB; five vanished consumers pin all of them
-    p = producer("connector.extra.transfer_timeout=2")
-    answers = [pin_blocks_and_vanish(p.address, 32, f"gone-{i}") for i in range(5)]
-    assert answers[:4] == ["pull_source"] * 4
-    assert answers[4].startswith("refused: no free blocks")  # pinned, for now
-    time.sleep(2.5)  # past the producer's transfer_timeout: the leases expire
-    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
-                          "self_test.requests=2", cwd=workdir)
+        for proc, _ in pinners:
+            proc.kill()
+            proc.communicate()
+    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", *p.peer_args,
+                          "self_test.requests=2", "output=json", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
+    st = json_out(consumer)["self_test"]
+    assert st["failed_requests"] == 0 and st["blocks_per_request"] == 64  # two requests in flight: all 128 blocks
     code, out, err = p.stop()
-    assert code == 0 and "lease of gone-0 expired" in err
+    assert code == 0 and "gone-0" in err and "disconnected while reading" in err
+    serve = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]
+    assert serve["disconnected_consumers"] == 4 and serve["expired_leases"] == 0
+
+
+def test_a_lease_that_is_never_released_expires_at_the_transfer_timeout(workdir, producer):
+    p = producer("connector.extra.transfer_timeout=2")
+    pinners = [pinning_consumer(p, f"stuck-{i}") for i in range(4)]  # alive, connected, never releasing
+    try:
+        assert [answer for _, answer in pinners] == ["pull_source"] * 4
+        time.sleep(2.5)  # past the producer's transfer_timeout
+        consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", *p.peer_args,
+                              "self_test.requests=2", cwd=workdir)
+        assert consumer.returncode == 0, consumer.stderr
+    finally:
+        for proc, _ in pinners:
+            proc.kill()
+            proc.communicate()
+    code, out, err = p.stop()
+    assert code == 0 and "lease of stuck-0 expired" in err
     assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["expired_leases"] == 4

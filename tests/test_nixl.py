@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TESTS, json_out, kvconf_env, owned_processes, run_kvconf
+from conftest import REPO, TESTS, json_out, kvconf_env, owned_processes, run_kvconf, side_channel
 from test_mooncake import EXIT_SLACK, TRANSFER_TIMEOUT, consumer_against, producer  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.torch, pytest.mark.nixl]
@@ -40,7 +40,7 @@ def test_a_producer_started_by_run_starts_and_verifies_a_consumer(workdir):
 def test_serve_workflow_and_sigterm(workdir, producer, mode):  # noqa: F811
     p = producer(f"connector.extra.mode={mode}", connector="nixl")
     consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", f"connector.extra.mode={mode}",
-                          f"connector.extra.peer={p.address}", "self_test.requests=3", "output=json", cwd=workdir)
+                          *p.peer_args, "self_test.requests=3", "output=json", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
     st = json_out(consumer)["self_test"]
     assert st["verified"] and st["peer"] == p.address
@@ -74,18 +74,15 @@ def test_frozen_producer_fails_requests_within_the_timeout(workdir, producer):  
 
 def test_garbage_on_the_side_channel_is_rejected_and_serving_goes_on(workdir, producer):  # noqa: F811
     import msgpack
-    import zmq
 
     p = producer(connector="nixl")
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{p.address}")
+    s = side_channel(p.address, p.key_file)  # garbage from a peer that holds the key
     for junk in (b"\x00garbage", msgpack.packb({"v": 1, "type": "release"}), msgpack.packb({"v": 2})):
         s.send(junk)
     replies = [msgpack.unpackb(s.recv()) for _ in range(3) if s.poll(30000)]
     s.close()
     assert [r["type"] for r in replies] == ["rejected"] * 3
-    consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", f"connector.extra.peer={p.address}",
+    consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", *p.peer_args,
                           "self_test.requests=2", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
     code, _, err = p.stop()

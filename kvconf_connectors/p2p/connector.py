@@ -19,8 +19,8 @@ import re
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
@@ -29,6 +29,7 @@ from kvconf.config.base import StrictModel
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, KVConnectorRole, Request, SchedulerOutput
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import (
+    ChecksConfig,
     ChecksEnvironment,
     ExportsToVLLM,
     SelfTestContext,
@@ -41,11 +42,13 @@ from kvconf.errors import ContractError, Problem
 from kvconf.runtime.engine import drive
 from kvconf.runtime.views import byte_views
 
+from . import auth
 from . import protocol as sc
+from .consumer import pull_loop
 from .producer import Producer
 from .selftest import bare_engine, run_as_consumer, run_as_producer
 
-__all__ = ["P2PConnector", "P2PExtra", "P2PMetadata"]
+__all__ = ["P2PConnector", "P2PExtra", "P2PMetadata", "Recv"]
 
 log = logging.getLogger("kvconf.p2p")
 
@@ -74,6 +77,11 @@ class P2PExtra(StrictModel):
     peer: Optional[str] = Field(None, json_schema_extra={"pattern": HOST_PORT.pattern})
     """``HOST:PORT`` of a serving producer (what it printed as ``serving on HOST:PORT``), for a
     consumer started separately; unset, ``action=run`` starts its own peer process."""
+    auth_key_file: Optional[str] = Field(None, min_length=1, max_length=4096)
+    """File holding the secret every peer proves it knows (16 to 4096 characters; mode 0600).
+    Unset: ``$KVCONF_AUTH_KEY``; where neither is set, ``action=serve`` generates a key into a 0600
+    file and prints its path beside ``serving on HOST:PORT``, and ``action=run`` hands a key of its
+    own to the peer it starts."""
 
     @field_validator("side_channel_host")
     @classmethod
@@ -95,7 +103,9 @@ class P2PExtra(StrictModel):
 
 
 @dataclass
-class _Recv:
+class Recv:
+    """A request whose blocks a consumer fetches: its ids here, and its producer's address."""
+
     request_id: str
     block_ids: list[int]
     peer: str
@@ -103,14 +113,7 @@ class _Recv:
 
 @dataclass
 class P2PMetadata(KVConnectorMetadata):
-    recv: list[_Recv] = field(default_factory=list)
-
-
-@dataclass
-class _Pending:
-    recv: _Recv
-    deadline: float
-    sent: bool = False
+    recv: list[Recv] = field(default_factory=list)
 
 
 def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -130,8 +133,8 @@ def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     return [s for s, _ in out], [e - s for s, e in out]
 
 
-class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest, SupportsServe,
-                   SupportsRawPath):
+class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest,
+                   SupportsServe, SupportsRawPath):
     """A producer (prefill) pushes, or lets a consumer (decode) read, a request's blocks on the
     consumer's request over the side channel. Subclasses give the engine: ``_engine_start``,
     ``_engine_register``, ``_engine_push``, ``_engine_read``/``_engine_poll`` (pull mode),
@@ -147,7 +150,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
         self.transport, self.transport_reason = "", ""
         self._engine_meta = b""
         """This side's engine metadata for the peer (a NIXL agent's; empty where the engine needs none)."""
-        self._recv_pending: list[_Recv] = []
+        self._recv_pending: list[Recv] = []
         self._engine: Any = None
         self._session = ""
         self._regions: dict[str, tuple[int, int, int]] = {}
@@ -157,12 +160,15 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
         self._failed: dict[str, str] = {}
         self._error_blocks: set[int] = set()
         self._lock = threading.Lock()
-        self._outbox: queue.Queue[_Recv] = queue.Queue()
+        self._outbox: queue.Queue[Recv] = queue.Queue()
         self._waker = sc.Waker()
         self._finished = threading.Event()
         self._stop = threading.Event()
         self._puller: Optional[threading.Thread] = None
+        self._auth: Optional[auth.AuthKey] = None
+        """The shared secret this side proves (a consumer without one is refused by producers)."""
         if role is KVConnectorRole.WORKER:
+            self._auth = auth.load_key(self.extra.auth_key_file)
             self._engine_start()
 
     # ---- the engine (subclasses) ---------------------------------------------------------------
@@ -180,6 +186,12 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
         except ContractError as exc:
             return exc.problems
         return []
+
+    @classmethod
+    def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
+        """The shared key (``connector.extra.auth_key_file`` or ``$KVCONF_AUTH_KEY``), where one is
+        set: a file that is missing, readable by others or too short is a config error at check time."""
+        return auth.key_problems((connector.get("extra") or {}).get("auth_key_file"))
 
     def _engine_start(self) -> None:
         """Starts the worker's transfer engine; sets ``_session``, ``transport``, ``transport_reason``."""
@@ -229,7 +241,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
             peer = params.get("remote_address") or self.extra.peer
             # every group's ids, group after group (a hybrid model's groups share the memory)
             block_ids = [b for ids in blocks.get_block_ids() for b in ids]
-            self._recv_pending.append(_Recv(params.get("remote_request_id", request.request_id), block_ids, peer))
+            self._recv_pending.append(Recv(params.get("remote_request_id", request.request_id), block_ids, peer))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta, self._recv_pending = P2PMetadata(self._recv_pending), []
@@ -301,136 +313,14 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
             ids, self._error_blocks = self._error_blocks, set()
             return ids
 
-    def _fail(self, recv: _Recv, reason: str) -> None:
+    def _fail(self, recv: Recv, reason: str) -> None:
         with self._lock:
             self._failed[recv.request_id] = reason
             self._error_blocks.update(recv.block_ids)
         self._finished.set()
 
     def _pull_loop(self) -> None:
-        """Owns the consumer's DEALER sockets: sends transfer requests, collects results, fails a
-        request whose result does not come in time."""
-        import zmq
-
-        ctx: Any = zmq.Context.instance()
-        socks: dict[str, Any] = {}
-        acked: dict[str, float] = {}  # peer -> time the handshake was sent (0 once answered)
-        peer_meta: dict[str, bytes] = {}
-        pending: dict[str, _Pending] = {}
-        reading: dict[str, tuple[Any, str]] = {}  # request -> (engine handle, peer), pull mode
-        poller = zmq.Poller()
-        poller.register(self._waker.r, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                self._waker.drain()
-                while True:
-                    try:
-                        r = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if not r.peer:
-                        self._fail(r, "no producer address: set connector.extra.peer=HOST:PORT")
-                        continue
-                    if r.peer not in socks:
-                        try:
-                            host, port = sc.parse_address(r.peer)
-                        except ValueError as exc:
-                            self._fail(r, f"bad producer address: {exc}")
-                            continue
-                        s = ctx.socket(zmq.DEALER)
-                        s.setsockopt(zmq.LINGER, 0)
-                        s.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
-                        s.connect(f"tcp://{host}:{port}")
-                        s.send(sc.encode(sc.Hello(engine_id=str(self.config.engine_id))))
-                        socks[r.peer] = s
-                        acked[r.peer] = time.monotonic()
-                        poller.register(s, zmq.POLLIN)
-                    pending[r.request_id] = _Pending(r, time.monotonic() + self.extra.transfer_timeout)
-                now = time.monotonic()
-                for rid, p in list(pending.items()):
-                    peer = p.recv.peer
-                    if acked.get(peer, 0) and now - acked[peer] > self.extra.handshake_timeout:
-                        self._fail(p.recv, f"the producer at {peer} did not answer within "
-                                           f"{self.extra.handshake_timeout:g} s (handshake_timeout)")
-                        del pending[rid]
-                    elif not acked.get(peer, 0) and not p.sent:
-                        socks[peer].send(sc.encode(sc.Transfer(
-                            request_id=rid, session=self._session, layout=self.layout_fingerprint(),
-                            layers=self.layer_regions(), block_ids=p.recv.block_ids,
-                            mode="pull" if self.pull else "push", meta=self._engine_meta)))
-                        p.sent = True
-                    elif now > p.deadline:
-                        self._fail(p.recv, f"no transfer result from {peer} within "
-                                           f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
-                        del pending[rid]
-                self._engine_progress()
-                for rid, (handle, peer) in list(reading.items()):
-                    state = self._engine_poll(handle)
-                    waiting = pending.get(rid)
-                    if state == "PROC" and waiting is not None and now <= waiting.deadline:
-                        continue
-                    del reading[rid]
-                    ok = state == "DONE"
-                    socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
-                    if waiting is None:
-                        continue
-                    del pending[rid]
-                    if ok:
-                        with self._lock:
-                            self._done.add(rid)
-                        self._finished.set()
-                    else:
-                        self._fail(waiting.recv, f"reading from the producer at {peer} failed (state {state})"
-                                   if state != "PROC" else f"reading from {peer} took over "
-                                   f"{self.extra.transfer_timeout:g} s (transfer_timeout)")
-                timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
-                if reading or self.needs_progress:
-                    timeout = min(timeout, 0.001)
-                for sock, _ in poller.poll(timeout=max(1, min(int(timeout * 1000) + 1, 500))):
-                    if sock == self._waker.r:
-                        continue
-                    peer = next(k for k, v in socks.items() if v is sock)
-                    try:
-                        msg = sc.decode(sock.recv())
-                    except sc.BadMessage as exc:
-                        log.warning("ignored a bad side-channel message from %s: %s", peer, exc)
-                        continue
-                    if isinstance(msg, sc.HelloAck):
-                        if msg.layout != self.layout_fingerprint():
-                            for rid, p in list(pending.items()):
-                                if p.recv.peer == peer:
-                                    self._fail(p.recv, f"the producer at {peer} has another KV layout "
-                                                       f"({msg.layout}, here {self.layout_fingerprint()})")
-                                    del pending[rid]
-                        acked[peer] = 0
-                        peer_meta[peer] = msg.meta
-                    elif isinstance(msg, sc.PullSource):
-                        asked = pending.get(msg.request_id)
-                        if asked is None:
-                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                            continue
-                        try:
-                            reading[msg.request_id] = (self._engine_read(peer_meta.get(peer, b""), msg.src, msg.dst,
-                                                                         msg.lens), peer)
-                        except Exception as exc:  # the engine refused: the request fails
-                            del pending[msg.request_id]
-                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                            self._fail(asked.recv, f"reading from {peer} could not start: {exc}")
-                    elif isinstance(msg, sc.TransferResult):
-                        result_for = pending.pop(msg.request_id, None)
-                        if result_for is None:
-                            continue
-                        if msg.status == "done":
-                            with self._lock:
-                                self._done.add(msg.request_id)
-                            self._finished.set()
-                        else:
-                            self._fail(result_for.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
-                    elif isinstance(msg, sc.Rejected):
-                        log.warning("the producer at %s rejected a message: %s", peer, msg.reason)
-        finally:
-            for s in socks.values():
-                s.close(linger=0)
+        pull_loop(self)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -455,20 +345,27 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksEnvironment, ExportsToVLL
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+        key = self._auth or auth.AuthKey.generate()
         try:
-            address = server.bind()
+            address = server.bind(key)
+            if self._auth is None:  # consumers need it: a 0600 file, gone when serving ends
+                key = auth.write_key_file(key, f"producer-{address.replace(':', '-')}.key")
             if announce:
-                print(f"serving on {address}", flush=True)
+                print(f"serving on {address} (key: {key.path or key.source})", flush=True)
                 print(f"kvconf: {self.config.name} producer {address}, engine session {self._session}, transport "
                       f"{self.transport} ({self.transport_reason}); SIGINT or SIGTERM stops it",
                       file=sys.stderr, flush=True)
             server.run(stop)
         finally:
             server.close()
+            if self._auth is None and key.path:
+                Path(key.path).unlink(missing_ok=True)
             for sig, h in handlers.items():
                 signal.signal(sig, h)
         return {"address": address, "served_requests": server.served, "failed_requests": server.failed,
                 "bytes": server.bytes, "rejected_messages": server.rejected, "expired_leases": server.expired,
+                "refused_peers": server.refused, "disconnected_consumers": server.disconnected,
+                "auth_key": key.path or key.source,
                 "transport": self.transport,
                 "transport_reason": self.transport_reason}
 

@@ -1,6 +1,13 @@
 """The producer (prefill) side of the peer-to-peer connectors: the side-channel server that
 prefills requests on demand and pushes their blocks into a consumer's memory (push mode), or tells
 the consumer where they lie and frees them once read (pull mode).
+
+Only peers that hold the shared key get through the socket's handshake
+(:mod:`kvconf_connectors.p2p.auth`). An admitted peer says ``Hello`` (its engine id) before anything
+else, and may only name the requests it prefilled: a request belongs to the engine id that asked for
+it. A pull lease (blocks pinned while a consumer reads them) ends when its consumer releases it, when
+the consumer's connection closes (it died, or gave up), or at ``transfer_timeout``, whichever comes
+first.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ import queue
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from kvconf.runtime.pattern import block_pattern
 
+from . import auth
 from . import protocol as sc
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,8 +52,21 @@ class Producer:
         self.sock: Any = None
         self.served = self.failed = self.bytes = self.rejected = self.expired = 0
         self.busy: set[str] = set()
-        self.pulling: dict[str, tuple[float, int, str]] = {}
-        """Pull mode: requests whose blocks a consumer is reading (started, bytes, session)."""
+        self.pulling: dict[str, tuple[float, int, str, bytes]] = {}
+        """Pull mode: requests whose blocks a consumer is reading (started, bytes, session, peer)."""
+        self.key: Optional[auth.AuthKey] = None
+        self.monitor: Any = None
+        self.peers: dict[bytes, str] = {}
+        """Admitted peers (their socket identity) that said Hello: their engine id."""
+        self.owner: dict[str, str] = {}
+        """Prefilled requests: the engine id that asked for each."""
+        self.fd_of: dict[bytes, int] = {}
+        self.on_fd: dict[int, set[bytes]] = {}
+        """The connection each peer's messages came on, and the peers on each: a closed connection
+        ends their leases."""
+        self.accepted: dict[int, str] = {}
+        self.unattributed = 0
+        self.refused = self.disconnected = 0
         """One sender thread per consumer session (up to ``num_workers``; more sessions share them):
         pushes to one consumer go one at a time, as concurrent batches to the same peer contend for
         its lanes (measured: 4 at once gave a third of one's throughput), and threads that only wait
@@ -53,14 +74,19 @@ class Producer:
         self.verbose = False
         """One line on stderr per request served (``action=serve``)."""
 
-    def bind(self) -> str:
+    def bind(self, key: auth.AuthKey) -> str:
+        """Binds the side channel, admitting holders of ``key`` only; ``HOST:PORT``."""
         import zmq
-
 
         ctx: Any = zmq.Context.instance()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, sc.MAX_SOCKET_BYTES)
+        self.key = key
+        auth.secure_server(self.sock, key)
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         host, port = self.conn.extra.side_channel_host, self.conn.extra.side_channel_port
         if port:
             self.sock.bind(f"tcp://{host}:{port}")
@@ -75,9 +101,12 @@ class Producer:
             t.join()
         self.senders = []
         if self.sock is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
             self.sock.close(linger=0)
             self.sock = None
             self.waker.close()
+            auth.release_server()
 
     def run(self, stop: threading.Event) -> None:
         import zmq
@@ -86,6 +115,7 @@ class Producer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.waker.r, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         wait = 1 if self.conn.needs_progress else 100
         while not stop.is_set():
             self.send_results()
@@ -94,14 +124,23 @@ class Producer:
             ready = dict(poller.poll(timeout=wait))
             if self.waker.r in ready:
                 self.waker.drain()
+            if self.monitor in ready:
+                self.watch()
             if self.sock not in ready:
                 continue
-            frames = self.sock.recv_multipart()
+            frames = self.sock.recv_multipart(copy=False)
             if len(frames) != 2:
                 self.rejected += 1
                 log.warning("rejected a side-channel message of %d frames", len(frames))
                 continue
-            ident, raw = frames
+            ident, raw = frames[0].bytes, frames[1].bytes
+            try:
+                fd = frames[1].get(zmq.SRCFD)
+            except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
+                fd = -1
+            if self.fd_of.get(ident) != fd:
+                self.fd_of[ident] = fd
+                self.on_fd.setdefault(fd, set()).add(ident)
             try:
                 msg = sc.decode(raw)
             except sc.BadMessage as exc:
@@ -111,6 +150,49 @@ class Producer:
                 continue
             self.handle(ident, msg)
         self.send_results()
+
+    def watch(self) -> None:
+        """The socket's monitor: refused handshakes, and closed connections (their leases end)."""
+        import socket
+
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            ev = recv_monitor_message(self.monitor)
+            event, value = ev["event"], ev["value"]
+            if event == zmq.EVENT_ACCEPTED:
+                try:
+                    with socket.fromfd(value, socket.AF_INET, socket.SOCK_STREAM) as s:
+                        host, port = s.getpeername()[:2]
+                        self.accepted[value] = f"{host}:{port}"
+                except OSError:
+                    self.accepted[value] = "an unknown address"
+            elif event == zmq.EVENT_DISCONNECTED:
+                address = self.accepted.pop(value, "an unknown address")
+                idents = self.on_fd.pop(value, set())
+                if not idents and self.unattributed:
+                    self.unattributed -= 1
+                    if self.refused <= 10 or self.refused % 100 == 0:
+                        log.warning("refused the peer at %s: authentication failed (it has no key or another "
+                                    "one); %d refused so far", address, self.refused)
+                for ident in idents:
+                    self.gone(ident, address)
+            else:  # a handshake that failed: no key, another key, or not kvconf at all
+                self.refused += 1
+                self.unattributed += 1
+
+    def gone(self, ident: bytes, address: str) -> None:
+        """A peer's connection closed: the blocks it was reading are free again."""
+        self.fd_of.pop(ident, None)
+        engine = self.peers.pop(ident, None)
+        held = [rid for rid, lease in self.pulling.items() if lease[3] == ident]
+        if held:
+            self.disconnected += 1
+            log.warning("the consumer %s at %s disconnected while reading %d request(s); their blocks are free "
+                        "again", engine, address, len(held))
+        for rid in held:
+            self.release(sc.Release(request_id=rid, ok=False))
 
     def sender(self, session: str) -> queue.Queue[Any]:
         """The queue of the thread that pushes to ``session``."""
@@ -137,7 +219,7 @@ class Producer:
             return
         limit = self.conn.extra.transfer_timeout
         now = time.perf_counter()
-        for rid, (started, _, session) in list(self.pulling.items()):
+        for rid, (started, _, session, _) in list(self.pulling.items()):
             if now - started > limit:
                 log.warning("the lease of %s expired after %g s: %s never released it; its blocks are free again",
                             rid, limit, session)
@@ -146,10 +228,11 @@ class Producer:
 
     def release(self, msg: Any) -> None:
         """Pull mode: the consumer finished reading (or gave up); the blocks are free again."""
-        started, nbytes, session = self.pulling.pop(msg.request_id, (None, 0, ""))
+        started, nbytes, session, _ = self.pulling.pop(msg.request_id, (None, 0, "", b""))
         if started is None:
             return
         self.busy.discard(msg.request_id)
+        self.owner.pop(msg.request_id, None)
         self.free.extend(self.prefilled.pop(msg.request_id, []))
         if msg.ok:
             self.served += 1
@@ -172,25 +255,46 @@ class Producer:
     def handle(self, ident: bytes, msg: Any) -> None:
 
         conn = self.conn
+        engine = self.peers.get(ident)
         if isinstance(msg, sc.Hello):
+            self.peers[ident] = msg.engine_id
             reply: Any = sc.HelloAck(engine_id=str(conn.config.engine_id), session=conn._session,
                                      layout=conn.layout_fingerprint(), transport=conn.transport,
                                      meta=conn._engine_meta)
+        elif engine is None:
+            self.rejected += 1
+            reply = sc.Rejected(reason=f"say hello first: a {msg.type!r} message before the peer's hello")
         elif isinstance(msg, sc.Prefill):
-            reply = self.prefill(msg)
+            reply = self.prefill(msg, engine)
+        elif isinstance(msg, (sc.Transfer, sc.Release)) and self.owner.get(msg.request_id, engine) != engine:
+            self.rejected += 1
+            log.warning("refused %s of %s from %s: another consumer asked for that request", msg.type,
+                        msg.request_id, engine)
+            reason = f"request {msg.request_id!r} is not yours: another consumer prefilled it"
+            reply = (sc.TransferResult(request_id=msg.request_id, status="failed", reason=reason)
+                     if isinstance(msg, sc.Transfer) else sc.Rejected(reason=reason))
         elif isinstance(msg, sc.Transfer):
             self.sender(msg.session).put((ident, msg))
             return
         elif isinstance(msg, sc.Release):
-            self.release(msg)
-            return
+            if msg.request_id in self.pulling and self.pulling[msg.request_id][3] != ident:
+                self.rejected += 1
+                reply = sc.Rejected(reason=f"request {msg.request_id!r} is being read on another connection")
+            else:
+                self.release(msg)
+                return
         else:
             self.rejected += 1
             reply = sc.Rejected(reason=f"a producer does not take {msg.type!r} messages")
         self.sock.send_multipart([ident, sc.encode(reply)])
 
-    def prefill(self, msg: Any) -> Any:
-        """Computes a request's KV into free blocks: the pattern of (seed, layer, block)."""
+    def prefill(self, msg: Any, engine: str) -> Any:
+        """Computes a request's KV into free blocks (the pattern of (seed, layer, block)) for the
+        consumer ``engine``; the request is that consumer's alone."""
+        held = self.owner.get(msg.request_id)
+        if held is not None and held != engine:
+            return sc.PrefillAck(request_id=msg.request_id, ok=False,
+                                 reason=f"request {msg.request_id!r} belongs to another consumer")
 
         need = msg.num_blocks * self.groups
         if need > self.num_blocks:
@@ -201,6 +305,7 @@ class Producer:
             if stale is None:
                 break
             self.free.extend(self.prefilled.pop(stale))  # never fetched: the oldest goes first
+            self.owner.pop(stale, None)
         if len(self.free) < need:
             return sc.PrefillAck(request_id=msg.request_id, ok=False, reason="no free blocks: transfers in flight")
         if msg.request_id in self.prefilled:
@@ -212,6 +317,7 @@ class Producer:
             for j, b in enumerate(ids[g * n:(g + 1) * n]):
                 view[b].copy_(block_pattern(msg.seed, li, j, view.shape[1]))
         self.prefilled[msg.request_id] = ids
+        self.owner[msg.request_id] = engine
         return sc.PrefillAck(request_id=msg.request_id, ok=True)
 
     def push(self, ident: bytes, msg: Any) -> None:
@@ -245,7 +351,7 @@ class Producer:
                              src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n])
                 else:  # every layer matches
                     if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
-                        self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session)
+                        self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session, ident)
                         self.results.put((ident, sc.encode(sc.PullSource(
                             request_id=msg.request_id, src=src, dst=dst, lens=lens)), ""))
                         self.waker.wake()
@@ -261,6 +367,7 @@ class Producer:
             if msg.request_id not in self.pulling:
                 self.busy.discard(msg.request_id)
         if status == "done":
+            self.owner.pop(msg.request_id, None)
             self.free.extend(self.prefilled.pop(msg.request_id, []))
             self.served += 1
             self.bytes += nbytes

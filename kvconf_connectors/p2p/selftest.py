@@ -27,13 +27,14 @@ from kvconf.runtime.pattern import block_pattern
 from kvconf.runtime.process import PARENT_ENV
 from kvconf.units import parse_bytes
 
+from . import auth
 from . import protocol as sc
 from .producer import Producer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connector import P2PConnector
 
-__all__ = ["PEER_MODULE", "bare_engine", "peer_config", "run_as_consumer", "run_as_producer", "start_peer",
+__all__ = ["PEER_MODULE", "Control", "bare_engine", "peer_config", "run_as_consumer", "run_as_producer", "start_peer",
            "stop_peer", "wait_serving"]
 
 log = logging.getLogger("kvconf.p2p")
@@ -56,11 +57,12 @@ def peer_config(ctx: SelfTestContext, kv_role: str, action: str, peer: Optional[
     return data
 
 
-def start_peer(data: dict[str, Any]) -> tuple[subprocess.Popen, str]:
+def start_peer(data: dict[str, Any], key: auth.AuthKey) -> tuple[subprocess.Popen, str]:
+    """Starts the peer process with the job's config and this side's key (in its environment)."""
     fd, path = tempfile.mkstemp(prefix="kvconf-peer-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), auth.ENV: key.text}
     proc = subprocess.Popen([sys.executable, "-m", PEER_MODULE, path], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     return proc, path
@@ -75,8 +77,8 @@ def wait_serving(proc: subprocess.Popen, timeout: float) -> str:
     while time.monotonic() < deadline:
         if sel.select(timeout=0.1):
             line = proc.stdout.readline()
-            if line.startswith("serving on "):
-                return line.split("serving on ", 1)[1].strip()
+            if line.startswith("serving on "):  # serving on HOST:PORT (key: ...)
+                return line.split("serving on ", 1)[1].split()[0]
             if not line and proc.poll() is not None:
                 break
     proc.kill()
@@ -102,17 +104,52 @@ def stop_peer(proc: subprocess.Popen, path: str) -> int:
             os.unlink(path)
 
 
+class Control:
+    """A DEALER socket to the producer at ``peer`` that proves this side's key."""
+
+    def __init__(self, conn: P2PConnector, peer: str) -> None:
+        import zmq
+
+        self.conn, self.peer = conn, peer
+        self.sock: Any = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.hs = auth.secure_client(self.sock, conn._auth)
+        host, port = sc.parse_address(peer)
+        self.sock.connect(f"tcp://{host}:{port}")
+
+    def send(self, msg: Any) -> None:
+        self.sock.send(sc.encode(msg))
+
+    def ask(self, msg: Any, timeout: float) -> Any:
+        """The producer's answer to ``msg``; a :class:`ConnectorRuntimeError` (exit 1) where it
+        refused this side's key, :class:`TimeoutError` where it did not answer within ``timeout`` s."""
+        self.send(msg)
+        why = self.hs.wait(self.sock, self.peer, timeout)
+        if why is not None:
+            message, _, fix = why.partition("; fix: ")
+            where = self.conn.extra.auth_key_file
+            raise ConnectorRuntimeError(Problem("connector.extra.auth_key_file", message, fix=fix)
+                                        if where is None else
+                                        Problem("connector.extra.auth_key_file", message, value=where, fix=fix))
+        if not self.sock.poll(0):
+            raise TimeoutError
+        return sc.decode(self.sock.recv())
+
+    def close(self) -> None:
+        self.hs.close()
+        self.sock.close(linger=0)
+
+
 def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
     """This process is the consumer: start (or reach) a producer, fetch rounds of requests, verify."""
     import torch
-    import zmq
-
 
     settings = ctx.settings
     proc = path = None
     peer = conn.extra.peer
     if peer is None:
-        proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"))
+        conn._auth = conn._auth or auth.AuthKey.generate()  # the peer gets it: nobody else can ask
+        proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"), conn._auth)
     try:
         if proc is not None:
             peer = wait_serving(proc, settings.timeout)
@@ -134,17 +171,8 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
         round_bytes = requests * per_req * per_block
         rounds = max(1, -(-total_target // round_bytes))
         scheduler = type(conn)(conn.config, KVConnectorRole.SCHEDULER, cfg)
-        control: Any = zmq.Context.instance().socket(zmq.DEALER)
-        control.setsockopt(zmq.LINGER, 0)
-        host, port = sc.parse_address(peer)
-        control.connect(f"tcp://{host}:{port}")
-
-        def ask(msg: Any, timeout: float) -> Any:
-            control.send(sc.encode(msg))
-            if not control.poll(int(timeout * 1000)):
-                raise TimeoutError
-            return sc.decode(control.recv())
-
+        control = Control(conn, peer)
+        ask = control.ask
         try:
             ack = ask(sc.Hello(engine_id=str(conn.config.engine_id)), conn.extra.handshake_timeout)
         except TimeoutError:
@@ -228,7 +256,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
                         if not torch.equal(views[name][b], block_pattern(seed, li, j, views[name].shape[1])):
                             mismatched += 1
                 bytes_ok += per_req * per_block
-        control.close(linger=0)
+        control.close()
         scheduler.shutdown()
         if conn.config.kv_load_failure_policy == "recompute":
             recomputed = sorted(failures)
@@ -265,22 +293,19 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
     """The engine alone on the blocks of one round of the self-test: a producer peer prefills the
     requests; in pull mode this process READs each request's regions with the engine call alone,
     in push mode the producer WRITEs them and reports the engine's own time."""
-    import zmq
-
-
-    proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"))
-    control: Any = zmq.Context.instance().socket(zmq.DEALER)
-    control.setsockopt(zmq.LINGER, 0)
+    conn._auth = conn._auth or auth.AuthKey.generate()
+    proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"), conn._auth)
+    control: Optional[Control] = None
     try:
         peer = wait_serving(proc, ctx.settings.timeout)
-        host, port = sc.parse_address(peer)
-        control.connect(f"tcp://{host}:{port}")
+        control = Control(conn, peer)
 
         def ask(msg: Any) -> Any:
-            control.send(sc.encode(msg))
-            if not control.poll(int(conn.extra.transfer_timeout * 1000)):
-                raise ConnectorRuntimeError(Problem("bench", f"the producer at {peer} stopped answering"))
-            return sc.decode(control.recv())
+            assert control is not None
+            try:
+                return control.ask(msg, conn.extra.transfer_timeout)
+            except TimeoutError:
+                raise ConnectorRuntimeError(Problem("bench", f"the producer at {peer} stopped answering")) from None
 
         hello = ask(sc.Hello(engine_id=str(conn.config.engine_id)))
         cfg = conn.kv_cache_config
@@ -302,7 +327,7 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
                 while (state := conn._engine_poll(handle)) == "PROC":
                     pass
                 seconds += time.perf_counter() - t0
-                control.send(sc.encode(sc.Release(request_id=rid, ok=state == "DONE")))
+                control.send(sc.Release(request_id=rid, ok=state == "DONE"))
                 moved += sum(reply.lens) if state == "DONE" else 0
             elif isinstance(reply, sc.TransferResult) and reply.status == "done":
                 moved += reply.bytes
@@ -311,7 +336,8 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
                         "same blocks, two processes", "bytes": moved,
                 "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
     finally:
-        control.close(linger=0)
+        if control is not None:
+            control.close()
         stop_peer(proc, path)
 
 
@@ -319,10 +345,11 @@ def run_as_producer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
     """This process is the producer: serve, start a consumer peer, report what it verified."""
     stop = threading.Event()
     server = Producer(conn)
-    address = server.bind()
+    key = conn._auth or auth.AuthKey.generate()
+    address = server.bind(key)
     thread = threading.Thread(target=server.run, args=(stop,), name=f"kvconf-{conn.config.name}-serve", daemon=True)
     thread.start()
-    proc, path = start_peer(peer_config(ctx, "kv_consumer", "run", peer=address))
+    proc, path = start_peer(peer_config(ctx, "kv_consumer", "run", peer=address), key)
     try:
         out, err = proc.communicate(timeout=ctx.settings.timeout)
     except subprocess.TimeoutExpired:
