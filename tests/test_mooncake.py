@@ -320,3 +320,67 @@ def test_a_lease_that_is_never_released_expires_at_the_transfer_timeout(workdir,
     code, out, err = p.stop()
     assert code == 0 and "lease of stuck-0 expired" in err
     assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["expired_leases"] == 4
+
+
+CONSUMERS = """
+import sys, time
+from kvconf.config.layout import KVCacheLayout
+from kvconf.config.models import ConnectorConfig
+from kvconf.contract.api import KVConnectorRole
+from kvconf.runtime.allocate import allocate, layer_views
+from kvconf_connectors.mooncake import MooncakeConnector
+from kvconf_connectors.p2p import protocol as sc
+from kvconf_connectors.p2p.connector import P2PMetadata, Recv
+from kvconf_connectors.p2p.selftest import Control
+
+address, key_file, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+cfg = KVCacheLayout(num_layers=4, block_size=16, dtype="float16", num_blocks=128, groups=[
+    {"type": "full_attention", "num_kv_heads": 4, "head_size": 32}]).to_config()  # the tiny layout
+ok = 0
+for i in range(first, first + count):  # each a consumer of its own: its own engine, connections and socket
+    conn = MooncakeConnector(ConnectorConfig(name="mooncake", kv_role="kv_consumer", engine_id=f"c{i}", extra={
+        "peer": address, "auth_key_file": key_file}), KVConnectorRole.WORKER, cfg)
+    buffers = allocate(cfg, "cpu")
+    conn.register_kv_caches(layer_views(cfg, buffers))
+    control = Control(conn, address)
+    control.ask(sc.Hello(engine_id=f"c{i}"), 30)
+    if control.ask(sc.Prefill(request_id=f"r{i}", seed=i, num_blocks=4), 30).ok:
+        conn.bind_connector_metadata(P2PMetadata([Recv(f"r{i}", [0, 1, 2, 3], address)]))
+        conn.start_load_kv(None)
+        conn.clear_connector_metadata()
+        deadline = time.monotonic() + 60
+        done = set()
+        while not done and time.monotonic() < deadline and not conn._failed:
+            done = conn.get_finished(set())[1] or set()
+            conn.wait_for_results(0.05)
+        ok += f"r{i}" in done
+    control.close()
+    conn.shutdown()
+print("loaded", ok, flush=True)
+"""
+"""``count`` consumers one after another, each with its own transfer engine, each loading one request
+of four blocks from the producer at argv ADDRESS (key in KEY_FILE): argv ADDRESS KEY_FILE FIRST COUNT."""
+
+
+def test_a_producer_serves_100_consumers_with_a_flat_descriptor_count(workdir, producer):
+    p = producer()
+
+    def run(first: int, count: int) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "-c", CONSUMERS, p.address, p.key_file, str(first + k * count),
+                                  str(count)], env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for k in range(4 if count > 1 else 1)]
+
+    def loaded(procs: list[subprocess.Popen]) -> int:
+        outs = [proc.communicate(timeout=300) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+        return sum(int(out.split("loaded ")[1]) for out, _ in outs)
+
+    assert loaded(run(0, 1)) == 1  # the producer's own engine is warm: connections it keeps for good are made
+    before = len(os.listdir(f"/proc/{p.proc.pid}/fd"))
+    assert loaded(run(1, 25)) == 100  # four processes of 25 consumers each, one after another
+    time.sleep(1)
+    after = len(os.listdir(f"/proc/{p.proc.pid}/fd"))
+    assert after <= before + 10, f"{before} descriptors before 100 consumers, {after} after"
+    code, out, err = p.stop()
+    assert code == 0, err
+    assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["served_requests"] == 101
