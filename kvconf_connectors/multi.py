@@ -35,6 +35,7 @@ from kvconf.contract.capabilities import (
     ChecksConfig,
     ExplainsFailures,
     ExportsToVLLM,
+    ReportsListeners,
     SelfTestContext,
     SupportsHMA,
     SupportsSelfTest,
@@ -117,7 +118,7 @@ def children(connector: dict[str, Any],
 
 
 class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailures, SupportsHMA,
-                     SupportsSelfTest):
+                     SupportsSelfTest, ReportsListeners):
     """Several connectors behind one; see the module's docstring."""
 
     extra_config = MultiExtra
@@ -223,6 +224,15 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
                     out[req] = f"{out[req]}; " if req in out else ""
                     out[req] += f"{name}: {why}"
         return out
+
+    def listeners(self) -> list[dict[str, Any]]:
+        """Its children's, each once (children share the process, so each sees every listener)."""
+        seen: dict[str, dict[str, Any]] = {}
+        for c in self.children:
+            if isinstance(c, ReportsListeners):
+                for x in c.listeners():
+                    seen.setdefault(x["address"], x)
+        return [seen[k] for k in sorted(seen)]
 
     def shutdown(self) -> None:
         errors = []

@@ -92,11 +92,23 @@ class NixlConnector(P2PConnector):
     # ---- the engine ------------------------------------------------------------------------------
     def _engine_start(self) -> None:
         nixl_agent, nixl_agent_config = nixl_api()
+        device = self._engine_interface()
+        chose = bool(device) and "UCX_NET_DEVICES" not in os.environ
+        if chose:
+            # UCX listens on every network device unless told; the side channel's suffices (measured:
+            # with lo only, the 192.0.2.2 listener went away and transfers were unchanged). A user's wins.
+            os.environ["UCX_NET_DEVICES"] = str(device)
         cfg = nixl_agent_config(enable_prog_thread=self.extra.progress_thread, backends=list(self.extra.backends),
                                 num_threads=self.extra.num_threads)
         name = f"kvconf-{str(self.config.engine_id)[:8]}-{uuid.uuid4().hex[:8]}"
         try:
-            self._agent = nixl_agent(name, cfg)
+            try:
+                self._agent = nixl_agent(name, cfg)
+            except Exception:
+                if not chose:
+                    raise
+                os.environ.pop("UCX_NET_DEVICES")  # UCX cannot use that device: let it choose, as before
+                self._agent = nixl_agent(name, cfg)
         except Exception as exc:
             raise ConnectorRuntimeError(Problem(
                 "connector.extra.backends", f"NIXL could not create an agent with backends {self.extra.backends}: {exc}",

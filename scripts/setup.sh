@@ -46,6 +46,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
+apt_install iproute2   # ip: the tests make network namespaces (a second host) with it
+
 # The Mooncake Transfer Engine (the mooncake connector) and the Debian libraries it links.
 if ! "$PY" -c "import mooncake.engine" 2>/dev/null; then
   apt_install libibverbs1 librdmacm1 libnuma1

@@ -138,3 +138,78 @@ def test_the_page_hash_sees_swapped_words():
     swapped = page.clone()
     swapped[0, 0:8], swapped[0, 8:16] = page[0, 8:16].clone(), page[0, 0:8].clone()
     assert page_sums(page) != page_sums(swapped)
+
+
+def read_header(seg: Path) -> dict:
+    data = seg.read_bytes()
+    _, hlen, _ = _PREFIX.unpack(data[:_PREFIX.size])
+    return json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
+
+
+def secret(tmp_path: Path, name: str = "hmac.key") -> Path:
+    path = tmp_path / name
+    path.write_text(os.urandom(24).hex())
+    path.chmod(0o600)
+    return path
+
+
+def test_segments_written_with_an_hmac_key_load_with_it_and_carry_keyed_hashes(workdir, tmp_path):
+    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
+    key = f"connector.extra.hmac_key_file={secret(tmp_path)}"
+    first = run_kvconf("connector=shared_storage", store, key, cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    assert read_header(segments(tmp_path / "kv")[0])["hash"] == "blake2b-64-keyed"
+    again = run_kvconf("connector=shared_storage", store, key, "output=json", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    st = json_out(again)["self_test"]
+    assert st["verified"] and st["hits"] > 0
+
+
+@pytest.mark.parametrize("forgery", ["unauthenticated", "hashes-recomputed-without-the-key", "keys-moved"])
+def test_a_forged_segment_is_refused_when_segments_are_authenticated(forgery, workdir, tmp_path):
+    import hashlib
+
+    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
+    key = f"connector.extra.hmac_key_file={secret(tmp_path)}"
+    if forgery == "unauthenticated":  # written by someone without the key: plain hashes
+        assert run_kvconf("connector=shared_storage", store, cwd=workdir).returncode == 0
+        victim = segments(tmp_path / "kv")[0]
+        says = "unauthenticated segment is not read"
+    else:
+        assert run_kvconf("connector=shared_storage", store, key, cwd=workdir).returncode == 0
+        victim = segments(tmp_path / "kv")[0]
+        header = read_header(victim)
+        if forgery == "keys-moved":  # the same pages, claimed for other prompts' chunks
+            header["keys"] = header["keys"][::-1]
+        else:  # altered pages, their hashes recomputed under a key of the forger's own
+            data = bytearray(victim.read_bytes())
+            data[-100] ^= 0xFF
+            victim.write_bytes(data)
+            page = header["layers"][-1][1]
+            tail = bytes(data[len(data) - page:])
+            header["sums"][-1][-1] = int.from_bytes(hashlib.blake2b(b"x" + tail, key=b"forger" * 4,
+                                                                    digest_size=8).digest(), "little")
+        rewrite_header(victim, header)
+        says = "not written with this hmac_key_file"
+    proc = run_kvconf("connector=shared_storage", store, key, "connector.kv_load_failure_policy=fail", cwd=workdir)
+    assert proc.returncode == 1 and str(victim) in proc.stderr and says in proc.stderr, proc.stderr
+    ok = run_kvconf("connector=shared_storage", store, key, "connector.kv_load_failure_policy=recompute",
+                    "output=json", cwd=workdir)
+    assert ok.returncode == 0, ok.stderr
+    assert any(str(victim) in why for why in json_out(ok)["self_test"]["recomputed"].values())
+
+
+def test_a_keyed_segment_without_the_key_is_a_load_failure_saying_so(workdir, tmp_path):
+    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
+    assert run_kvconf("connector=shared_storage", store, f"connector.extra.hmac_key_file={secret(tmp_path)}",
+                      cwd=workdir).returncode == 0
+    proc = run_kvconf("connector=shared_storage", store, cwd=workdir)
+    assert proc.returncode == 1 and "no hmac_key_file" in proc.stderr
+
+
+def test_an_hmac_key_file_others_can_read_is_a_config_error(workdir, tmp_path):
+    path = secret(tmp_path)
+    path.chmod(0o644)
+    proc = run_kvconf("connector=shared_storage", f"connector.extra.hmac_key_file={path}", "action=check",
+                      cwd=workdir)
+    assert proc.returncode == 2 and "connector.extra.hmac_key_file" in proc.stderr and "chmod 600" in proc.stderr

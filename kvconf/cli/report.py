@@ -59,6 +59,10 @@ def render_text(r: dict[str, Any]) -> str:
             lines.append(f"  ceilings   memcpy {c['memcpy_gbps']} GB/s, loopback TCP {c['loopback_tcp_gbps']} GB/s")
         if r.get("results_file"):
             lines.append(f"  results    {r['results_file']}")
+    if r.get("listeners"):
+        lines.append("  listening  " + "; ".join(
+            f"{x['address']} {x['what']} ({'authenticated' if x['authenticated'] else 'not authenticated'}"
+            + ("" if x["loopback"] else ", beyond loopback") + ")" for x in r["listeners"]))
     if r.get("user_modules"):
         lines.append(f"  user code  imported (ran): {', '.join(r['user_modules'])}")
     lines.append("  timings    " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["timings"].items()))

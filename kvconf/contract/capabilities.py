@@ -14,6 +14,7 @@ SupportsRawPath        its own raw path for ``action=bench`` (the bare engine un
 ComparesToBaseline     a raw path that kvconf measures for it (a plain host copy, or raw file I/O)
 SupportsHMA            vLLM's: several KV-cache groups (a hybrid model), each with its own block ids
 ChecksConfig           settings beyond its ``extra`` model (a multi connector's children), checked first
+ReportsListeners       the network addresses it listens on, and which of them are authenticated
 =====================  ==========================================================================
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "ComparesToBaseline",
     "ExplainsFailures",
     "ExportsToVLLM",
+    "ReportsListeners",
     "SelfTestContext",
     "SupportsHMA",
     "SupportsRawPath",
@@ -134,6 +136,15 @@ class ExportsToVLLM:
         if not cls.vllm_extra_keys:
             return data
         return {vk: data[k] for k, vk in cls.vllm_extra_keys.items() if data.get(k) is not None}
+
+
+class ReportsListeners:
+    """A connector whose process listens on the network (a side channel, a transfer engine)."""
+
+    def listeners(self) -> list[dict[str, Any]]:
+        """Every ``address`` (``HOST:PORT``; ``0.0.0.0`` or ``*``: every interface) it listened on
+        during the job, ``what`` listens there, whether it is ``authenticated`` and ``loopback`` only."""
+        return []
 
 
 class ExplainsFailures:

@@ -26,6 +26,7 @@ from kvconf.contract.api import KVConnectorRole
 from kvconf.contract.capabilities import (
     ChecksConfig,
     ChecksEnvironment,
+    ReportsListeners,
     SelfTestContext,
     SupportsServe,
     supports_hma,
@@ -266,6 +267,8 @@ def _run(job: Job, cfg: KVConfConfig, cls: Any, resolved: registry.Resolved, kv_
         with job.stage(key):
             try:
                 report[key] = act(connector, kv_caches, ctx)
+                if isinstance(connector, ReportsListeners):
+                    report["listeners"] = connector.listeners()
             except KVConfError:
                 raise
             except Exception as exc:

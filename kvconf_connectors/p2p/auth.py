@@ -40,7 +40,8 @@ from typing import Any, Literal, Optional
 from kvconf.errors import ConfigError, Problem
 
 __all__ = ["ENV", "MIN_KEY_CHARS", "AuthKey", "Handshake", "client_keys", "key_problems", "load_key",
-           "release_server", "secure_client", "secure_server", "write_key_file"]
+           "read_secret", "release_server", "secret_file_problems", "secure_client", "secure_server",
+           "write_key_file"]
 
 log = logging.getLogger("kvconf.p2p")
 
@@ -103,19 +104,26 @@ def _text_problems(text: str, path: str, value: Any, fix: str) -> list[Problem]:
 def key_problems(auth_key_file: Optional[str]) -> list[Problem]:
     """What is wrong with the configured key (``action=check`` says it, exit 2); [] where it is
     usable or where none is set (a producer then makes one; a consumer is refused by producers)."""
-    path = "connector.extra.auth_key_file"
     if auth_key_file is None:
         text = os.environ.get(ENV)
         if text is None:
             return []
         return _text_problems(text, ENV, "(set)", f"export {ENV}=\"$(python -c 'import secrets; "
                               "print(secrets.token_hex(32))')\" on every peer")
+    return secret_file_problems("connector.extra.auth_key_file", auth_key_file)
+
+
+def secret_file_problems(path: str, secret_file: str) -> list[Problem]:
+    """What is wrong with the secret in ``secret_file`` (the setting at config ``path``): missing,
+    not a regular file, readable by others or changeable by the group, too short or too long."""
+    auth_key_file = secret_file
     file = Path(auth_key_file).expanduser()
     try:
         st = os.stat(file)
     except OSError as exc:
         return [Problem(path, f"cannot read the key file: {exc.strerror}", value=auth_key_file,
-                        fix="give the file the producer printed beside 'serving on', or " + FILE_FIX)]
+                        fix=("give the file the producer printed beside 'serving on', or "
+                             if path.endswith("auth_key_file") else "") + FILE_FIX)]
     if not stat.S_ISREG(st.st_mode):
         return [Problem(path, "the key file is not a regular file", value=auth_key_file, fix=FILE_FIX)]
     if st.st_mode & 0o026:
@@ -143,6 +151,14 @@ def load_key(auth_key_file: Optional[str]) -> Optional[AuthKey]:
         return AuthKey.from_text(file.read_text(encoding="utf-8"), f"connector.extra.auth_key_file={file}", str(file))
     text = os.environ.get(ENV)
     return None if text is None else AuthKey.from_text(text, f"${ENV}")
+
+
+def read_secret(path: str, secret_file: str) -> bytes:
+    """The secret in ``secret_file``, checked (:class:`ConfigError` at ``path`` where it is unusable)."""
+    problems = secret_file_problems(path, secret_file)
+    if problems:
+        raise ConfigError(*problems)
+    return Path(secret_file).expanduser().read_text(encoding="utf-8").strip().encode()
 
 
 def keys_folder() -> Path:

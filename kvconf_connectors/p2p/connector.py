@@ -32,6 +32,7 @@ from kvconf.contract.capabilities import (
     ChecksConfig,
     ChecksEnvironment,
     ExportsToVLLM,
+    ReportsListeners,
     SelfTestContext,
     SupportsHMA,
     SupportsRawPath,
@@ -40,6 +41,7 @@ from kvconf.contract.capabilities import (
 )
 from kvconf.errors import ContractError, Problem
 from kvconf.runtime.engine import drive
+from kvconf.runtime.listeners import interface_of, is_loopback, listening
 from kvconf.runtime.views import byte_views
 
 from . import auth
@@ -134,7 +136,7 @@ def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
 
 
 class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest,
-                   SupportsServe, SupportsRawPath):
+                   SupportsServe, SupportsRawPath, ReportsListeners):
     """A producer (prefill) pushes, or lets a consumer (decode) read, a request's blocks on the
     consumer's request over the side channel. Subclasses give the engine: ``_engine_start``,
     ``_engine_register``, ``_engine_push``, ``_engine_read``/``_engine_poll`` (pull mode),
@@ -165,6 +167,9 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._finished = threading.Event()
         self._stop = threading.Event()
         self._puller: Optional[threading.Thread] = None
+        self._listening: dict[str, dict[str, Any]] = {}
+        self._side_channel = 0
+        """The port of this process's side channel while it serves (0: none)."""
         self._auth: Optional[auth.AuthKey] = None
         """The shared secret this side proves (a consumer without one is refused by producers)."""
         if role is KVConnectorRole.WORKER:
@@ -266,6 +271,37 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
             spans.append((base, base + (v.shape[0] - 1) * stride + page))
         ptrs, lens = merged_regions(spans)
         self._engine_register(ptrs, lens)
+        open_ = [x["address"] for x in self.note_listeners() if not x["loopback"] and not x["authenticated"]]
+        if open_:
+            print(f"kvconf: warning: the {self.config.name} transfer engine listens beyond loopback, without "
+                  f"authentication, on {', '.join(open_)}: only a firewall keeps other hosts from this KV cache "
+                  "(see the README's Security section)", file=sys.stderr, flush=True)
+
+    # ---- what this process listens on ---------------------------------------------------------
+    def note_listeners(self) -> list[dict[str, Any]]:
+        """Records what this process listens on now (the engine's listeners, the side channel while
+        serving); returns the records."""
+        now = []
+        for host, port in listening():
+            side = port == self._side_channel
+            rec: dict[str, Any] = {"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                   "what": "side channel" if side else f"{self.config.name} transfer engine",
+                   "authenticated": side, "loopback": is_loopback(host)}
+            self._listening[rec["address"]] = rec
+            now.append(rec)
+        return now
+
+    def listeners(self) -> list[dict[str, Any]]:
+        return [self._listening[k] for k in sorted(self._listening)]
+
+    def _engine_interface(self) -> Optional[str]:
+        """The network interface an engine that can be told one should listen on: the side
+        channel's (``lo`` for the default 127.0.0.1); None where a consumer's producer lies
+        elsewhere or the address is on no interface here."""
+        host = self.extra.side_channel_host
+        if self.extra.peer and is_loopback(host) and not is_loopback(sc.parse_address(self.extra.peer)[0]):
+            return None
+        return interface_of(host)
 
     def layer_regions(self) -> list[Any]:
         return [sc.LayerRegion(name=n, base=b, block_stride=s, page=p) for n, (b, s, p) in self._regions.items()]
@@ -350,8 +386,13 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
             address = server.bind(key)
             if self._auth is None:  # consumers need it: a 0600 file, gone when serving ends
                 key = auth.write_key_file(key, f"producer-{address.replace(':', '-')}.key")
+            self._side_channel = int(address.rsplit(":", 1)[1])
+            listeners = self.note_listeners()
             if announce:
                 print(f"serving on {address} (key: {key.path or key.source})", flush=True)
+                print("kvconf: listening on " + ", ".join(
+                    f"{x['address']} ({x['what']}, {'authenticated' if x['authenticated'] else 'NOT authenticated'})"
+                    for x in listeners), file=sys.stderr, flush=True)
                 print(f"kvconf: {self.config.name} producer {address}, engine session {self._session}, transport "
                       f"{self.transport} ({self.transport_reason}); SIGINT or SIGTERM stops it",
                       file=sys.stderr, flush=True)
@@ -365,7 +406,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         return {"address": address, "served_requests": server.served, "failed_requests": server.failed,
                 "bytes": server.bytes, "rejected_messages": server.rejected, "expired_leases": server.expired,
                 "refused_peers": server.refused, "disconnected_consumers": server.disconnected,
-                "auth_key": key.path or key.source,
+                "auth_key": key.path or key.source, "listeners": self.listeners(),
                 "transport": self.transport,
                 "transport_reason": self.transport_reason}
 

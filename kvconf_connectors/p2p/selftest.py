@@ -347,6 +347,8 @@ def run_as_producer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
     server = Producer(conn)
     key = conn._auth or auth.AuthKey.generate()
     address = server.bind(key)
+    conn._side_channel = int(address.rsplit(":", 1)[1])
+    conn.note_listeners()
     thread = threading.Thread(target=server.run, args=(stop,), name=f"kvconf-{conn.config.name}-serve", daemon=True)
     thread.start()
     proc, path = start_peer(peer_config(ctx, "kv_consumer", "run", peer=address), key)
