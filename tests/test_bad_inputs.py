@@ -197,6 +197,14 @@ CASES += [
     (("bench.shared_prefix=-0.1",), "bench.shared_prefix"),
     (("bench.concurrency=0",), "bench.concurrency"),
     (("bench.raw=maybe",), "bench.raw"),
+    (("connector=mooncake", "connector.extra.auth_key_file=/nonexistent/kvconf.key"), "connector.extra.auth_key_file"),
+    (("connector=nixl", "connector.extra.auth_key_file=/"), "connector.extra.auth_key_file"),
+    (("connector=mooncake", "connector.extra.auth_key_file=''"), "connector.extra.auth_key_file"),
+    (("connector=shared_storage", "connector.extra.hmac_key_file=/nonexistent/kvconf.key"),
+     "connector.extra.hmac_key_file"),
+    (("connector=shared_storage", "connector.extra.hmac_key_file=/dev/null"), "connector.extra.hmac_key_file"),
+    (("connector=multi", "+connector.extra.connectors.0.extra={auth_key_file: /nonexistent}"),
+     "connector.extra.connectors.0.extra.auth_key_file"),
 ]
 
 
