@@ -75,7 +75,7 @@ fi
 stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then
-  say "installing kvconf (editable) with its test, plot and sweep tools (pytest, ruff, mypy, matplotlib, joblib launcher)"
+  say "installing kvconf (editable) with its test, plot and sweep tools (pytest, pytest-xdist, ruff, mypy, matplotlib, joblib launcher)"
   pip install -e ".[test,plot,sweep]"
   echo "$want" > "$stamp"
 fi

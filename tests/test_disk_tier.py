@@ -165,46 +165,56 @@ def test_segments_written_with_an_hmac_key_load_with_it_and_carry_keyed_hashes(w
     assert st["verified"] and st["hits"] > 0
 
 
+def keyed_store(tmp_path: Path, key: Path | None) -> Path:
+    """One segment saved by a connector with ``hmac_key_file=key`` (None: none), in this process."""
+    eng = Engine(SharedStorageConnector, tmp_path, **({"hmac_key_file": str(key)} if key else {}))
+    try:
+        eng.step("a", prompt(1, 3), [0, 1, 2], fill=5)
+    finally:
+        eng.close()
+    (seg,) = segments(tmp_path)
+    return seg
+
+
+def keyed_load_errors(tmp_path: Path, key: Path | None) -> dict:
+    eng = Engine(SharedStorageConnector, tmp_path, **({"hmac_key_file": str(key)} if key else {}))
+    try:
+        return eng.step("b", prompt(1, 3), [20, 21, 22])[1]
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("forgery", ["unauthenticated", "hashes-recomputed-without-the-key", "keys-moved"])
-def test_a_forged_segment_is_refused_when_segments_are_authenticated(forgery, workdir, tmp_path):
+def test_a_forged_segment_is_refused_when_segments_are_authenticated(forgery, tmp_path):
     import hashlib
 
-    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
-    key = f"connector.extra.hmac_key_file={secret(tmp_path)}"
+    key = secret(tmp_path)
+    store = tmp_path / "kv"
     if forgery == "unauthenticated":  # written by someone without the key: plain hashes
-        assert run_kvconf("connector=shared_storage", store, cwd=workdir).returncode == 0
-        victim = segments(tmp_path / "kv")[0]
+        victim = keyed_store(store, None)
         says = "unauthenticated segment is not read"
     else:
-        assert run_kvconf("connector=shared_storage", store, key, cwd=workdir).returncode == 0
-        victim = segments(tmp_path / "kv")[0]
+        victim = keyed_store(store, key)
         header = read_header(victim)
-        if forgery == "keys-moved":  # the same pages, claimed for other prompts' chunks
+        if forgery == "keys-moved":  # the same pages, claimed for other chunks of the prompt
             header["keys"] = header["keys"][::-1]
-        else:  # altered pages, their hashes recomputed under a key of the forger's own
+        else:  # an altered page, its hash recomputed under a key of the forger's own
             data = bytearray(victim.read_bytes())
             data[-100] ^= 0xFF
             victim.write_bytes(data)
-            page = header["layers"][-1][1]
-            tail = bytes(data[len(data) - page:])
+            tail = bytes(data[len(data) - header["layers"][-1][1]:])
             header["sums"][-1][-1] = int.from_bytes(hashlib.blake2b(b"x" + tail, key=b"forger" * 4,
                                                                     digest_size=8).digest(), "little")
         rewrite_header(victim, header)
         says = "not written with this hmac_key_file"
-    proc = run_kvconf("connector=shared_storage", store, key, "connector.kv_load_failure_policy=fail", cwd=workdir)
-    assert proc.returncode == 1 and str(victim) in proc.stderr and says in proc.stderr, proc.stderr
-    ok = run_kvconf("connector=shared_storage", store, key, "connector.kv_load_failure_policy=recompute",
-                    "output=json", cwd=workdir)
-    assert ok.returncode == 0, ok.stderr
-    assert any(str(victim) in why for why in json_out(ok)["self_test"]["recomputed"].values())
+    errors = keyed_load_errors(store, key)
+    assert errors and all(str(victim) in why and says in why for why in errors.values()), errors
 
 
-def test_a_keyed_segment_without_the_key_is_a_load_failure_saying_so(workdir, tmp_path):
-    store = f"connector.extra.shared_storage_path={tmp_path / 'kv'}"
-    assert run_kvconf("connector=shared_storage", store, f"connector.extra.hmac_key_file={secret(tmp_path)}",
-                      cwd=workdir).returncode == 0
-    proc = run_kvconf("connector=shared_storage", store, cwd=workdir)
-    assert proc.returncode == 1 and "no hmac_key_file" in proc.stderr
+def test_a_keyed_segment_without_the_key_is_a_load_failure_saying_so(tmp_path):
+    victim = keyed_store(tmp_path, secret(tmp_path))
+    errors = keyed_load_errors(tmp_path, None)
+    assert errors and all(str(victim) in why and "no hmac_key_file" in why for why in errors.values())
 
 
 def test_an_hmac_key_file_others_can_read_is_a_config_error(workdir, tmp_path):

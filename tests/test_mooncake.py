@@ -368,7 +368,7 @@ def test_a_producer_serves_100_consumers_with_a_flat_descriptor_count(workdir, p
     def run(first: int, count: int) -> list[subprocess.Popen]:
         return [subprocess.Popen([sys.executable, "-c", CONSUMERS, p.address, p.key_file, str(first + k * count),
                                   str(count)], env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for k in range(4 if count > 1 else 1)]
+                                 text=True) for k in range(10 if count > 1 else 1)]
 
     def loaded(procs: list[subprocess.Popen]) -> int:
         outs = [proc.communicate(timeout=300) for proc in procs]
@@ -377,7 +377,7 @@ def test_a_producer_serves_100_consumers_with_a_flat_descriptor_count(workdir, p
 
     assert loaded(run(0, 1)) == 1  # the producer's own engine is warm: connections it keeps for good are made
     before = len(os.listdir(f"/proc/{p.proc.pid}/fd"))
-    assert loaded(run(1, 25)) == 100  # four processes of 25 consumers each, one after another
+    assert loaded(run(1, 10)) == 100  # ten processes of 10 consumers each, one after another
     time.sleep(1)
     after = len(os.listdir(f"/proc/{p.proc.pid}/fd"))
     assert after <= before + 10, f"{before} descriptors before 100 consumers, {after} after"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -115,3 +117,30 @@ def test_export_names_vllms_nixl_connector(workdir):
     proc = run_kvconf("connector=nixl", "action=export", "connector.kv_role=kv_consumer", cwd=workdir)
     out = json.loads(proc.stdout)
     assert out["kv_connector"] == "NixlConnector" and out["kv_connector_extra_config"] == {"backends": ["UCX"]}
+
+
+def test_five_consumers_killed_mid_transfer_leave_no_blocks_pinned(workdir, producer):  # noqa: F811
+    # pull mode: each consumer holds leases on the blocks it is reading; SIGKILL ends its connection
+    p = producer("kv_cache=llama3_8b", "connector.extra.transfer_timeout=600", connector="nixl")
+    consumers = [subprocess.Popen(
+        [sys.executable, "-m", "kvconf", "connector=nixl", "connector.kv_role=kv_consumer", *p.peer_args,
+         "kv_cache=llama3_8b", "self_test.transfer_bytes=32GiB", "output=json"],
+        cwd=workdir, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(5)]
+    try:
+        for _ in range(5):
+            p.wait_served(timeout=180)  # they are reading by now, or soon
+        for c in consumers:
+            c.kill()
+            c.wait()
+    finally:
+        for c in consumers:
+            c.kill()
+            c.communicate()
+    last = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", *p.peer_args, "kv_cache=llama3_8b",
+                      "self_test.requests=1", "output=json", cwd=workdir)  # one request: every block of the cache
+    assert last.returncode == 0, last.stderr
+    assert json_out(last)["self_test"]["failed_requests"] == 0
+    code, out, err = p.stop()
+    assert code == 0, err
+    serve = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]
+    assert serve["expired_leases"] == 0  # released because their consumers went away, not by a timeout
