@@ -165,23 +165,9 @@ def test_segments_written_with_an_hmac_key_load_with_it_and_carry_keyed_hashes(w
     assert st["verified"] and st["hits"] > 0
 
 
-def keyed_store(tmp_path: Path, key: Path | None) -> Path:
-    """One segment saved by a connector with ``hmac_key_file=key`` (None: none), in this process."""
-    eng = Engine(SharedStorageConnector, tmp_path, **({"hmac_key_file": str(key)} if key else {}))
-    try:
-        eng.step("a", prompt(1, 3), [0, 1, 2], fill=5)
-    finally:
-        eng.close()
-    (seg,) = segments(tmp_path)
-    return seg
-
-
-def keyed_load_errors(tmp_path: Path, key: Path | None) -> dict:
-    eng = Engine(SharedStorageConnector, tmp_path, **({"hmac_key_file": str(key)} if key else {}))
-    try:
-        return eng.step("b", prompt(1, 3), [20, 21, 22])[1]
-    finally:
-        eng.close()
+def keyed(key: Path | None) -> dict:
+    """The settings of a connector with ``hmac_key_file=key`` (None: without one)."""
+    return {"hmac_key_file": str(key)} if key else {}
 
 
 @pytest.mark.parametrize("forgery", ["unauthenticated", "hashes-recomputed-without-the-key", "keys-moved"])
@@ -191,10 +177,10 @@ def test_a_forged_segment_is_refused_when_segments_are_authenticated(forgery, tm
     key = secret(tmp_path)
     store = tmp_path / "kv"
     if forgery == "unauthenticated":  # written by someone without the key: plain hashes
-        victim = keyed_store(store, None)
+        victim = saved_store(store)
         says = "unauthenticated segment is not read"
     else:
-        victim = keyed_store(store, key)
+        victim = saved_store(store, **keyed(key))
         header = read_header(victim)
         if forgery == "keys-moved":  # the same pages, claimed for other chunks of the prompt
             header["keys"] = header["keys"][::-1]
@@ -207,13 +193,13 @@ def test_a_forged_segment_is_refused_when_segments_are_authenticated(forgery, tm
                                                                     digest_size=8).digest(), "little")
         rewrite_header(victim, header)
         says = "not written with this hmac_key_file"
-    errors = keyed_load_errors(store, key)
+    _, errors = load_errors(store, **keyed(key))
     assert errors and all(str(victim) in why and says in why for why in errors.values()), errors
 
 
 def test_a_keyed_segment_without_the_key_is_a_load_failure_saying_so(tmp_path):
-    victim = keyed_store(tmp_path, secret(tmp_path))
-    errors = keyed_load_errors(tmp_path, None)
+    victim = saved_store(tmp_path, **keyed(secret(tmp_path)))
+    _, errors = load_errors(tmp_path)
     assert errors and all(str(victim) in why and "no hmac_key_file" in why for why in errors.values())
 
 

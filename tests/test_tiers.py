@@ -185,8 +185,9 @@ def test_offload_chunk_must_be_whole_blocks():
         make(OffloadingConnector, KVConnectorRole.WORKER, block_size=6)
 
 
-def saved_store(tmp_path: Path) -> Path:
-    eng = Engine(SharedStorageConnector, tmp_path)
+def saved_store(tmp_path: Path, **extra) -> Path:
+    """The one segment a shared_storage connector (``extra``: its settings) saves under ``tmp_path``."""
+    eng = Engine(SharedStorageConnector, tmp_path, **extra)
     try:
         eng.step("a", prompt(1, 3), [0, 1, 2], fill=5)
     finally:
@@ -195,8 +196,8 @@ def saved_store(tmp_path: Path) -> Path:
     return seg
 
 
-def load_errors(tmp_path: Path) -> tuple[int, dict]:
-    eng = Engine(SharedStorageConnector, tmp_path)
+def load_errors(tmp_path: Path, **extra) -> tuple[int, dict]:
+    eng = Engine(SharedStorageConnector, tmp_path, **extra)
     try:
         return eng.step("b", prompt(1, 3), [20, 21, 22])
     finally:
