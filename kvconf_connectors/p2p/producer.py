@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import sys
 import threading
@@ -162,8 +163,8 @@ class Producer:
             ev = recv_monitor_message(self.monitor)
             event, value = ev["event"], ev["value"]
             if event == zmq.EVENT_ACCEPTED:
-                try:
-                    with socket.fromfd(value, socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:  # a duplicate of libzmq's descriptor, its family read from it (IPv4 or IPv6)
+                    with socket.socket(fileno=os.dup(value)) as s:
                         host, port = s.getpeername()[:2]
                         self.accepted[value] = f"{host}:{port}"
                 except OSError:
