@@ -116,39 +116,39 @@ def key_problems(auth_key_file: Optional[str]) -> list[Problem]:
 def secret_file_problems(path: str, secret_file: str) -> list[Problem]:
     """What is wrong with the secret in ``secret_file`` (the setting at config ``path``): missing,
     not a regular file, readable by others or changeable by the group, too short or too long."""
-    auth_key_file = secret_file
-    file = Path(auth_key_file).expanduser()
+    file = Path(secret_file).expanduser()
     try:
         st = os.stat(file)
     except OSError as exc:
-        return [Problem(path, f"cannot read the key file: {exc.strerror}", value=auth_key_file,
+        return [Problem(path, f"cannot read the key file: {exc.strerror}", value=secret_file,
                         fix=("give the file the producer printed beside 'serving on', or "
                              if path.endswith("auth_key_file") else "") + FILE_FIX)]
     if not stat.S_ISREG(st.st_mode):
-        return [Problem(path, "the key file is not a regular file", value=auth_key_file, fix=FILE_FIX)]
+        return [Problem(path, "the key file is not a regular file", value=secret_file, fix=FILE_FIX)]
     if st.st_mode & 0o026:
         return [Problem(path, f"the key file's mode is {stat.S_IMODE(st.st_mode):04o}: other users can read or "
-                        "change the secret", value=auth_key_file,
+                        "change the secret", value=secret_file,
                         fix=f"chmod 600 {file} (Kubernetes secret volumes: defaultMode: 0400)")]
     if st.st_size > MAX_KEY_CHARS + 64:
         return [Problem(path, f"the key file has {st.st_size} bytes; a key has at most {MAX_KEY_CHARS} characters",
-                        value=auth_key_file, fix=FILE_FIX)]
+                        value=secret_file, fix=FILE_FIX)]
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return [Problem(path, f"cannot read the key file: {exc}", value=auth_key_file, fix=FILE_FIX)]
-    return _text_problems(text, path, auth_key_file, FILE_FIX)
+        return [Problem(path, f"cannot read the key file: {exc}", value=secret_file, fix=FILE_FIX)]
+    return _text_problems(text, path, secret_file, FILE_FIX)
 
 
 def load_key(auth_key_file: Optional[str]) -> Optional[AuthKey]:
     """The configured key (the file first, then ``$KVCONF_AUTH_KEY``), or None where none is set;
     a :class:`ConfigError` where the one set is unusable."""
-    problems = key_problems(auth_key_file)
-    if problems:
-        raise ConfigError(*problems)
     if auth_key_file is not None:
         file = Path(auth_key_file).expanduser()
-        return AuthKey.from_text(file.read_text(encoding="utf-8"), f"connector.extra.auth_key_file={file}", str(file))
+        return AuthKey(read_secret("connector.extra.auth_key_file", auth_key_file),
+                       f"connector.extra.auth_key_file={file}", str(file))
+    problems = key_problems(None)
+    if problems:
+        raise ConfigError(*problems)
     text = os.environ.get(ENV)
     return None if text is None else AuthKey.from_text(text, f"${ENV}")
 

@@ -61,10 +61,8 @@ class Producer:
         """Admitted peers (their socket identity) that said Hello: their engine id."""
         self.owner: dict[str, str] = {}
         """Prefilled requests: the engine id that asked for each."""
-        self.fd_of: dict[bytes, int] = {}
         self.on_fd: dict[int, set[bytes]] = {}
-        """The connection each peer's messages came on, and the peers on each: a closed connection
-        ends their leases."""
+        """The peers whose messages came on each connection: a closed connection ends their leases."""
         self.accepted: dict[int, str] = {}
         self.unattributed = 0
         self.refused = self.disconnected = 0
@@ -139,9 +137,7 @@ class Producer:
                 fd = frames[1].get(zmq.SRCFD)
             except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
                 fd = -1
-            if self.fd_of.get(ident) != fd:
-                self.fd_of[ident] = fd
-                self.on_fd.setdefault(fd, set()).add(ident)
+            self.on_fd.setdefault(fd, set()).add(ident)
             try:
                 msg = sc.decode(raw)
             except sc.BadMessage as exc:
@@ -185,7 +181,6 @@ class Producer:
 
     def gone(self, ident: bytes, address: str) -> None:
         """A peer's connection closed: the blocks it was reading are free again."""
-        self.fd_of.pop(ident, None)
         engine = self.peers.pop(ident, None)
         held = [rid for rid, lease in self.pulling.items() if lease[3] == ident]
         if held:
