@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,39 +31,73 @@ class Producer:
             [sys.executable, "-m", "kvconf", f"connector={connector}", "role=worker", "connector.kv_role=kv_producer",
              "action=serve", "output=json", *overrides],
             cwd=cwd, env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self._read_until(self.proc.stdout, "serving on ", 60)  # serving on HOST:PORT (key: FILE)
+        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._seen = {"stdout": 0, "stderr": 0}
+        self._more = threading.Condition()
+        self._readers = [threading.Thread(target=self._collect, args=(name, getattr(self.proc, name)), daemon=True)
+                         for name in self.lines]
+        for t in self._readers:
+            t.start()
+        line = self._read_until("stdout", "serving on ", 60)  # serving on HOST:PORT (key: FILE)
         self.address = line.split()[2]
         self.key_file = line.split("(key: ", 1)[1].rstrip().rstrip(")")
         self.peer_args = (f"connector.extra.peer={self.address}", f"connector.extra.auth_key_file={self.key_file}")
         """What a consumer is given: the address and the key file the producer printed."""
 
-    def _read_until(self, stream, prefix: str, timeout: float) -> str:
-        sel = selectors.DefaultSelector()
-        sel.register(stream, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.1):
-                line = stream.readline()
-                if line.startswith(prefix):
-                    return line
-                if not line and self.proc.poll() is not None:
-                    break
-        self.proc.kill()
-        raise AssertionError(f"producer never printed {prefix!r}: {self.proc.stderr.read()}")
+    def _collect(self, name: str, stream) -> None:
+        """One thread per pipe reads every line (a selector on a buffered text stream misses lines
+        already in its buffer)."""
+        for line in stream:
+            with self._more:
+                self.lines[name].append(line)
+                self._more.notify_all()
+        with self._more:
+            self.lines[name].append("")  # end of stream
+            self._more.notify_all()
 
-    def wait_served(self, timeout: float = 60) -> str:
-        return self._read_until(self.proc.stderr, "served ", timeout)
+    def _read_until(self, name: str, prefix: str, timeout: float) -> str:
+        """The next line on ``name`` that starts with ``prefix``, past those already read."""
+        deadline = time.monotonic() + timeout
+        with self._more:
+            while True:
+                lines = self.lines[name]
+                while self._seen[name] < len(lines):
+                    line = lines[self._seen[name]]
+                    self._seen[name] += 1
+                    if line.startswith(prefix):
+                        return line
+                    if line == "":
+                        break
+                else:
+                    left = deadline - time.monotonic()
+                    if left > 0:
+                        self._more.wait(left)
+                        continue
+                break
+        self.proc.kill()
+        self._join()
+        raise AssertionError(f"producer never printed {prefix!r} within {timeout:g} s "
+                             f"(exit code {self.proc.returncode}); its stderr:\n{''.join(self.lines['stderr'])}")
+
+    def wait_served(self, timeout: float = 120) -> str:
+        return self._read_until("stderr", "served ", timeout)
+
+    def _join(self) -> None:
+        self.proc.wait(timeout=30)
+        for t in self._readers:
+            t.join(timeout=30)
 
     def stop(self, sig=signal.SIGTERM) -> tuple[int, str, str]:
+        """Signals the producer and returns its exit code and everything it printed."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, out, err
+        self._join()
+        return self.proc.returncode, "".join(self.lines["stdout"]), "".join(self.lines["stderr"])
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self._join()
 
 
 @pytest.fixture
