@@ -15,6 +15,12 @@ non-blocking open: a symlink or a FIFO at a segment's path is a failure, not a h
 folder must be a real folder (never a symlink: eviction would delete where it points), temporary
 files of writers that died are removed at start, and the header cache is bounded.
 
+No staging buffer sits between the file and the KV cache: a save writes the blocks' pages straight
+from the cache (``pwritev`` of one buffer per page), and a load reads them straight into the
+destination blocks (``preadv``), then hashes every page where it landed. A page that fails its
+check fails its whole segment's blocks in the request (the engine recomputes them, or the request
+fails, by policy), and those blocks are zeroed: nothing is left half loaded.
+
 The default folder is per user: ``$XDG_CACHE_HOME/kvconf/shared_storage`` (else
 ``~/.cache/kvconf/shared_storage``), created with mode 0700. Where others can write to the folder,
 ``hmac_key_file`` authenticates the segments: page hashes keyed by a secret and bound to their
@@ -23,30 +29,44 @@ chunk key, layer and row, so a forged, altered or rearranged segment is refused 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
-import struct
+import tempfile
 import time
 import uuid
 import zlib
 from collections import OrderedDict
-from typing import Any, Literal, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from pydantic import Field, ValidationError, field_validator
 
 from kvconf.config.base import StrictModel
 from kvconf.contract.api import KVConnectorRole
-from kvconf.contract.capabilities import ChecksConfig
+from kvconf.contract.capabilities import ChecksConfig, ColdLoads, KeepsStore
 from kvconf.errors import Problem
 from kvconf.units import PositiveByteSize, parse_bytes
 from kvconf_connectors.p2p.auth import read_secret, secret_file_problems
-from kvconf_connectors.tier import Chunk, TierConnector, TierMetadata, TierOp
+from kvconf_connectors.segments import (
+    HEADER_CACHE,
+    MAGIC,
+    PREFIX,
+    SUFFIX,
+    VERSION,
+    BadSegment,
+    SegmentHeader,
+    open_regular,
+    page_hash,
+    row_labels,
+)
+from kvconf_connectors.tier import Chunk, TierConnector, TierOp
 
-MAGIC = b"KVCSEG01"
-_PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
-SUFFIX = ".kvseg"
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+"""Most buffers one ``preadv``/``pwritev`` takes."""
 
 
 class SharedStorageExtra(StrictModel):
@@ -73,76 +93,7 @@ class SharedStorageExtra(StrictModel):
         return v
 
 
-class BadSegment(Exception):
-    """A segment file that must not be loaded; the message names the file and the reason."""
-
-
-VERSION = 2
-"""Segments of version 1 carried sums of words as page checksums; they are not read."""
-
-HEADER_CACHE = 4096
-"""Most segment headers a connector keeps parsed."""
-
-
-class SegmentHeader(StrictModel):
-    """A segment's header, as written; any other content is a corrupt segment."""
-
-    version: int = Field(ge=1, le=2)
-    layout: str = Field(max_length=64)
-    layers: list[tuple[str, int]]
-    chunk_blocks: int = Field(ge=1)
-    keys: list[str] = Field(min_length=1)
-    sums: list[list[int]]
-    hash: Literal["xxh3-64", "blake2b-64-keyed"] = "xxh3-64"
-    """What ``sums`` are: plain page hashes, or keyed ones (``hmac_key_file``)."""
-    data_bytes: int = Field(ge=0)
-    written_by: str = ""
-    time: float = 0.0
-
-
-def page_sums(rows: Any, mac: Optional[bytes] = None, labels: Optional[list[bytes]] = None) -> list[int]:
-    """One hash per page (row): xxh3-64, which reordered or swapped words change (a sum of words
-    would not), at memory speed (about 9 GB/s here; crc32 runs at 2.4 GB/s, blake2b at 0.65).
-    With a ``mac`` key: BLAKE2b-64 keyed by it, over each row's label (where it belongs) and bytes."""
-    data = memoryview(rows.contiguous().numpy()).cast("B")
-    page = rows.shape[1]
-    if mac is not None:
-        assert labels is not None and len(labels) == rows.shape[0]
-        out = []
-        for i in range(rows.shape[0]):
-            h = hashlib.blake2b(labels[i], key=mac, digest_size=8)
-            h.update(data[i * page:(i + 1) * page])
-            out.append(int.from_bytes(h.digest(), "little"))
-        return out
-    import xxhash
-
-    return [xxhash.xxh3_64_intdigest(data[i * page:(i + 1) * page]) for i in range(rows.shape[0])]
-
-
-def row_labels(keys: list[str], layer: str, k: int, first: int, n: int) -> list[bytes]:
-    """Where rows ``first .. first + n`` of a layer's data belong: their chunk's key, the layer and
-    the row within the chunk (``k`` rows a chunk)."""
-    return [f"{keys[(first + r) // k]}/{layer}/{(first + r) % k}".encode() for r in range(n)]
-
-
-def open_regular(path: str) -> int:
-    """A descriptor of ``path`` for reading, only if it is a regular file: a symlink (``O_NOFOLLOW``)
-    or a FIFO, device or folder is a :class:`BadSegment`, and opening never blocks."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise BadSegment(f"{path}: the file is missing (removed or evicted)") from None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise BadSegment(f"{path}: a symbolic link, not a segment file (not followed)") from None
-        raise BadSegment(f"{path}: cannot be opened: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise BadSegment(f"{path}: not a regular file (a FIFO, device or folder): not read")
-    return fd
-
-
-class SharedStorageConnector(TierConnector, ChecksConfig):
+class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads):
     """Disk tier: a request's new blocks in one segment file, atomically written, checked on load."""
 
     extra_config = SharedStorageExtra
@@ -155,8 +106,7 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
         self.layers = [(n, g.kv_cache_spec.page_size_bytes) for g in kv_cache_config.kv_cache_groups
                        for n in g.layer_names]
         self.layout = hashlib.sha256(json.dumps([self.layers, self.chunk_blocks]).encode()).hexdigest()[:16]
-        self.root = os.path.expanduser(self.extra.shared_storage_path)
-        self.dir = os.path.join(self.root, self.layout)
+        self._point_at(self.extra.shared_storage_path)
         self.capacity = parse_bytes(self.extra.capacity) if self.extra.capacity is not None else None
         self._headers: OrderedDict[str, tuple[tuple[int, int], dict[str, Any]]] = OrderedDict()
         self._mac = (read_secret("connector.extra.hmac_key_file", self.extra.hmac_key_file)
@@ -164,15 +114,51 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
         self._hash = "xxh3-64" if self._mac is None else "blake2b-64-keyed"
         if role is KVConnectorRole.WORKER:
             self._remove_orphans()
-        self._staging: dict[str, dict[str, Any]] = {}
-        self._arena: Any = None  # reused save buffer: fresh memory would fault in at a quarter of the speed
-        self._read_buf: Any = None
+        self._pages: dict[str, Any] = {}
+        """``layer -> numpy (num_blocks, page)`` over the KV cache: a block's page as a buffer."""
 
     @classmethod
     def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
         """A ``hmac_key_file`` that is missing, readable by others or too short: exit 2 at check time."""
         file = (connector.get("extra") or {}).get("hmac_key_file")
         return secret_file_problems("connector.extra.hmac_key_file", file) if file else []
+
+    def _point_at(self, path: str) -> None:
+        self.root = os.path.expanduser(path)
+        self.dir = os.path.join(self.root, self.layout)
+
+    @contextlib.contextmanager
+    def private_store(self) -> Iterator[str]:
+        """A fresh folder beside the configured one (the same device), used and then removed."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        where = tempfile.mkdtemp(prefix=".kvconf-bench-", dir=self.root)
+        config, extra, root = self._config, self._extra, self.root
+        self._extra = extra.model_copy(update={"shared_storage_path": where})
+        self._config = config.model_copy(update={"extra": {**config.extra, "shared_storage_path": where}})
+        self._point_at(where)
+        try:
+            yield where
+        finally:
+            self._config, self._extra = config, extra
+            self._point_at(root)
+            self._headers.clear()
+            shutil.rmtree(where, ignore_errors=True)
+
+    def drop_cached(self) -> None:
+        """Drops the page cache of every segment in the layout folder (they are fsynced: clean)."""
+        try:
+            entries = [e.path for e in os.scandir(self.dir) if e.name.endswith(SUFFIX)]
+        except OSError:
+            return
+        for path in entries:
+            try:
+                fd = open_regular(path)
+            except BadSegment:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def path_of(self, key: bytes) -> str:
         return os.path.join(self.dir, key.hex() + SUFFIX)
@@ -237,15 +223,15 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
         if cached and cached[0] == stamp:
             self._headers.move_to_end(path)
             return cached[1]
-        head = os.pread(fd, _PREFIX.size, 0)
-        if len(head) < _PREFIX.size:
-            raise BadSegment(f"{path}: truncated: {len(head)} B, shorter than its {_PREFIX.size} B prefix")
-        magic, hlen, hcrc = _PREFIX.unpack(head)
+        head = os.pread(fd, PREFIX.size, 0)
+        if len(head) < PREFIX.size:
+            raise BadSegment(f"{path}: truncated: {len(head)} B, shorter than its {PREFIX.size} B prefix")
+        magic, hlen, hcrc = PREFIX.unpack(head)
         if magic != MAGIC:
             raise BadSegment(f"{path}: not a kvconf segment (magic {magic!r}, expected {MAGIC!r})")
         if hlen > min(st.st_size, 64 << 20):
             raise BadSegment(f"{path}: a header of {hlen} B cannot be right (the file is {st.st_size} B)")
-        raw = os.pread(fd, hlen, _PREFIX.size)
+        raw = os.pread(fd, hlen, PREFIX.size)
         if len(raw) < hlen:
             raise BadSegment(f"{path}: truncated inside its header ({len(raw)} of {hlen} B)")
         if zlib.crc32(raw) != hcrc:
@@ -269,10 +255,10 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
         if header.get("layout") != self.layout:
             raise BadSegment(f"{path}: written for another KV layout ({header.get('layout')}; this cache is "
                              f"{self.layout}: layers, page sizes or chunk size differ)")
-        expected = _PREFIX.size + hlen + header["data_bytes"]
+        expected = PREFIX.size + hlen + header["data_bytes"]
         if st.st_size != expected:
             raise BadSegment(f"{path}: truncated or padded: {st.st_size} B on disk, {expected} B expected")
-        header["_data_offset"] = _PREFIX.size + hlen
+        header["_data_offset"] = PREFIX.size + hlen
         self._headers[path] = (stamp, header)
         while len(self._headers) > HEADER_CACHE:
             self._headers.popitem(last=False)
@@ -307,96 +293,103 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
     def _places(self, keys: list[bytes]) -> list[Any]:
         return self._walk(keys)
 
-    def _load_chunks(self, op: TierOp) -> dict[int, str]:
-        """Reads each segment's needed rows per layer, checks them, scatters them into the cache."""
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        super().register_kv_caches(kv_caches)
+        on_cpu = all(v.device.type == "cpu" for v in self._views.values())
+        self._pages = {n: v.numpy() for n, v in self._views.items()} if on_cpu else {}
 
+    def _page(self, layer: str, block: int) -> Any:
+        """Block ``block``'s page of ``layer``: the cache's own memory on CPU, else a host copy."""
+        if self._pages:
+            return memoryview(self._pages[layer][block])
+        return memoryview(self._views[layer][block].cpu().numpy())
+
+    def _load_chunks(self, op: TierOp) -> dict[int, str]:
+        """Reads each segment's pages straight into the blocks, then checks every page there."""
         errors: dict[int, str] = {}
         by_file: dict[str, list[tuple[int, Chunk]]] = {}
         for c in op.chunks:
             path, idx = c.place
             by_file.setdefault(path, []).append((idx, c))
-        k = self.chunk_blocks
         for path, items in by_file.items():
-            fd = -1
             try:
-                self._check_dir(create=False)
-                fd = open_regular(path)
-                header = self.read_header(path, fd)
-                n_keys = len(header["keys"])
-                lo, hi = min(i for i, _ in items), max(i for i, _ in items) + 1
-                offset = header["_data_offset"]
-                for li, (name, page) in enumerate(self.layers):
-                    rows = self._read_rows((hi - lo) * k, page)
-                    got = os.preadv(fd, [memoryview(rows.numpy()).cast("B")], offset + lo * k * page)
-                    if got != rows.numel():
-                        raise BadSegment(f"{path}: truncated: short read in layer {name}")
-                    labels = row_labels(header["keys"], name, k, lo * k, (hi - lo) * k) if self._mac else None
-                    if page_sums(rows, self._mac, labels) != header["sums"][li][lo * k:hi * k]:
-                        raise BadSegment(f"{path}: checksum mismatch in layer {name} (the file is corrupt"
-                                         + (", or not written with this hmac_key_file)" if self._mac else ")"))
-                    view = self._views[name]
-                    for idx, c in items:
-                        for j, b in enumerate(self.ids_of(c, name)):
-                            view[b].copy_(rows[(idx - lo) * k + j])
-                    offset += n_keys * k * page
+                self._read_segment(path, items)
             except (BadSegment, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
                 reason = str(exc) if isinstance(exc, BadSegment) else f"{path}: {type(exc).__name__}: {exc}"
                 for _, c in items:
+                    for name, _ in self.layers:
+                        self._views[name][self.ids_of(c, name)] = 0  # nothing half loaded
                     for b in {b for ids in c.block_ids for b in ids}:
                         errors[b] = reason
-            finally:
-                if fd >= 0:
-                    os.close(fd)
         return errors
 
+    def _read_segment(self, path: str, items: list[tuple[int, Chunk]]) -> None:
+        k = self.chunk_blocks
+        self._check_dir(create=False)
+        fd = open_regular(path)
+        try:
+            header = self.read_header(path, fd)
+            n_keys = len(header["keys"])
+            pages: list[tuple[int, Any, int, int, str]] = []  # file offset, buffer, layer, row, layer name
+            at = header["_data_offset"]
+            for li, (name, page) in enumerate(self.layers):
+                for idx, c in items:
+                    for j, b in enumerate(self.ids_of(c, name)):
+                        pages.append((at + (idx * k + j) * page, self._page(name, b), li, idx * k + j, name))
+                at += n_keys * k * page
+            pages.sort(key=lambda p: p[0])
+            start = 0
+            while start < len(pages):  # runs of adjacent pages, one preadv each
+                end = start + 1
+                while (end < len(pages) and end - start < IOV_MAX
+                       and pages[end][0] == pages[end - 1][0] + len(pages[end - 1][1])):
+                    end += 1
+                bufs = [p[1] for p in pages[start:end]]
+                want = sum(len(x) for x in bufs)
+                if os.preadv(fd, bufs, pages[start][0]) != want:
+                    raise BadSegment(f"{path}: truncated: a short read in layer {pages[start][4]}")
+                start = end
+        finally:
+            os.close(fd)
+        sums = header["sums"]
+        keys = header["keys"]
+        for _, buf, li, row, name in pages:
+            label = row_labels(keys, name, k, row, 1)[0] if self._mac else b""
+            if page_hash(buf, self._mac, label) != sums[li][row]:
+                raise BadSegment(f"{path}: checksum mismatch in layer {name} (the file is corrupt"
+                                 + (", or not written with this hmac_key_file)" if self._mac else ")"))
+        if not self._pages:  # the pages were host copies: into the device's blocks
+            import torch
+
+            for _, buf, _li, row, name in pages:
+                idx, j = divmod(row, k)
+                c = next(c for i, c in items if i == idx)
+                self._views[name][self.ids_of(c, name)[j]].copy_(torch.frombuffer(buf, dtype=torch.uint8))
+
     # ---- writing segments ----------------------------------------------------------------------
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, TierMetadata)
-        if not meta.staged:  # the step's first layer: lay out every save op's staging
-            meta.staged = True
-            self._stage(meta.saves)
-        super().save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
-
-    def _stage(self, ops: list[TierOp]) -> None:
-        """Staging rows for each op and layer, carved out of one reused buffer."""
-        import torch
-
-        total = sum(len(op.chunks) * self.chunk_blocks * page for op in ops for _, page in self.layers)
-        if self._arena is None or self._arena.numel() < total:
-            self._arena = torch.zeros(total, dtype=torch.uint8)
-        at = 0
+    def _save(self, ops: list[TierOp]) -> dict[str, str]:
+        errors = {}
         for op in ops:
-            n = len(op.chunks) * self.chunk_blocks
-            self._staging[op.request_id] = {}
-            for name, page in self.layers:
-                self._staging[op.request_id][name] = self._arena[at:at + n * page].view(n, page)
-                at += n * page
+            try:
+                self._write_segment(op)
+            except Exception as exc:  # the request's chunks are not in the tier
+                errors[op.request_id] = f"{exc}"
+        return errors
 
-    def _read_rows(self, rows: int, page: int) -> Any:
-        import torch
-
-        if self._read_buf is None or self._read_buf.numel() < rows * page:
-            self._read_buf = torch.zeros(rows * page, dtype=torch.uint8)
-        return self._read_buf[:rows * page].view(rows, page)
-
-    def _save_layer(self, op: TierOp, layer: str) -> None:
-        import torch
-
-        ids = torch.tensor([b for c in op.chunks for b in self.ids_of(c, layer)])
-        torch.index_select(self._views[layer], 0, ids, out=self._staging[op.request_id][layer])
-
-    def _finish_save(self, op: TierOp) -> None:
-        staging = self._staging.pop(op.request_id)
+    def _write_segment(self, op: TierOp) -> None:
+        """One segment for the op's chunks, written straight from the KV cache's pages."""
         keys = [c.key.hex() for c in op.chunks]
         k = self.chunk_blocks
+        bufs: list[Any] = []
+        sums = []
+        for name, _ in self.layers:
+            rows = [self._page(name, b) for c in op.chunks for b in self.ids_of(c, name)]
+            labels = row_labels(keys, name, k, 0, len(rows)) if self._mac else [b""] * len(rows)
+            sums.append([page_hash(r, self._mac, lab) for r, lab in zip(rows, labels)])
+            bufs.extend(rows)
         header = {
             "version": VERSION, "layout": self.layout, "layers": self.layers, "chunk_blocks": self.chunk_blocks,
-            "keys": keys, "hash": self._hash,
-            "sums": [page_sums(staging[name], self._mac,
-                               row_labels(keys, name, k, 0, len(keys) * k) if self._mac else None)
-                     for name, _ in self.layers],
-            "data_bytes": sum(t.numel() for t in staging.values()),
+            "keys": keys, "hash": self._hash, "sums": sums, "data_bytes": sum(len(b) for b in bufs),
             "written_by": f"{os.uname().nodename}:{os.getpid()}", "time": time.time(),
         }
         raw = json.dumps(header).encode()
@@ -410,13 +403,7 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
         except OSError as exc:
             raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
         try:
-            bufs: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw,
-                    *(memoryview(staging[name].numpy()).cast("B") for name, _ in self.layers)]
-            total = sum(len(b) for b in bufs)
-            written = os.writev(fd, bufs)
-            while written < total:  # a short write: finish it
-                flat = b"".join(bytes(b) for b in bufs)
-                written += os.write(fd, flat[written:])
+            _write_all(fd, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs])
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
@@ -452,6 +439,19 @@ class SharedStorageConnector(TierConnector, ChecksConfig):
 
     def shutdown(self) -> None:
         super().shutdown()
-        self._staging = {}
+        self._pages = {}
         self._headers = OrderedDict()
-        self._arena = self._read_buf = None
+
+
+def _write_all(fd: int, bufs: list[Any]) -> None:
+    """``writev`` of every buffer, at most ``IOV_MAX`` a call, finishing short writes."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        batch = views[:IOV_MAX]
+        n = os.writev(fd, batch)
+        while batch and n >= len(batch[0]):
+            n -= len(batch[0])
+            batch.pop(0)
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]

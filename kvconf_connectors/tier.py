@@ -10,7 +10,6 @@ the tier's index what it holds and hands the worker side :class:`TierMetadata`.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -48,9 +47,9 @@ def _slice(groups: tuple[list[int], ...], start: int, stop: int) -> tuple[list[i
 
 
 class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLLM, ComparesToBaseline):
-    """Scheduler side by prefix hash; the worker side saves off the critical path on one thread
-    and ``wait_for_save`` waits for it. Subclasses give the tier: ``_present``, ``_reserve``,
-    ``_commit``, ``_abandon``, ``_load_chunks``, ``_save_layer`` and ``_finish_save``. Benchmarked
+    """Scheduler side by prefix hash; the worker side loads a step's chunks in ``start_load_kv``
+    and saves them in ``wait_for_save``. Subclasses give the tier: ``_present``, ``_reserve``,
+    ``_commit``, ``_abandon``, ``_load_chunks`` (or ``_load``) and ``_save``. Benchmarked
     against the fastest plain host copy of the same blocks unless a subclass says otherwise.
     Handles a hybrid model's groups: a chunk holds each group's block ids, and each layer's
     pages are copied at its own group's ids (:meth:`ids_of`)."""
@@ -64,8 +63,6 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._group_of = kv_cache_config.group_of()
         self._unconfirmed: dict[str, list[Chunk]] = {}
         self._views: dict[str, Any] = {}
-        self._saver: Optional[ThreadPoolExecutor] = None
-        self._futures: dict[str, list[tuple[Future, TierOp, str]]] = {}
         self._saved_requests: set[str] = set()
         self._load_errors: dict[int, str] = {}
         self._save_errors: dict[str, str] = {}
@@ -105,13 +102,6 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
     def _load_chunks(self, op: TierOp) -> dict[int, str]:
         """Copies the op's chunks into the KV cache; ``block id -> reason`` for what failed."""
         raise NotImplementedError
-
-    def _save_layer(self, op: TierOp, layer: str) -> None:
-        """Copies one layer of the op's chunks out of the KV cache (on the saver thread)."""
-        raise NotImplementedError
-
-    def _finish_save(self, op: TierOp) -> None:
-        """Completes the op once every layer is copied (on the saver thread); raises on failure."""
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
@@ -173,50 +163,46 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
 
     # ---- worker side -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        import torch
-
         self._views = byte_views(kv_caches)
-        # The saver runs its torch copies on one thread: a second OpenMP team beside the engine's
-        # spins on the same cores (measured: 1.1 GB/s save+load on a 2-core machine, 4.3 with this).
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvconf-{self.config.name}-save",
-                                         initializer=torch.set_num_threads, initargs=(1,))
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Every load of the step, before the forward pass (synchronous: the blocks are ready when
+        it returns)."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierMetadata)
-        for op in meta.loads:
-            errors = self._load_chunks(op)
-            if errors:
-                with self._lock:
-                    self._load_errors.update(errors)
+        errors = self._load(meta.loads)
+        if errors:
+            with self._lock:
+                self._load_errors.update(errors)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads are synchronous, done in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        """Queues the copy of this layer's blocks on the saver thread; the forward pass goes on."""
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, TierMetadata) and self._saver is not None
-        for op in meta.saves:
-            fut = self._saver.submit(self._save_layer, op, layer_name)
-            self._futures.setdefault(op.request_id, []).append((fut, op, layer_name))
+        """Nothing per layer: the step's saves are one batch in :meth:`wait_for_save`, once the
+        forward pass has written every layer (a hand-off per layer cost more than the copy itself
+        at small pages, and on a CPU device another thread only contends for the same cores)."""
 
     def wait_for_save(self) -> None:
-        """Completes this step's saves on the saver thread and waits for them."""
+        """Saves every request of the step; a request whose save failed is reported by
+        :meth:`get_save_errors`, the others by :meth:`get_finished`."""
         meta = self._get_connector_metadata()
-        assert isinstance(meta, TierMetadata) and self._saver is not None
-        for op in meta.saves:
-            futures = self._futures.pop(op.request_id, [])
-            try:
-                for fut, op_, layer in futures:
-                    if fut.cancel():  # not started: this thread would only wait, so it copies instead
-                        self._save_layer(op_, layer)
-                    else:
-                        fut.result()
-                self._saver.submit(self._finish_save, op).result()
-                self._saved_requests.add(op.request_id)
-            except Exception as exc:  # the request's chunks are not in the tier
-                self._save_errors[op.request_id] = f"{exc}"
+        assert isinstance(meta, TierMetadata)
+        errors = self._save(meta.saves) if meta.saves else {}
+        self._save_errors.update(errors)
+        self._saved_requests.update(op.request_id for op in meta.saves if op.request_id not in errors)
+
+    def _load(self, ops: list[TierOp]) -> dict[int, str]:
+        """Loads the ops' chunks; ``block id -> reason`` for what failed. One op at a time unless
+        a tier batches them."""
+        errors: dict[int, str] = {}
+        for op in ops:
+            errors.update(self._load_chunks(op))
+        return errors
+
+    def _save(self, ops: list[TierOp]) -> dict[str, str]:
+        """Saves the ops' chunks out of the KV cache; ``request id -> reason`` for what failed."""
+        raise NotImplementedError
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
         done, self._saved_requests = self._saved_requests, set()
@@ -236,7 +222,4 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         return errors
 
     def shutdown(self) -> None:
-        if self._saver is not None:
-            self._saver.shutdown(wait=True)
-            self._saver = None
         self._views = {}

@@ -11,7 +11,7 @@ from conftest import REPO, json_out, run_kvconf
 
 pytestmark = pytest.mark.torch
 
-SMALL = ("bench.repetitions=1", "bench.warmup=0", "bench.ceilings=false")
+SMALL = ("bench.repetitions=1", "bench.warmup=0", "bench.ceilings=false", "bench.min_seconds=0")
 
 
 def test_bench_writes_results_json_that_validates_against_the_schema(workdir):

@@ -12,7 +12,8 @@ import pytest
 from test_tiers import Engine, load_errors, prompt, saved_store, segments
 
 from conftest import json_out, run_kvconf
-from kvconf_connectors.shared_storage import _PREFIX, MAGIC, SharedStorageConnector
+from kvconf_connectors.segments import MAGIC, PREFIX
+from kvconf_connectors.shared_storage import SharedStorageConnector
 
 pytestmark = pytest.mark.torch
 
@@ -62,9 +63,9 @@ def test_a_fifo_or_symlink_at_a_segment_path_is_a_load_failure_not_a_hang(kind, 
 
 def rewrite_header(seg: Path, header: object) -> None:
     data = seg.read_bytes()
-    magic, hlen, _ = _PREFIX.unpack(data[:_PREFIX.size])
+    magic, hlen, _ = PREFIX.unpack(data[:PREFIX.size])
     raw = json.dumps(header).encode()
-    seg.write_bytes(_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw + data[_PREFIX.size + hlen:])
+    seg.write_bytes(PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw + data[PREFIX.size + hlen:])
 
 
 @pytest.mark.parametrize("header", [
@@ -82,9 +83,9 @@ def test_a_malformed_header_with_a_valid_checksum_is_a_load_failure(header, tmp_
 def test_a_deeply_nested_header_is_a_load_failure_not_a_crash(tmp_path):
     seg = saved_store(tmp_path)
     data = seg.read_bytes()
-    _, hlen, _ = _PREFIX.unpack(data[:_PREFIX.size])
+    _, hlen, _ = PREFIX.unpack(data[:PREFIX.size])
     raw = b"[" * 100_000 + b"]" * 100_000
-    seg.write_bytes(_PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw + data[_PREFIX.size + hlen:])
+    seg.write_bytes(PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw + data[PREFIX.size + hlen:])
     _, errors = load_errors(tmp_path)
     assert errors and str(seg) in next(iter(errors.values()))
 
@@ -132,7 +133,7 @@ def test_the_default_folder_is_per_user_and_private(workdir, tmp_path):
 def test_the_page_hash_sees_swapped_words():
     import torch
 
-    from kvconf_connectors.shared_storage import page_sums
+    from kvconf_connectors.segments import page_sums
 
     page = torch.arange(64, dtype=torch.uint8).view(1, 64)
     swapped = page.clone()
@@ -142,8 +143,8 @@ def test_the_page_hash_sees_swapped_words():
 
 def read_header(seg: Path) -> dict:
     data = seg.read_bytes()
-    _, hlen, _ = _PREFIX.unpack(data[:_PREFIX.size])
-    return json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
+    _, hlen, _ = PREFIX.unpack(data[:PREFIX.size])
+    return json.loads(data[PREFIX.size:PREFIX.size + hlen])
 
 
 def secret(tmp_path: Path, name: str = "hmac.key") -> Path:

@@ -39,13 +39,18 @@ class Figures(_Open):
     seconds: float
     verified: Literal[True]
     """Every loaded byte was checked; a wrong byte fails the benchmark instead."""
-    gbps: Optional[float]
-    save_gbps: Optional[float]
-    load_gbps: Optional[float]
+    gbps: Optional[float] = None
+    """Every byte moved over the connector's time; left out where nothing was timed."""
+    save_gbps: Optional[float] = None
+    """Saved bytes over the time in save calls; left out where the connector saves nothing here."""
+    load_gbps: Optional[float] = None
+    """Bytes loaded into the wiped cache over the time in those load calls."""
     latency_ms: Latency
     requests: int
     repetitions: int
     warmup: int
+    by_repetition: dict[str, list[float]] = {}
+    """``gbps``, ``save_gbps`` and ``load_gbps`` of each measured repetition: their spread."""
 
 
 class Raw(_Open):
@@ -54,9 +59,31 @@ class Raw(_Open):
     gbps: float
 
 
-class Ceilings(BaseModel):
-    memcpy_gbps: float
-    loopback_tcp_gbps: float
+class Ceilings(_Open):
+    """This machine's limits, measured in the same run on the same bytes."""
+
+    memcpy_gbps: Optional[float] = None
+    """One ``copy_`` of one repetition's bytes (at least 256 MiB: more than the CPU caches hold)."""
+    memcpy_bytes: Optional[int] = None
+    loopback_tcp_gbps: Optional[float] = None
+    """One TCP stream over 127.0.0.1."""
+    file_write_gbps: Optional[float] = None
+    """A disk tier's: one raw file written and fsynced in its store's folder."""
+    file_read_cold_gbps: Optional[float] = None
+    """Read back after ``posix_fadvise(DONTNEED)``: from the device."""
+    file_read_warm_gbps: Optional[float] = None
+    """Read back from the page cache."""
+
+
+class CeilingRatio(BaseModel):
+    """The connector over the physical limit that bounds it (null where a side does not apply)."""
+
+    save: Optional[float]
+    load: Optional[float]
+    overall: Optional[float]
+    """The time the limit would take for the same saved and loaded bytes, over the connector's."""
+    against: str
+    """Which limit: memcpy, raw file (write + fsync, read), loopback TCP."""
 
 
 class Environment(_Open):
@@ -111,6 +138,9 @@ class BenchResults(BaseModel):
     ratio: Optional[float]
     """figures.gbps / raw.gbps."""
     ceilings: Optional[Ceilings]
+    ceiling_ratio: Optional[CeilingRatio] = None
+    store: Optional[dict[str, Any]] = None
+    """A disk tier's store: private (fresh, removed afterwards) unless ``bench.reuse_store``."""
     timings: dict[str, float]
 
 
@@ -121,8 +151,11 @@ def write_results(report: dict[str, Any], data: dict[str, Any], out_dir: Path, k
         "schema_": RESULTS_SCHEMA, "connector": report["connector"]["name"], "kv_cache": kv_label,
         "bytes_per_block": report["plan"]["bytes_per_block"], "role": report["role"], "kv_role": report["kv_role"],
         "config": data, "environment": environment(report["device"]), "figures": bench["figures"],
-        "raw": bench["raw"], "ratio": bench["ratio"], "ceilings": bench["ceilings"], "timings": report["timings"],
+        "raw": bench["raw"], "ratio": bench["ratio"], "ceilings": bench["ceilings"],
+        "ceiling_ratio": bench.get("ceiling_ratio"), "timings": report["timings"],
     }
+    if "store" in bench:
+        doc["store"] = bench["store"]
     BenchResults.model_validate(doc)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"

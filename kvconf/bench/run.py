@@ -6,24 +6,34 @@ and load throughput (GB/s), per-request latency (p50, p90, p99; for the peer-to-
 time from a consumer's request to its last block arriving), and the raw path on the same bytes with
 the ratio connector/raw (the connector's own, :class:`~kvconf.contract.capabilities.SupportsRawPath`,
 or the baseline it names, :class:`~kvconf.contract.capabilities.ComparesToBaseline`), beside the
-machine's ceilings (memcpy, loopback TCP). The CLI writes the result as ``results.json`` into the
-job's directory (:mod:`kvconf.bench.results`).
+machine's ceilings on the same bytes (memcpy, raw file I/O cold and warm, loopback TCP) and
+``ceiling_ratio``: the connector over the physical limit that bounds it, so that a slow raw path
+cannot hide a gap. Each repetition's throughput is kept (``by_repetition``): their spread is
+what ``kvconf bench-compare`` calls noise. A figure that was not measured is left out. The CLI
+writes the result as ``results.json`` into the job's directory (:mod:`kvconf.bench.results`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
 from typing import Any, Optional
 
-from kvconf.contract.capabilities import ComparesToBaseline, SelfTestContext, SupportsRawPath
+from kvconf.contract.capabilities import (
+    ColdLoads,
+    ComparesToBaseline,
+    KeepsStore,
+    SelfTestContext,
+    SupportsRawPath,
+)
 from kvconf.errors import ConnectorRuntimeError, Problem
 from kvconf.runtime.engine import self_test
 
 from .raw import ceilings, raw_file_io, raw_torch_copy
 
-__all__ = ["Progress", "percentiles", "raw_path", "run_bench"]
+__all__ = ["CEILING_NAMES", "Progress", "ceiling_kind", "ceiling_ratio", "percentiles", "raw_path", "run_bench"]
 
 
 def percentiles(values: list[float]) -> dict[str, Optional[float]]:
@@ -77,23 +87,90 @@ class Progress:
 
 
 def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
-    """Warm-up, repetitions and the raw path; the figures of ``results.json``."""
+    """Warm-up, repetitions, the raw path and the ceilings; the figures of ``results.json``. A
+    connector that keeps a store (:class:`KeepsStore`) runs in a fresh private one unless
+    ``bench.reuse_store``."""
+    private = isinstance(connector, KeepsStore) and not ctx.bench.reuse_store
+    with connector.private_store() if private else contextlib.nullcontext(None) as where:
+        out = _bench(connector, kv_caches, ctx)
+    if isinstance(connector, KeepsStore):
+        out["store"] = {"private": private, "path": where} if private else {"private": False}
+    return out
+
+
+def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     bench = ctx.bench
     if bench.requests is not None:
         ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"requests": bench.requests}))
-    ctx = dataclasses.replace(ctx, prompt_blocks=bench.prompt_blocks, concurrency=bench.concurrency)
+    ctx = dataclasses.replace(ctx, prompt_blocks=bench.prompt_blocks, concurrency=bench.concurrency, batch_steps=True)
     runs = []
     total = bench.warmup + bench.repetitions
     progress = Progress(total + int(bench.raw) + int(bench.ceilings), f"kvconf bench {connector.config.name}",
                         enabled=None if ctx.output != "json" else False)
     for i in range(total):
         progress.step("warm-up" if i < bench.warmup else f"repetition {i - bench.warmup + 1}")
-        result = self_test(connector, kv_caches, dataclasses.replace(ctx, salt=ctx.salt * 1000 + i + 1))
-        if not result.get("verified"):
-            raise ConnectorRuntimeError(Problem("bench", "a loaded byte differs from what was saved",
-                                                fix="the connector's data path is wrong"))
+        rounds: list[dict[str, Any]] = []
+        started = time.monotonic()
+        while not rounds or (time.monotonic() - started < bench.min_seconds and len(rounds) < MAX_ROUNDS):
+            salt = (ctx.salt * 1000 + i + 1) * MAX_ROUNDS + len(rounds)
+            result = self_test(connector, kv_caches, dataclasses.replace(ctx, salt=salt))
+            if not result.get("verified"):
+                raise ConnectorRuntimeError(Problem("bench", "a loaded byte differs from what was saved",
+                                                    fix="the connector's data path is wrong"))
+            rounds.append(result)
         if i >= bench.warmup:
-            runs.append(result)
+            runs.append(merge_rounds(rounds))
+    figures = _figures(runs, bench)
+    kind = ceiling_kind(connector)
+    cold = bool(bench.cold_loads and isinstance(connector, ColdLoads))
+    if bench.raw:
+        progress.step("raw path")
+    raw = raw_path(connector, kv_caches, ctx, runs, cold) if bench.raw else None
+    limits = None
+    if bench.ceilings:
+        progress.step("ceilings")
+        per_run = max((r["bytes"] for r in runs), default=0)
+        limits = ceilings(per_run)
+        if kind == "file":
+            io = raw if raw and "write_gbps" in raw else raw_file_io(kv_caches, per_run, connector.baseline_dir(), cold)
+            limits.update({"file_write_gbps": io["write_gbps"], "file_read_cold_gbps": io["read_cold_gbps"],
+                           "file_read_warm_gbps": io["read_warm_gbps"]})
+    out = {"figures": figures, "raw": raw,
+           "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures.get("gbps") else None,
+           "ceilings": limits,
+           "ceiling_ratio": ceiling_ratio(kind, figures, runs, limits, cold) if limits else None}
+    progress.done()
+    return out
+
+
+MAX_ROUNDS = 1000
+"""Most rounds of the workload in one repetition."""
+
+SUMMED = ("bytes", "seconds", "saved_bytes", "save_seconds", "loaded_bytes", "load_seconds", "prefix_bytes",
+          "prefix_seconds", "requests", "hits", "misses", "prefix_hits")
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One repetition's figures from its rounds: byte counts, times and counts summed, per-request
+    latencies joined, the rest as the last round has them.
+
+    >>> merge_rounds([{"bytes": 2, "seconds": 1.0, "request_seconds": [0.5], "transport": "tcp"},
+    ...               {"bytes": 4, "seconds": 1.0, "request_seconds": [0.25], "transport": "tcp"}])
+    {'bytes': 6, 'seconds': 2.0, 'request_seconds': [0.5, 0.25], 'transport': 'tcp', 'rounds': 2}
+    """
+    out = dict(rounds[-1])
+    for key in SUMMED:
+        if key in out:
+            out[key] = sum(r.get(key) or 0 for r in rounds)
+    if "request_seconds" in out:
+        out["request_seconds"] = [s for r in rounds for s in r.get("request_seconds", [])]
+    out["rounds"] = len(rounds)
+    return out
+
+
+def _figures(runs: list[dict[str, Any]], bench: Any) -> dict[str, Any]:
+    """Throughput, latency and each repetition's throughput (their spread); a figure that was
+    not measured (no save side, say) is left out."""
     moved = sum(r["bytes"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
     latencies = [s for r in runs for s in r.get("request_seconds", [])]
@@ -106,16 +183,59 @@ def run_bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
         "repetitions": bench.repetitions, "warmup": bench.warmup,
         "transport": runs[-1].get("transport") if runs else None,
     }
-    if bench.raw:
-        progress.step("raw path")
-    raw = raw_path(connector, kv_caches, ctx, runs) if bench.raw else None
-    if bench.ceilings:
-        progress.step("ceilings")
-    out = {"figures": figures, "raw": raw,
-           "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures["gbps"] else None,
-           "ceilings": ceilings() if bench.ceilings else None}
-    progress.done()
-    return out
+    spread = {k: [x for x in (_rate([r], b, s) for r in runs) if x is not None]
+              for k, b, s in (("gbps", "bytes", "seconds"), ("save_gbps", "saved_bytes", "save_seconds"),
+                              ("load_gbps", "loaded_bytes", "load_seconds"))}
+    figures["by_repetition"] = {k: v for k, v in spread.items() if v and figures.get(k) is not None}
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def ceiling_kind(connector: Any) -> Optional[str]:
+    """Which physical limit bounds ``connector``: ``memcpy`` (a host-memory tier), ``file`` (a
+    disk tier: raw write + fsync, raw read), ``network`` (a peer-to-peer transfer: one loopback
+    TCP stream), or None (unknown: a composite)."""
+    if isinstance(connector, ComparesToBaseline):
+        return "file" if connector.baseline == "file_io" else "memcpy"
+    if isinstance(connector, SupportsRawPath):
+        return "network"
+    return None
+
+
+CEILING_NAMES = {"memcpy": "memcpy", "file": "raw file: write + fsync, read", "network": "loopback TCP"}
+
+
+def ceiling_ratio(kind: Optional[str], figures: dict[str, Any], runs: list[dict[str, Any]],
+                  limits: dict[str, Any], cold: bool) -> Optional[dict[str, Any]]:
+    """Connector / physical limit for save, load and overall (the time the limit would take for
+    the same saved and loaded bytes over the connector's time); None where a side does not apply."""
+    if kind is None:
+        return None
+    warm = limits.get("file_read_warm_gbps")
+    save_at, load_at, prefix_at = {
+        "memcpy": (limits["memcpy_gbps"],) * 3,
+        "file": (limits.get("file_write_gbps"), limits.get("file_read_cold_gbps" if cold else "file_read_warm_gbps"),
+                 warm),
+        "network": (None, limits["loopback_tcp_gbps"], limits["loopback_tcp_gbps"]),
+    }[kind]
+
+    def part(gbps: Optional[float], at: Optional[float]) -> Optional[float]:
+        return round(gbps / at, 3) if gbps and at else None
+
+    ideal, seconds = 0.0, 0.0
+    for r in runs:
+        seconds += r["seconds"]
+        saved, loaded = r.get("saved_bytes") or 0, r.get("loaded_bytes") or 0
+        prefix = r.get("prefix_bytes") or 0
+        other = max(0, r["bytes"] - saved - loaded - prefix)  # moved, not split by side (a transfer)
+        for n, at in ((saved, save_at), (loaded + other, load_at), (prefix, prefix_at)):
+            if n:
+                if not at:
+                    return {"save": part(figures.get("save_gbps"), save_at),
+                            "load": part(figures.get("load_gbps"), load_at), "overall": None,
+                            "against": CEILING_NAMES[kind]}
+                ideal += n / (at * 1e9)
+    return {"save": part(figures.get("save_gbps"), save_at), "load": part(figures.get("load_gbps"), load_at),
+            "overall": round(ideal / seconds, 3) if seconds else None, "against": CEILING_NAMES[kind]}
 
 
 def _rate(runs: list[dict[str, Any]], key_bytes: str, key_seconds: str) -> Optional[float]:
@@ -124,7 +244,8 @@ def _rate(runs: list[dict[str, Any]], key_bytes: str, key_seconds: str) -> Optio
     return round(b / s / 1e9, 3) if b and s else None
 
 
-def raw_path(connector: Any, kv_caches: Any, ctx: SelfTestContext, runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+def raw_path(connector: Any, kv_caches: Any, ctx: SelfTestContext, runs: list[dict[str, Any]],
+             cold: bool = False) -> Optional[dict[str, Any]]:
     """The raw path under ``connector`` on as many bytes as its largest measured run, or None."""
     if isinstance(connector, SupportsRawPath):
         return connector.raw_path(kv_caches, ctx, runs)
@@ -132,5 +253,5 @@ def raw_path(connector: Any, kv_caches: Any, ctx: SelfTestContext, runs: list[di
         return None
     nbytes = max(r["bytes"] for r in runs)
     if connector.baseline == "file_io":
-        return raw_file_io(kv_caches, nbytes, connector.baseline_dir())
+        return raw_file_io(kv_caches, nbytes, connector.baseline_dir(), cold)
     return raw_torch_copy(kv_caches, nbytes)

@@ -49,14 +49,25 @@ def render_text(r: dict[str, Any]) -> str:
     if b:
         f = b["figures"]
         lat = f["latency_ms"]
+        sides = ", ".join(f"{side} {f[side + '_gbps']}" for side in ("save", "load") if f.get(side + "_gbps"))
         lines.append(f"  bench      {format_bytes(f['bytes'])} verified in {f['repetitions']} repetitions: "
-                     f"{f['gbps']} GB/s (save {f['save_gbps']}, load {f['load_gbps']}); per request p50 "
-                     f"{lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+                     + (f"{f['gbps']} GB/s" if f.get("gbps") else "not timed") + (f" ({sides})" if sides else "")
+                     + ("; per request " + ", ".join(f"{q} {lat[q]} ms" for q in ("p50", "p90", "p99"))
+                        if lat.get("p50") is not None else ""))
         if b.get("raw"):
-            lines.append(f"  raw path   {b['raw']['gbps']} GB/s ({b['raw']['path']}); ratio {b['ratio']}")
+            lines.append(f"  raw path   {b['raw']['gbps']} GB/s ({b['raw']['path']})"
+                         + (f"; ratio {b['ratio']}" if b.get("ratio") is not None else ""))
         if b.get("ceilings"):
             c = b["ceilings"]
-            lines.append(f"  ceilings   memcpy {c['memcpy_gbps']} GB/s, loopback TCP {c['loopback_tcp_gbps']} GB/s")
+            named = (("memcpy", "memcpy_gbps"), ("loopback TCP", "loopback_tcp_gbps"), ("file write+fsync", "file_write_gbps"),
+                     ("file read cold", "file_read_cold_gbps"), ("warm", "file_read_warm_gbps"))
+            lines.append("  ceilings   " + ", ".join(f"{n} {c[k]} GB/s" for n, k in named if c.get(k) is not None))
+        cr = b.get("ceiling_ratio")
+        if cr:
+            parts = [f"{side} {cr[side]}" for side in ("save", "load", "overall") if cr.get(side) is not None]
+            lines.append(f"  of limit   {', '.join(parts)} (of {cr['against']})")
+        if b.get("store", {}).get("private"):
+            lines.append(f"  store      a private one, removed afterwards ({b['store']['path']})")
         if r.get("results_file"):
             lines.append(f"  results    {r['results_file']}")
     if r.get("listeners"):

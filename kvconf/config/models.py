@@ -155,18 +155,30 @@ class BenchConfig(StrictModel):
     prompt_blocks: Optional[PositiveInt] = None
     """Prompt length, in KV blocks per request; unset: as many as the cache and ``self_test`` sizes allow."""
     concurrency: Optional[PositiveInt] = None
-    """Requests scheduled in one engine step (tiers) or in flight at once (mooncake, nixl); unset: 1
-    for the tiers, every request of a round for the peer-to-peer connectors."""
+    """Requests scheduled in one engine step (tiers) or in flight at once (mooncake, nixl); unset:
+    for the tiers as many as ``kv_cache.max_num_batched_tokens`` holds (vLLM's scheduler batches
+    prefills so), for the peer-to-peer connectors every request of a round."""
     shared_prefix: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of each prompt's blocks that all requests share (prefix reuse for the tiers)."""
     repetitions: PositiveInt = 3
     """Measured repetitions of the workload."""
+    min_seconds: float = Field(0.2, ge=0.0, le=3600.0, allow_inf_nan=False)
+    """Each repetition runs the workload in rounds (fresh prompts each) until it has taken this
+    long: a small cache's round takes a millisecond, too short to time alone."""
     warmup: int = Field(1, ge=0)
     """Unmeasured repetitions first."""
     raw: bool = True
     """Measure the raw path under the connector on the same bytes, and the ratio connector/raw."""
     ceilings: bool = True
-    """Measure this machine's memcpy and loopback-TCP ceilings beside the figures."""
+    """Measure this machine's limits on the same bytes beside the figures (memcpy, a raw file
+    written with fsync and read cold and warm, loopback TCP), and ``ceiling_ratio``."""
+    reuse_store: bool = False
+    """Benchmark in the connector's configured store (a disk tier's folder). Unset: a fresh private
+    store beside it, removed afterwards, so that a rerun measures the same work and never loads
+    what an earlier run left."""
+    cold_loads: bool = True
+    """Drop a disk tier's files from the OS page cache before the load pass, so that loads read the
+    device; false measures loads from the page cache."""
 
 
 def _kv_cache_form(v: Any) -> str:

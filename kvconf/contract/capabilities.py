@@ -15,6 +15,8 @@ ComparesToBaseline     a raw path that kvconf measures for it (a plain host copy
 SupportsHMA            vLLM's: several KV-cache groups (a hybrid model), each with its own block ids
 ChecksConfig           settings beyond its ``extra`` model (a multi connector's children), checked first
 ReportsListeners       the network addresses it listens on, and which of them are authenticated
+KeepsStore             a store that outlives the process (a folder): ``action=bench`` gives it a fresh one
+ColdLoads              files the OS caches: ``action=bench`` drops them before its load pass
 =====================  ==========================================================================
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import tempfile
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
@@ -33,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ChecksConfig",
+    "ColdLoads",
+    "KeepsStore",
     "ChecksEnvironment",
     "ComparesToBaseline",
     "ExplainsFailures",
@@ -65,6 +70,10 @@ class SelfTestContext:
     """Blocks per request, where a benchmark sets them."""
     concurrency: Optional[int] = None
     """Requests per engine step (or in flight), where a benchmark sets them."""
+    batch_steps: bool = False
+    """Without ``concurrency``: schedule as many requests a step as the token budget holds, as
+    vLLM's scheduler batches prefills (``action=bench``), rather than one a step (``action=run``:
+    later requests then find the prefix earlier ones saved)."""
     salt: int = 0
     """Varies the prompts (``action=bench`` repetitions: a persistent tier would otherwise hold
     every block from the first repetition on, and nothing would be saved again)."""
@@ -198,3 +207,23 @@ class ComparesToBaseline:
     def baseline_dir(self) -> str:
         """Where the ``file_io`` baseline writes its file (the connector's own storage)."""
         return tempfile.gettempdir()
+
+
+class KeepsStore(ABC):
+    """A connector whose data outlives the process (a folder on disk): a second benchmark would
+    find the first one's blocks, so ``action=bench`` runs it in a private store."""
+
+    @abstractmethod
+    def private_store(self) -> AbstractContextManager[str]:
+        """Points this connector (and the twins and scheduler sides made from its config) at a
+        fresh, empty store on the same device as its configured one, yields where, and removes
+        it and points back on exit."""
+
+
+class ColdLoads(ABC):
+    """A connector that reads files the operating system caches in memory."""
+
+    @abstractmethod
+    def drop_cached(self) -> None:
+        """Asks the OS to drop its cached pages of the connector's files, so that the next loads
+        read the device (``posix_fadvise(DONTNEED)``; clean pages only: the files are synced)."""

@@ -15,13 +15,24 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["allocate", "layer_views"]
 
 
+ALIGN = 256
+"""Each allocation starts at a multiple of this many bytes inside the buffer."""
+
+
 def allocate(cfg: KVCacheConfig, device: str) -> list[torch.Tensor]:
     """One zeroed uint8 tensor per allocation (a ``KVCacheTensor`` with the tensors that alias
-    it), exactly ``size`` bytes each: together ``cfg.total_bytes``."""
+    it), exactly ``size`` bytes each: together ``cfg.total_bytes``. They are slices of one buffer,
+    each aligned to :data:`ALIGN` bytes, so that a connector can see equal layers as one tensor
+    (:func:`kvconf.runtime.views.stack_layers`) and copy a block of every layer in one call."""
     import torch
 
-    return [torch.zeros(cfg.kv_cache_tensors[alloc[0]].size, dtype=torch.uint8, device=device)
-            for alloc in cfg.allocations()]
+    sizes = [cfg.kv_cache_tensors[alloc[0]].size for alloc in cfg.allocations()]
+    starts, at = [], 0
+    for size in sizes:
+        starts.append(at)
+        at += -(-size // ALIGN) * ALIGN
+    buffer = torch.zeros(max(at, 1), dtype=torch.uint8, device=device)
+    return [buffer[start:start + size] for start, size in zip(starts, sizes)]
 
 
 def layer_views(cfg: KVCacheConfig, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,13 @@ from kvconf.contract.api import (
     block_hashes,
 )
 from kvconf.contract.base import KVConnectorBase
-from kvconf.contract.capabilities import ExplainsFailures, SelfTestContext, SupportsHMA, SupportsSelfTest
+from kvconf.contract.capabilities import (
+    ColdLoads,
+    ExplainsFailures,
+    SelfTestContext,
+    SupportsHMA,
+    SupportsSelfTest,
+)
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 from kvconf.units import parse_bytes
 
@@ -49,8 +55,14 @@ def drive(connector: KVConnectorBase, kv_caches: Optional[dict[str, torch.Tensor
           ctx: SelfTestContext) -> dict[str, Any]:
     """This engine's self-test of ``connector`` with the job's settings (:func:`run_self_test`)."""
     shared = ctx.bench.shared_prefix if ctx.bench is not None else 0.5
+    cold = bool(ctx.bench is not None and getattr(ctx.bench, "cold_loads", False))
+    concurrency = ctx.concurrency
+    if concurrency is None and not ctx.batch_steps:
+        concurrency = 1  # action=run: one request a step, so later requests find earlier ones' prefix
+    budget = int((ctx.data.get("kv_cache") or {}).get("max_num_batched_tokens") or 2048)
     return run_self_test(connector, kv_caches, ctx.settings, shared, salt=ctx.salt,
-                         blocks_per_request=ctx.prompt_blocks, concurrency=ctx.concurrency or 1)
+                         blocks_per_request=ctx.prompt_blocks, concurrency=concurrency, cold=cold,
+                         token_budget=budget)
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,10 @@ def key_seed(key: bytes) -> int:
 
 @dataclass
 class _Tally:
-    seconds: float = 0.0
+    load_seconds: float = 0.0
+    """Time in the connector's load calls (``start_load_kv``, ``wait_for_layer_load``)."""
+    save_seconds: float = 0.0
+    """Time in its save calls (``save_kv_layer``, ``wait_for_save``)."""
     saved_blocks: int = 0
     loaded_blocks: int = 0
     prefix_hits: int = 0
@@ -122,14 +137,23 @@ class _Tally:
 
 def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.Tensor]],
                   settings: Any, shared_prefix: float = 0.5, salt: int = 0,
-                  blocks_per_request: Optional[int] = None, concurrency: int = 1) -> dict[str, Any]:
+                  blocks_per_request: Optional[int] = None, concurrency: Optional[int] = 1,
+                  cold: bool = False, token_budget: int = 2048) -> dict[str, Any]:
     """Save then load through ``worker`` (and its scheduler side), as an engine would; every
     block that comes back from the connector is checked byte for byte.
 
     1. probe: what the connector already holds before this run saves anything;
     2. save pass: one request per step, so later requests reuse the shared prefix saved by
        earlier ones; what the connector does not provide is computed and saved;
-    3. the KV cache is wiped; load pass: the same prompts again, loaded from the connector.
+    3. the KV cache is wiped (and with ``cold``, a :class:`ColdLoads` connector's files leave the
+       page cache); load pass: the same prompts again, loaded from the connector.
+
+    ``concurrency`` requests are scheduled in one step; None: as many as ``token_budget`` tokens
+    (vLLM's ``max_num_batched_tokens``) hold, as vLLM's scheduler batches prefills.
+
+    Timed are the connector's calls alone: ``save_seconds`` its save calls, ``load_seconds`` its
+    load calls of the load pass (``loaded_bytes``), ``prefix_seconds`` those of the save pass (the
+    shared prefix that later requests find, ``prefix_bytes``).
     A block whose load fails is recomputed under ``kv_load_failure_policy=recompute`` and fails
     the self-test (exit 1) under ``fail``, with the connector's reason.
     """
@@ -198,7 +222,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
             for name in layers:
                 conn.wait_for_layer_load(name)
             load_s = time.perf_counter() - t0
-            tally.seconds += load_s
+            tally.load_seconds += load_s
             tally.request_seconds.extend([load_s] * len(batch))
             reasons = conn.get_load_error_reasons() if isinstance(conn, ExplainsFailures) else {}
             bad_blocks = conn.get_block_ids_with_load_errors() | set(reasons)
@@ -226,7 +250,7 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
                 for name in layers:
                     conn.save_kv_layer(name, kv_caches[name], None)
                 conn.wait_for_save()
-                tally.seconds += time.perf_counter() - t1
+                tally.save_seconds += time.perf_counter() - t1
                 save_errors = conn.get_save_errors() if isinstance(conn, ExplainsFailures) else {}
                 for k, req in enumerate(reqs):
                     save_error = save_errors.get(req.request_id)
@@ -255,32 +279,39 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
         preexisting = sum((sched_save.get_num_new_matched_tokens(Request(f"probe-{r}", prompts[r]), 0)[0] or 0)
                           // wl.block_size for r in range(wl.requests))
         save_tally, load_tally = _Tally(), _Tally()
-        batches = [list(range(i, min(i + concurrency, wl.requests))) for i in range(0, wl.requests, concurrency)]
+        per_step = concurrency or max(1, token_budget // (per * wl.block_size + 1))
+        batches = [list(range(i, min(i + per_step, wl.requests))) for i in range(0, wl.requests, per_step)]
         for batch in batches:
             save_tally.prefix_hits += step(sched_save, saver, [(r, save_ids[r]) for r in batch], "save", save_tally,
                                            compute=True)
         for v in views.values():
             v.zero_()
+        if isinstance(loader, ColdLoads) and cold:
+            loader.drop_cached()
         for batch in batches:
             load_tally.hits += step(sched_load, loader, [(r, load_ids[r]) for r in batch], "load", load_tally,
                                     compute=False)
         for r in range(wl.requests):  # after the load pass every block holds its pattern
             check(r, load_ids[r], range(per), load_tally)
 
-        seconds = save_tally.seconds + load_tally.seconds
+        seconds = save_tally.save_seconds + save_tally.load_seconds + load_tally.load_seconds
         saved = save_tally.saved_blocks * page_bytes
-        loaded_bytes = (save_tally.loaded_blocks + load_tally.loaded_blocks) * page_bytes
+        loaded_bytes = load_tally.loaded_blocks * page_bytes
+        prefix_bytes = save_tally.loaded_blocks * page_bytes
         mismatched = save_tally.mismatched + load_tally.mismatched
         result = {
-            "bytes": saved + loaded_bytes,
+            "bytes": saved + loaded_bytes + prefix_bytes,
             "saved_bytes": saved,
             "loaded_bytes": loaded_bytes,
-            "save_seconds": round(save_tally.seconds, 6),
-            "load_seconds": round(load_tally.seconds, 6),
+            "prefix_bytes": prefix_bytes,
+            "save_seconds": round(save_tally.save_seconds, 6),
+            "load_seconds": round(load_tally.load_seconds, 6),
+            "prefix_seconds": round(save_tally.load_seconds, 6),
+            "cold_loads": bool(cold and isinstance(loader, ColdLoads)),
             "request_seconds": [round(x, 6) for x in load_tally.request_seconds],
             "verified": mismatched == 0 and (load_tally.hits > 0 or bool(recompute_reasons)),
             "seconds": round(seconds, 6),
-            "gbps": round((saved + loaded_bytes) / seconds / 1e9, 3) if seconds > 0 else None,
+            "gbps": round((saved + loaded_bytes + prefix_bytes) / seconds / 1e9, 3) if seconds > 0 else None,
             "requests": wl.requests,
             "blocks_per_request": per,
             "shared_prefix_blocks": wl.shared_blocks,
