@@ -1,6 +1,6 @@
 """The example connector: saves KV blocks into host memory and loads them back on a prefix hit.
 
-Blocks are keyed by chained prefix hashes (:func:`kvconf.contract.api.block_hashes`), so a request
+Blocks are keyed by chained prefix hashes (:meth:`kvconf.contract.api.Request.prefix_hashes`), so a request
 that shares a prompt prefix with an earlier one loads the shared blocks instead of recomputing
 them. The store lives in this process and is shared by the scheduler-side and worker-side
 connectors of one ``engine_id``, which is what kvconf's driver runs; it is not a transfer between
@@ -21,7 +21,6 @@ from kvconf.contract.api import (
     KVConnectorRole,
     Request,
     SchedulerOutput,
-    block_hashes,
 )
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline, SupportsHMA
@@ -103,7 +102,7 @@ class ExampleConnector(KVConnectorBase, SupportsHMA, ComparesToBaseline):
 
     # ---- scheduler side ----------------------------------------------------------------------
     def _matched_blocks(self, request: Request) -> list[bytes]:
-        keys = block_hashes(request.prompt_token_ids, self._block_size)
+        keys = request.prefix_hashes(self._block_size)
         # the engine always computes at least the last token itself
         keys = keys[: (request.num_tokens - 1) // self._block_size]
         n = 0
@@ -119,7 +118,7 @@ class ExampleConnector(KVConnectorBase, SupportsHMA, ComparesToBaseline):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         ids = blocks.get_block_ids()
-        keys = block_hashes(request.prompt_token_ids, self._block_size)[: len(ids[0])]
+        keys = request.prefix_hashes(self._block_size)[: len(ids[0])]
         n_load = num_external_tokens // self._block_size
         if n_load:
             self._pending.loads.append(_Transfer(request.request_id, tuple(x[:n_load] for x in ids), keys[:n_load]))

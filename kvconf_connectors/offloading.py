@@ -86,6 +86,9 @@ class LRUIndex:
         self.slots = slots
         self.free = list(range(slots - 1, -1, -1))
         self.entries: OrderedDict[bytes, tuple[int, bool]] = OrderedDict()  # key -> (slot, committed)
+        self.committed: OrderedDict[bytes, None] = OrderedDict()
+        """The committed keys alone, least recently used first: an eviction finds its victim at
+        once, however many saves are still in flight."""
         self.evicted = 0
 
     def has(self, key: bytes) -> bool:
@@ -95,15 +98,18 @@ class LRUIndex:
     def touch(self, key: bytes) -> None:
         if key in self.entries:
             self.entries.move_to_end(key)
+            if key in self.committed:
+                self.committed.move_to_end(key)
 
     def reserve(self, key: bytes, pinned: set[bytes]) -> int | None:
         """A slot for ``key``: a free one, else the least recently used committed key's."""
         if key in self.entries:
             return None  # already held or being saved
         if not self.free:
-            victim = next((k for k, (_, done) in self.entries.items() if done and k not in pinned), None)
+            victim = next((k for k in self.committed if k not in pinned), None)
             if victim is None:
                 return None
+            del self.committed[victim]
             self.free.append(self.entries.pop(victim)[0])
             self.evicted += 1
         slot = self.free.pop()
@@ -113,8 +119,11 @@ class LRUIndex:
     def commit(self, key: bytes) -> None:
         if key in self.entries:
             self.entries[key] = (self.entries[key][0], True)
+            self.committed[key] = None
+            self.committed.move_to_end(key)  # just saved: the most recently used
 
     def drop(self, key: bytes) -> None:
+        self.committed.pop(key, None)
         e = self.entries.pop(key, None)
         if e is not None:
             self.free.append(e[0])

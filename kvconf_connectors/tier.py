@@ -2,7 +2,7 @@
 scheduler side that decides, per request, which chunks to load from the tier and which to save.
 
 A chunk is ``chunk_blocks`` consecutive KV blocks; its key is a hash chained over the token ids of
-every chunk up to and including it (:func:`kvconf.contract.api.block_hashes`), so two requests that
+every chunk up to and including it (:meth:`kvconf.contract.api.Request.prefix_hashes`), so two requests that
 share a prompt prefix share the keys of its chunks. The scheduler side never moves bytes: it asks
 the tier's index what it holds and hands the worker side :class:`TierMetadata`.
 """
@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, Request, SchedulerOutput, block_hashes
+from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, Request, SchedulerOutput
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline, ExplainsFailures, ExportsToVLLM, SupportsHMA
 from kvconf.runtime.views import byte_views
@@ -73,9 +73,11 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         return self.chunk_blocks * self._block_size
 
     def keys(self, request: Request) -> list[bytes]:
-        """Keys of the request's full chunks; the last token is always computed by the engine."""
+        """Keys of the request's full chunks (the prefix hash of each chunk's last block, kept by
+        the request: never computed twice); the last token is always computed by the engine."""
         n = (request.num_tokens - 1) // self.chunk_tokens
-        return block_hashes(request.prompt_token_ids, self.chunk_tokens)[:n]
+        k = self.chunk_blocks
+        return request.prefix_hashes(self._block_size)[k - 1::k][:n]
 
     # ---- the tier (subclasses) -----------------------------------------------------------------
     def _present(self, keys: list[bytes]) -> int:

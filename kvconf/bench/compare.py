@@ -1,16 +1,38 @@
 """``kvconf bench-compare A B`` (also ``python -m kvconf.bench.compare``): the change of each figure
 from A to B, where A and B are two ``results.json`` files or two sweep folders of them.
+
+A change inside the noise is not a change: the noise of a throughput figure is the spread of its
+repetitions (``figures.by_repetition``: (max - min) / median), the larger of A's and B's; the
+ratios and latencies take the noise of the throughput they derive from. Without recorded
+repetitions (an older results.json, or one repetition) the noise is :data:`DEFAULT_NOISE`.
+``--fail-below RATIO`` exits 1 when a throughput figure of B is below RATIO times A's (CI gating:
+``--fail-below 0.9`` fails on a 10 % loss).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_NOISE", "GATED", "compare", "main"]
+
+DEFAULT_NOISE = 0.05
+"""The noise of a figure whose repetitions were not recorded: 5 %."""
+
+GATED = ("gbps", "save_gbps", "load_gbps")
+"""The figures ``--fail-below`` checks: the connector's own throughput."""
+
+FIGURES = {  # figure -> (the throughput whose spread is its noise, higher is better)
+    "gbps": ("gbps", True), "save_gbps": ("save_gbps", True), "load_gbps": ("load_gbps", True),
+    "raw_gbps": ("gbps", True), "ratio": ("gbps", True),
+    "ceiling_ratio_save": ("save_gbps", True), "ceiling_ratio_load": ("load_gbps", True),
+    "ceiling_ratio_overall": ("gbps", True),
+    "latency_p50_ms": ("gbps", False), "latency_p99_ms": ("gbps", False),
+}
 
 
 def _load(path: Path) -> dict[str, dict[str, Any]]:
@@ -19,45 +41,93 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for f in files:
         doc = json.loads(f.read_text())
-        out[f"{doc['connector']} {doc['kv_cache']}"] = {**doc["figures"], "raw_gbps": (doc.get("raw") or {}).get("gbps"),
-                                                        "ratio": doc.get("ratio")}
+        fig = doc["figures"]
+        flat = {k: fig.get(k) for k in ("gbps", "save_gbps", "load_gbps")}
+        flat.update({"raw_gbps": (doc.get("raw") or {}).get("gbps"), "ratio": doc.get("ratio"),
+                     "latency_p50_ms": (fig.get("latency_ms") or {}).get("p50"),
+                     "latency_p99_ms": (fig.get("latency_ms") or {}).get("p99"),
+                     "_spread": fig.get("by_repetition") or {}})
+        for side, v in (doc.get("ceiling_ratio") or {}).items():
+            if side != "against":
+                flat[f"ceiling_ratio_{side}"] = v
+        out[f"{doc['connector']} {doc['kv_cache']}"] = flat
     return out
+
+
+def _noise(values: Optional[list[float]]) -> Optional[float]:
+    """(max - min) / median of a figure's repetitions; None without two of them."""
+    if not values or len(values) < 2:
+        return None
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid else None
+
+
+def compare(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per figure that both A and B measured, with its change, its noise and a verdict."""
+    rows = []
+    for label in sorted(set(a) & set(b)):
+        for figure, (basis, higher) in FIGURES.items():
+            va, vb = a[label].get(figure), b[label].get(figure)
+            if va is None or vb is None:
+                continue
+            spreads = [n for n in (_noise(a[label]["_spread"].get(basis)), _noise(b[label]["_spread"].get(basis)))
+                       if n is not None]
+            noise = max(spreads) if spreads else DEFAULT_NOISE
+            change = (vb - va) / va if va else None
+            if change is None or abs(change) <= noise:
+                verdict = "no change"
+            else:
+                verdict = "better" if (change > 0) == higher else "worse"
+            rows.append({"job": label, "figure": figure, "a": va, "b": vb,
+                         "change_pct": None if change is None else round(change * 100, 1),
+                         "noise_pct": round(noise * 100, 1), "verdict": verdict,
+                         "b_over_a": round(vb / va, 3) if va else None})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     """``kvconf bench-compare A B``: the change of each figure from A to B."""
     p = argparse.ArgumentParser(prog="kvconf bench-compare",
-                                description="Compare two results.json files, or two sweep folders of them.")
+                                description="Compare two results.json files, or two sweep folders of them: each "
+                                            "figure's change, and whether it is outside the repetitions' spread.")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--fail-below", type=float, metavar="RATIO", default=None,
+                   help=f"exit 1 when a throughput figure ({', '.join(GATED)}) of B is below RATIO times A's")
     args = p.parse_args(argv)
     for x in (args.a, args.b):
         if not x.exists():
             p.error(f"{x}: no such file or folder")
+    if args.fail_below is not None and not args.fail_below > 0:
+        p.error(f"--fail-below {args.fail_below}: give a ratio above 0, e.g. 0.9 (fail on a 10 % loss)")
     a, b = _load(args.a), _load(args.b)
-    keys = ["gbps", "save_gbps", "load_gbps", "raw_gbps", "ratio"]
-    rows = []
-    for label in sorted(set(a) & set(b)):
-        for k in keys:
-            va, vb = a[label].get(k), b[label].get(k)
-            if va is None or vb is None:
-                continue
-            rows.append({"job": label, "figure": k, "a": va, "b": vb,
-                         "change_pct": round((vb - va) / va * 100, 1) if va else None})
-        for q in ("p50", "p99"):
-            va, vb = a[label]["latency_ms"].get(q), b[label]["latency_ms"].get(q)
-            if va is not None and vb is not None:
-                rows.append({"job": label, "figure": f"latency_{q}_ms", "a": va, "b": vb,
-                             "change_pct": round((vb - va) / va * 100, 1) if va else None})
+    rows = compare(a, b)
+    failed = [r for r in rows if args.fail_below is not None and r["figure"] in GATED
+              and r["b_over_a"] is not None and r["b_over_a"] < args.fail_below]
+    jobs = sorted({r["job"] for r in rows})
+    verdicts = {j: [r for r in rows if r["job"] == j and r["verdict"] != "no change"] for j in jobs}
     if args.format == "json":
-        print(json.dumps({"rows": rows, "only_in_a": sorted(set(a) - set(b)), "only_in_b": sorted(set(b) - set(a))}))
+        print(json.dumps({"rows": rows, "only_in_a": sorted(set(a) - set(b)), "only_in_b": sorted(set(b) - set(a)),
+                          "changed": {j: [r["figure"] for r in v] for j, v in verdicts.items()},
+                          "failed_below": [f"{r['job']} {r['figure']}" for r in failed]}))
     else:
+        print(f"{'job':<28} {'figure':<22} {'A':>10}    {'B':<10} {'change':>8} {'noise':>7}  verdict")
         for r in rows:
             pct = "" if r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
-            print(f"{r['job']:<28} {r['figure']:<16} {r['a']:>10} -> {r['b']:<10} {pct}")
+            print(f"{r['job']:<28} {r['figure']:<22} {r['a']:>10} -> {r['b']:<10} {pct:>8} "
+                  f"{'±' + format(r['noise_pct'], '.1f') + '%':>7}  {r['verdict']}")
         for label in sorted(set(a) ^ set(b)):
             print(f"{label:<28} only in {'A' if label in a else 'B'}")
+        for j in jobs:
+            changed = verdicts[j]
+            print(f"{j}: " + ("no change (every figure within the repetitions' spread)" if not changed else
+                              "; ".join(f"{r['figure']} {r['verdict']} ({r['change_pct']:+.1f}%)" for r in changed)))
+        for r in failed:
+            print(f"kvconf bench-compare: {r['job']} {r['figure']} is {r['b_over_a']}x of A, below "
+                  f"--fail-below {args.fail_below}", file=sys.stderr)
+    if failed:
+        return 1
     return 0 if rows or not (a or b) else 1
 
 

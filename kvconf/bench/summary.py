@@ -1,7 +1,9 @@
 """The summary of a multirun sweep of ``action=bench`` jobs: ``summary.csv``, a table on the
-terminal and ``summary.png`` (throughput by connector and layout, the raw path beside it) in the
-sweep folder. A failed job (its ``error.json``) is listed as failed. The plot needs matplotlib
-(``pip install kvconf[plot]``); without it the CSV and the table are still written.
+terminal and ``summary.png`` in the sweep folder: throughput by connector and layout (error bars:
+the repetitions' spread) beside the raw path and the connector's share of the physical limit
+(``ceiling_ratio``), and per-request latency (p50, a mark at p90, error bars to p99). A failed
+job (its ``error.json``) is listed as failed. The plot needs matplotlib (``pip install
+kvconf[plot]``); without it the CSV and the table are still written.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ __all__ = ["COLUMNS", "summarize"]
 
 
 COLUMNS = ["job", "connector", "kv_cache", "status", "gbps", "save_gbps", "load_gbps", "raw_gbps", "ratio",
-           "p50_ms", "p99_ms", "raw_path"]
+           "ceiling_save", "ceiling_load", "ceiling_overall", "ceiling", "gbps_min", "gbps_max", "p50_ms", "p90_ms",
+           "p99_ms", "raw_path"]
 
 
 def _row(job: str, doc: dict[str, Any]) -> dict[str, Any]:
-    f, raw = doc["figures"], doc.get("raw") or {}
+    f, raw, cr = doc["figures"], doc.get("raw") or {}, doc.get("ceiling_ratio") or {}
+    reps = (f.get("by_repetition") or {}).get("gbps") or []
     return {"job": job, "connector": doc["connector"], "kv_cache": doc["kv_cache"], "status": "ok",
             "gbps": f.get("gbps"), "save_gbps": f.get("save_gbps"), "load_gbps": f.get("load_gbps"),
-            "raw_gbps": raw.get("gbps"), "ratio": doc.get("ratio"), "p50_ms": f["latency_ms"]["p50"],
+            "raw_gbps": raw.get("gbps"), "ratio": doc.get("ratio"), "ceiling_save": cr.get("save"),
+            "ceiling_load": cr.get("load"), "ceiling_overall": cr.get("overall"), "ceiling": cr.get("against", ""),
+            "gbps_min": min(reps) if reps else None, "gbps_max": max(reps) if reps else None,
+            "p50_ms": f["latency_ms"]["p50"], "p90_ms": f["latency_ms"].get("p90"),
             "p99_ms": f["latency_ms"]["p99"], "raw_path": raw.get("path", "")}
 
 
@@ -45,7 +52,8 @@ def summarize(sweep_dir: Path, out=sys.stdout) -> list[dict[str, Any]]:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
-    shown = ["job", "connector", "kv_cache", "gbps", "raw_gbps", "ratio", "p50_ms", "p99_ms", "status"]
+    shown = ["job", "connector", "kv_cache", "gbps", "raw_gbps", "ratio", "ceiling_save", "ceiling_load",
+             "ceiling_overall", "p50_ms", "p99_ms", "status"]
     cells = [[("" if r.get(c) is None else str(r.get(c, ""))) for c in shown] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(shown)]
     print("  ".join(c.ljust(w) for c, w in zip(shown, widths)), file=out)
@@ -68,15 +76,34 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     if not ok:
         return
     labels = [f"{r['connector']}\n{r['kv_cache']}" for r in ok]
-    xs = range(len(ok))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok)), 4.5))
-    ax.bar([x - 0.2 for x in xs], [r["gbps"] or 0 for r in ok], 0.4, label="connector")
+    xs = list(range(len(ok)))
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(max(9, 2.2 * len(ok)), 4.8))
+    gbps = [r["gbps"] or 0 for r in ok]
+    spread = [[max(0.0, g - (r["gbps_min"] if r.get("gbps_min") is not None else g)) for g, r in zip(gbps, ok)],
+              [max(0.0, (r["gbps_max"] if r.get("gbps_max") is not None else g) - g) for g, r in zip(gbps, ok)]]
+    ax.bar([x - 0.2 for x in xs], gbps, 0.4, yerr=spread, capsize=3, label="connector (spread of repetitions)")
     ax.bar([x + 0.2 for x in xs], [r["raw_gbps"] or 0 for r in ok], 0.4, label="raw path", alpha=0.6)
-    ax.set_xticks(list(xs))
+    for x, g, r in zip(xs, gbps, ok):
+        if r.get("ceiling_overall") is not None:
+            ax.annotate(f"{r['ceiling_overall']:.2f} of\n{r['ceiling'] or 'limit'}", (x - 0.2, g), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 8), textcoords="offset points")
+    ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("GB/s (save + load, or transfer)")
-    ax.set_title("kvconf bench: throughput by connector and KV layout")
-    ax.legend()
+    ax.set_title("throughput (label: share of the physical limit)", fontsize=10)
+    ax.legend(fontsize=8)
+    p50 = [r["p50_ms"] or 0 for r in ok]
+    upper = [max(0.0, (r.get("p99_ms") or p) - p) for p, r in zip(p50, ok)]
+    lat.bar(xs, p50, 0.5, yerr=[[0.0] * len(ok), upper], capsize=3, color="tab:green", alpha=0.8,
+            label="p50 (error bar to p99)")
+    lat.scatter(xs, [r.get("p90_ms") or p for p, r in zip(p50, ok)], marker="_", s=200, color="black", label="p90")
+    lat.set_xticks(xs)
+    lat.set_xticklabels(labels, fontsize=8)
+    lat.set_ylabel("ms per request")
+    lat.set_yscale("log")
+    lat.set_title("latency per request", fontsize=10)
+    lat.legend(fontsize=8)
+    fig.suptitle("kvconf bench: by connector and KV layout")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,15 +40,54 @@ class KVConnectorMetadata:
 
 @dataclass
 class Request:
-    """The part of an engine request a connector sees."""
+    """The part of an engine request a connector sees.
+
+    Its prefix hashes (:meth:`prefix_hashes`) are computed once per block, as tokens arrive, and
+    kept: a connector asks as often as it likes and a decode step that fills a block hashes that
+    block alone, never the prompt again (vLLM keeps ``Request.block_hashes`` so).
+
+    >>> r = Request("r", list(range(40)))
+    >>> len(r.prefix_hashes(16)), r.hashed_blocks
+    (2, 2)
+    >>> r.append_output_token_ids(list(range(40, 48))); len(r.prefix_hashes(16)), r.hashed_blocks
+    (3, 3)
+    >>> r.prefix_hashes(16) == block_hashes(list(range(48)), 16)
+    True
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     kv_transfer_params: Optional[dict[str, Any]] = None
+    output_token_ids: list[int] = field(default_factory=list)
+    """Tokens generated so far (decode)."""
+    hashed_blocks: int = field(default=0, init=False, compare=False)
+    """Blocks hashed so far, for every block size asked: each full block once."""
+    _tokens: Optional[array] = field(default=None, init=False, repr=False, compare=False)
+    _hashes: dict[int, list[bytes]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_output_token_ids(self, token_ids: list[int]) -> None:
+        """A decode step's new tokens."""
+        self.output_token_ids.extend(token_ids)
+        if self._tokens is not None:
+            self._tokens.extend(token_ids)
+
+    def prefix_hashes(self, block_size: int) -> list[bytes]:
+        """:func:`block_hashes` of every full block of ``block_size`` tokens so far (the list is
+        kept and extended; do not change it)."""
+        if self._tokens is None:
+            self._tokens = array("q", self.prompt_token_ids)
+            self._tokens.extend(self.output_token_ids)
+        hashes = self._hashes.setdefault(block_size, [])
+        full = len(self._tokens) // block_size
+        if len(hashes) < full:
+            data = self._tokens[len(hashes) * block_size:full * block_size].tobytes()  # the new blocks only
+            self.hashed_blocks += full - len(hashes)
+            hashes.extend(_chained(hashes[-1] if hashes else b"", data, 0, len(data), block_size * 8))
+        return hashes
 
 
 @dataclass
@@ -68,19 +108,22 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
 
 
+def _chained(prev: bytes, data: Any, start: int, stop: int, step: int) -> list[bytes]:
+    """The chain of SHA-256 hashes over ``data[start:stop]`` in ``step``-byte blocks, after ``prev``."""
+    sha = hashlib.sha256
+    return [prev := sha(prev + data[at:at + step]).digest() for at in range(start, stop, step)]
+
+
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
-    """Chained hashes of the full blocks of ``token_ids``: block ``i``'s hash covers every token up
-    to the end of block ``i``, so two prompts that share a prefix share its block hashes.
+    """Chained hashes of the full blocks of ``token_ids``: block ``i``'s hash is SHA-256 of block
+    ``i - 1``'s hash and block ``i``'s token ids (64-bit little-endian), so it covers every token
+    up to the end of block ``i`` and two prompts that share a prefix share its block hashes (as
+    vLLM's prefix caching hashes, with SHA-256 over the tokens' bytes rather than their text).
 
     >>> a = block_hashes(list(range(40)), 16)
     >>> b = block_hashes(list(range(32)) + [7] * 8, 16)
-    >>> len(a), a[:2] == b[:2]
-    (2, True)
+    >>> len(a), a[:2] == b[:2], len(a[0])
+    (2, True, 32)
     """
-    out, prev = [], b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        h = hashlib.blake2b(prev, digest_size=16)
-        h.update(b",".join(str(t).encode() for t in token_ids[start:start + block_size]))
-        prev = h.digest()
-        out.append(prev)
-    return out
+    step = block_size * 8
+    return _chained(b"", array("q", token_ids).tobytes(), 0, len(token_ids) // block_size * step, step)

@@ -1,0 +1,226 @@
+"""The fast paths (#14) keep their promises: layers seen as one tensor only where they really are,
+a step's copies batched without losing a byte, disk loads straight into the blocks and checked
+there, prefix hashes computed once, benchmarks against the machine's limits in a private store,
+and bench-compare that knows noise. No timing is asserted here (benchmarks/ measures)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_tiers import Engine, prompt, segments
+
+from conftest import REPO, json_out, kvconf_env, run_kvconf
+from kvconf.config.layout import KVCacheLayout
+from kvconf.contract.api import Request
+from kvconf_connectors.offloading import LRUIndex, OffloadingConnector
+from kvconf_connectors.shared_storage import SharedStorageConnector
+
+pytestmark = pytest.mark.torch
+
+QUICK = ("bench.repetitions=2", "bench.warmup=0", "bench.min_seconds=0")
+
+
+def _views(layout: str = "LBHNC", num_layers: int = 4):
+    from kvconf.runtime.allocate import allocate, layer_views
+    from kvconf.runtime.views import byte_views
+
+    cfg = KVCacheLayout(num_layers=num_layers, block_size=16, dtype="float16", num_blocks=8, layout=layout,
+                        groups=[{"type": "full_attention", "num_kv_heads": 2, "head_size": 64}]).to_config()
+    buffers = allocate(cfg, "cpu")
+    return cfg, buffers, byte_views(layer_views(cfg, buffers))
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "BLHNC"])
+def test_layers_kvconf_allocates_are_one_stack_that_views_the_same_bytes(layout):
+    import torch
+
+    from kvconf.runtime.views import stack_layers
+
+    cfg, _, views = _views(layout)
+    names = list(views)
+    [stack] = stack_layers(views, [names])
+    assert stack.names == names and stack.rows.shape[:2] == (8, 4) and stack.page_bytes == views[names[0]].shape[1]
+    for li, name in enumerate(names):  # a write through one is seen through the other
+        views[name][5].fill_(li + 1)
+        assert torch.equal(stack.rows[5, li].view(torch.uint8), views[name][5])
+
+
+def test_layers_in_separate_tensors_are_a_stack_each():
+    import torch
+
+    from kvconf.runtime.views import stack_layers
+
+    views = {f"l{i}": torch.zeros(8, 64, dtype=torch.uint8) for i in range(3)}
+    stacks = stack_layers(views, [list(views)])
+    assert [s.names for s in stacks] == [["l0"], ["l1"], ["l2"]]
+
+
+def test_offloading_batches_a_step_of_requests_that_share_a_prefix(workdir):
+    # every request of the step loads the same prefix rows into its own blocks, in one step
+    proc = run_kvconf("connector=offloading", "action=bench", "bench.concurrency=4", "bench.requests=4",
+                      "output=json", *QUICK, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert json_out(proc)["bench"]["figures"]["verified"] is True
+
+
+def test_a_request_hashes_each_block_once_however_often_the_connector_asks(tmp_path):
+    eng = Engine(OffloadingConnector)
+    try:
+        tokens = prompt(1, 6)
+        req = Request("r", tokens)
+        for _ in range(3):
+            eng.sched.get_num_new_matched_tokens(req, 0)
+        assert req.hashed_blocks == len(tokens) // 4  # block_size 4
+        req.append_output_token_ids([1, 2, 3, 4])
+        eng.sched.get_num_new_matched_tokens(req, 0)
+        assert req.hashed_blocks == len(tokens) // 4 + 1
+    finally:
+        eng.close()
+
+
+def test_an_eviction_skips_saves_in_flight_and_takes_the_least_recently_used():
+    idx = LRUIndex(3)
+    slots = [idx.reserve(k, set()) for k in (b"a", b"b", b"c")]
+    assert sorted(slots) == [0, 1, 2]
+    assert idx.reserve(b"d", set()) is None  # nothing committed yet: nothing to evict
+    idx.commit(b"b")
+    idx.commit(b"a")
+    assert idx.reserve(b"d", {b"b"}) == slots[0]  # b is pinned (being loaded): a goes
+    assert not idx.has(b"a") and idx.has(b"b") and idx.evicted == 1
+
+
+def test_a_disk_page_that_fails_its_check_leaves_its_blocks_zeroed_and_reported(tmp_path):
+    eng = Engine(SharedStorageConnector, tmp_path)
+    try:
+        tokens = prompt(7, 4)
+        eng.step("save", tokens, [0, 1, 2, 3], fill=0x5A)
+        victim = segments(tmp_path)[0]
+        data = bytearray(victim.read_bytes())
+        data[-10] ^= 0xFF
+        victim.write_bytes(data)
+        for v in eng.views.values():
+            v[4:8].fill_(0xAB)
+        n, errors = eng.step("load", tokens, [4, 5, 6, 7])
+        assert n == 16 and set(errors) == {4, 5, 6, 7} and "checksum mismatch" in errors[4]
+        assert all(int(v[b].count_nonzero()) == 0 for v in eng.views.values() for b in (4, 5, 6, 7))
+    finally:
+        eng.close()
+
+
+def test_a_disk_load_lands_in_the_blocks_themselves(tmp_path):
+    eng = Engine(SharedStorageConnector, tmp_path)
+    try:
+        tokens = prompt(3, 4)
+        eng.step("save", tokens, [8, 9, 10, 11], fill=0x3C)
+        for v in eng.views.values():
+            v[:].zero_()
+        n, errors = eng.step("load", tokens, [20, 2, 17, 5])  # scattered destinations
+        assert n == 16 and not errors
+        assert all(bool((v[b] == 0x3C).all()) for v in eng.views.values() for b in (20, 2, 17, 5))
+    finally:
+        eng.close()
+
+
+def test_offloading_bench_reports_its_share_of_memcpy(workdir):
+    proc = run_kvconf("connector=offloading", "action=bench", "output=json", *QUICK, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    b = json_out(proc)["bench"]
+    c, cr, f = b["ceilings"], b["ceiling_ratio"], b["figures"]
+    assert c["memcpy_gbps"] > 0 and c["memcpy_bytes"] >= 256 << 20 and cr["against"] == "memcpy"
+    assert cr["save"] == pytest.approx(f["save_gbps"] / c["memcpy_gbps"], rel=0.01)
+    assert cr["load"] == pytest.approx(f["load_gbps"] / c["memcpy_gbps"], rel=0.01)
+    assert len(f["by_repetition"]["gbps"]) == 2
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["ceiling_ratio"] == cr
+
+
+def test_disk_bench_runs_cold_in_a_private_store_that_it_removes(workdir, tmp_path):
+    store = tmp_path / "kv"
+    proc = run_kvconf("connector=shared_storage", f"connector.extra.shared_storage_path={store}", "action=bench",
+                      "output=json", *QUICK, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    b = json_out(proc)["bench"]
+    assert b["store"]["private"] is True and b["store"]["path"].startswith(str(store))
+    assert not segments(store) and list(store.iterdir()) == []  # nothing left behind
+    c, cr = b["ceilings"], b["ceiling_ratio"]
+    assert c["file_write_gbps"] > 0 and c["file_read_cold_gbps"] > 0 and c["file_read_warm_gbps"] > 0
+    assert cr["against"].startswith("raw file") and cr["save"] > 0 and cr["load"] > 0
+    assert "read cold" in b["raw"]["path"]
+    text = run_kvconf("connector=shared_storage", f"connector.extra.shared_storage_path={store}", "action=bench",
+                      *QUICK, cwd=workdir)
+    assert "store      a private one" in text.stdout and "of limit" in text.stdout
+
+
+def test_a_disk_bench_told_to_reuse_its_store_keeps_what_it_saved(workdir, tmp_path):
+    store = tmp_path / "kv"
+    proc = run_kvconf("connector=shared_storage", f"connector.extra.shared_storage_path={store}", "action=bench",
+                      "bench.reuse_store=true", "output=json", *QUICK, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert json_out(proc)["bench"]["store"] == {"private": False} and segments(store)
+
+
+def test_a_figure_that_was_not_measured_is_left_out(workdir):
+    pytest.importorskip("mooncake.engine")
+    proc = run_kvconf("connector=mooncake", "action=bench", "output=json", *QUICK, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    b = json_out(proc)["bench"]
+    assert "save_gbps" not in b["figures"] and b["figures"]["load_gbps"] > 0
+    assert b["ceiling_ratio"]["save"] is None and b["ceiling_ratio"]["against"] == "loopback TCP"
+    text = run_kvconf("connector=mooncake", "action=bench", *QUICK, cwd=workdir)
+    assert text.returncode == 0 and "None" not in text.stdout and "save " not in text.stdout.split("bench ")[1]
+
+
+def _result(path: Path, gbps: list[float], connector: str = "offloading") -> Path:
+    mid = sorted(gbps)[len(gbps) // 2]
+    doc = {"connector": connector, "kv_cache": "tiny",
+           "figures": {"gbps": mid, "save_gbps": mid, "load_gbps": mid, "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+                       "by_repetition": {"gbps": gbps, "save_gbps": gbps, "load_gbps": gbps}},
+           "raw": {"path": "x", "gbps": 10.0}, "ratio": mid / 10,
+           "ceiling_ratio": {"save": mid / 20, "load": mid / 20, "overall": mid / 20, "against": "memcpy"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvconf.bench.compare", *args], capture_output=True, text=True,
+                          env=kvconf_env(), cwd=REPO)
+
+
+def test_bench_compare_calls_a_change_inside_the_spread_no_change(tmp_path):
+    a = _result(tmp_path / "a" / "results.json", [9.0, 10.0, 11.0])
+    b = _result(tmp_path / "b" / "results.json", [9.5, 10.5, 11.0])
+    proc = _compare(str(a), str(b))
+    assert proc.returncode == 0, proc.stderr
+    assert "offloading tiny: no change" in proc.stdout and "ceiling_ratio_load" in proc.stdout
+    gated = _compare(str(a), str(b), "--fail-below", "1.5")
+    assert gated.returncode == 1 and "below --fail-below 1.5" in gated.stderr
+    assert _compare(str(a), str(b), "--fail-below", "0.9").returncode == 0
+
+
+def test_bench_compare_names_a_change_beyond_the_spread(tmp_path):
+    a = _result(tmp_path / "a" / "results.json", [9.8, 10.0, 10.2])
+    b = _result(tmp_path / "b" / "results.json", [4.9, 5.0, 5.1])
+    proc = _compare(str(a), str(b), "--format", "json")
+    out = json.loads(proc.stdout)
+    verdicts = {r["figure"]: r["verdict"] for r in out["rows"]}
+    assert verdicts["gbps"] == "worse" and verdicts["ceiling_ratio_save"] == "worse"
+    assert verdicts["latency_p50_ms"] == "no change" and out["changed"]["offloading tiny"]
+    assert _compare(str(a), str(b), "--fail-below", "0.9").returncode == 1
+
+
+def test_the_scheduler_benchmark_runs_and_reports_each_connector():
+    proc = subprocess.run([sys.executable, "benchmarks/bench_scheduler.py", "--requests", "8", "--tokens", "256",
+                           "--steps", "4", "--connectors", "offloading,shared_storage,example",
+                           "--goal-hash-ratio", "100"], capture_output=True, text=True, env=kvconf_env(), cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("offloading", "shared_storage", "example"):
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(name))
+        assert "128 of" in line  # 8 requests x 16 blocks, each hashed once
+    assert "goals" in proc.stdout and "met" in proc.stdout
+
