@@ -46,7 +46,9 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
         flat.update({"raw_gbps": (doc.get("raw") or {}).get("gbps"), "ratio": doc.get("ratio"),
                      "latency_p50_ms": (fig.get("latency_ms") or {}).get("p50"),
                      "latency_p99_ms": (fig.get("latency_ms") or {}).get("p99"),
-                     "_spread": fig.get("by_repetition") or {}})
+                     "_spread": fig.get("by_repetition") or {},
+                     "_raw_spread": ((doc.get("raw") or {}).get("by_repetition") or {}).get("gbps"),
+                     "_limit_spread": ((doc.get("ceilings") or {}).get("by_repetition") or {})})
         for side, v in (doc.get("ceiling_ratio") or {}).items():
             if side != "against":
                 flat[f"ceiling_ratio_{side}"] = v
@@ -62,6 +64,20 @@ def _noise(values: Optional[list[float]]) -> Optional[float]:
     return (max(values) - min(values)) / mid if mid else None
 
 
+def _limit_noise(a: dict[str, Any], b: dict[str, Any], figure: str) -> float:
+    """The noise of what a derived figure divides by: the raw path's repetitions, or the ceiling's
+    (a disk's write and read); :data:`DEFAULT_NOISE` where they were not recorded."""
+    if figure in ("raw_gbps", "ratio"):
+        found = [n for n in (_noise(a["_raw_spread"]), _noise(b["_raw_spread"])) if n is not None]
+    else:
+        keys = {"ceiling_ratio_save": ["file_write_gbps"], "ceiling_ratio_load": ["file_read_cold_gbps"],
+                "ceiling_ratio_overall": ["file_write_gbps", "file_read_cold_gbps"]}[figure]
+        found = [n for side in (a, b) for k in keys for n in [_noise(side["_limit_spread"].get(k))] if n is not None]
+        if not found and not any(side["_limit_spread"] for side in (a, b)):
+            return 0.0 if figure != "raw_gbps" else DEFAULT_NOISE  # memcpy and TCP: steady (median of 5)
+    return max(found) if found else DEFAULT_NOISE
+
+
 def compare(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per figure that both A and B measured, with its change, its noise and a verdict."""
     rows = []
@@ -73,6 +89,8 @@ def compare(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> list[
             spreads = [n for n in (_noise(a[label]["_spread"].get(basis)), _noise(b[label]["_spread"].get(basis)))
                        if n is not None]
             noise = max(spreads) if spreads else DEFAULT_NOISE
+            if figure in ("raw_gbps", "ratio") or figure.startswith("ceiling_ratio"):
+                noise = _limit_noise(a[label], b[label], figure) + (0.0 if figure == "raw_gbps" else noise)
             change = (vb - va) / va if va else None
             if change is None or abs(change) <= noise:
                 verdict = "no change"

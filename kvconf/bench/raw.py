@@ -73,7 +73,7 @@ def _loopback_tcp_gbps(nbytes: int = 256 << 20, chunk: int = 4 << 20) -> float:
     return round(nbytes / dt / 1e9, 3)
 
 
-def ceilings(nbytes: int) -> dict[str, float]:
+def ceilings(nbytes: int) -> dict[str, Any]:
     """What this machine can do at best with ``nbytes`` (one repetition's): memcpy and one
     loopback TCP stream."""
     copied = max(nbytes, MEMCPY_MIN_BYTES)
@@ -109,11 +109,12 @@ def raw_torch_copy(kv_caches: dict[str, Any], nbytes: int) -> dict[str, Any]:
             "gbps": round(moved / (t_gather + t_scatter) / 1e9, 3)}
 
 
-def raw_file_io(kv_caches: dict[str, Any], nbytes: int, folder: str, cold: bool = True) -> dict[str, Any]:
+def raw_file_io(kv_caches: dict[str, Any], nbytes: int, folder: str, cold: bool = True, reps: int = 3) -> dict[str, Any]:
     """Writing ``nbytes / 2`` of the cache's blocks as one raw file (write + fsync) and reading them
     back into the blocks' memory, cold (after ``posix_fadvise(DONTNEED)``: from the device) and
-    warm (from the page cache): what a disk tier does at best. ``gbps`` is write plus the cold read
-    (the warm one where ``cold`` is false)."""
+    warm (from the page cache): what a disk tier does at best. ``reps`` times (a disk's speed
+    varies from one write to the next): medians, with each repetition's figures kept.
+    ``gbps`` is write plus the cold read (the warm one where ``cold`` is false)."""
     import torch
 
     layers = list(byte_views(kv_caches).values())
@@ -122,37 +123,39 @@ def raw_file_io(kv_caches: dict[str, Any], nbytes: int, folder: str, cold: bool 
     data = torch.cat([r[:n].reshape(-1) for r in layers])
     back = torch.zeros_like(data)
     into = back.numpy().data.cast("B")
+    size = data.numel()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f".kvconf-raw-{os.getpid()}.bin")
+    runs: dict[str, list[float]] = {"gbps": [], "write_gbps": [], "read_cold_gbps": [], "read_warm_gbps": []}
     try:
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data.numpy().data.cast("B"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        t_write = time.perf_counter() - t0
-        reads = {}
-        for kind in ("cold", "warm"):
-            fd = os.open(path, os.O_RDONLY)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                if kind == "cold":
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                t0 = time.perf_counter()
-                got = os.preadv(fd, [into], 0)
-                reads[kind] = time.perf_counter() - t0
+                os.write(fd, data.numpy().data.cast("B"))
+                os.fsync(fd)
             finally:
                 os.close(fd)
-            if got != len(into) or not torch.equal(back, data):
-                raise OSError(f"{path}: read back {got} of {len(into)} B, or different bytes")
+            t_write = time.perf_counter() - t0
+            reads = {}
+            for kind in ("cold", "warm"):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    if kind == "cold":
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    t0 = time.perf_counter()
+                    got = os.preadv(fd, [into], 0)
+                    reads[kind] = time.perf_counter() - t0
+                finally:
+                    os.close(fd)
+                if got != len(into) or not torch.equal(back, data):
+                    raise OSError(f"{path}: read back {got} of {len(into)} B, or different bytes")
+            runs["gbps"].append(round(2 * size / (t_write + reads["cold" if cold else "warm"]) / 1e9, 3))
+            runs["write_gbps"].append(round(size / t_write / 1e9, 3))
+            runs["read_cold_gbps"].append(round(size / reads["cold"] / 1e9, 3))
+            runs["read_warm_gbps"].append(round(size / reads["warm"] / 1e9, 3))
     finally:
         if os.path.exists(path):
             os.unlink(path)
-    size = data.numel()
-    t_read = reads["cold" if cold else "warm"]
     return {"path": f"one raw file: write + fsync, read {'cold' if cold else 'warm'}", "bytes": 2 * size,
-            "gbps": round(2 * size / (t_write + t_read) / 1e9, 3),
-            "write_gbps": round(size / t_write / 1e9, 3),
-            "read_cold_gbps": round(size / reads["cold"] / 1e9, 3),
-            "read_warm_gbps": round(size / reads["warm"] / 1e9, 3)}
+            **{k: statistics.median(v) for k, v in runs.items()}, "by_repetition": runs}

@@ -73,6 +73,8 @@ class Ceilings(_Open):
     """Read back after ``posix_fadvise(DONTNEED)``: from the device."""
     file_read_warm_gbps: Optional[float] = None
     """Read back from the page cache."""
+    by_repetition: dict[str, list[float]] = {}
+    """The file figures of each repetition: their spread."""
 
 
 class CeilingRatio(BaseModel):

@@ -134,7 +134,8 @@ def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
         if kind == "file":
             io = raw if raw and "write_gbps" in raw else raw_file_io(kv_caches, per_run, connector.baseline_dir(), cold)
             limits.update({"file_write_gbps": io["write_gbps"], "file_read_cold_gbps": io["read_cold_gbps"],
-                           "file_read_warm_gbps": io["read_warm_gbps"]})
+                           "file_read_warm_gbps": io["read_warm_gbps"],
+                           "by_repetition": {f"file_{k}": v for k, v in io["by_repetition"].items() if k != "gbps"}})
     out = {"figures": figures, "raw": raw,
            "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures.get("gbps") else None,
            "ceilings": limits,

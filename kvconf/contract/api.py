@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from array import array
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,6 +20,8 @@ __all__ = [
     "Request",
     "SchedulerOutput",
     "block_hashes",
+    "chained_hashes",
+    "token_bytes",
 ]
 
 
@@ -62,7 +64,7 @@ class Request:
     """Tokens generated so far (decode)."""
     hashed_blocks: int = field(default=0, init=False, compare=False)
     """Blocks hashed so far, for every block size asked: each full block once."""
-    _tokens: Optional[array] = field(default=None, init=False, repr=False, compare=False)
+    _tokens: Optional[list[int]] = field(default=None, init=False, repr=False, compare=False)
     _hashes: dict[int, list[bytes]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -79,14 +81,13 @@ class Request:
         """:func:`block_hashes` of every full block of ``block_size`` tokens so far (the list is
         kept and extended; do not change it)."""
         if self._tokens is None:
-            self._tokens = array("q", self.prompt_token_ids)
-            self._tokens.extend(self.output_token_ids)
+            self._tokens = self.prompt_token_ids + self.output_token_ids
         hashes = self._hashes.setdefault(block_size, [])
         full = len(self._tokens) // block_size
         if len(hashes) < full:
-            data = self._tokens[len(hashes) * block_size:full * block_size].tobytes()  # the new blocks only
+            data = token_bytes(self._tokens[len(hashes) * block_size:full * block_size])  # the new blocks only
             self.hashed_blocks += full - len(hashes)
-            hashes.extend(_chained(hashes[-1] if hashes else b"", data, 0, len(data), block_size * 8))
+            hashes.extend(chained_hashes(hashes[-1] if hashes else b"", data, 0, len(data), block_size * 8))
         return hashes
 
 
@@ -108,10 +109,15 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
 
 
-def _chained(prev: bytes, data: Any, start: int, stop: int, step: int) -> list[bytes]:
+def chained_hashes(prev: bytes, data: Any, start: int, stop: int, step: int) -> list[bytes]:
     """The chain of SHA-256 hashes over ``data[start:stop]`` in ``step``-byte blocks, after ``prev``."""
     sha = hashlib.sha256
     return [prev := sha(prev + data[at:at + step]).digest() for at in range(start, stop, step)]
+
+
+def token_bytes(token_ids: list[int]) -> bytes:
+    """Token ids as 64-bit little-endian integers: what the prefix hashes cover."""
+    return struct.pack(f"<{len(token_ids)}q", *token_ids)
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
@@ -125,5 +131,5 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     >>> len(a), a[:2] == b[:2], len(a[0])
     (2, True, 32)
     """
-    step = block_size * 8
-    return _chained(b"", array("q", token_ids).tobytes(), 0, len(token_ids) // block_size * step, step)
+    full = len(token_ids) // block_size * block_size
+    return chained_hashes(b"", token_bytes(token_ids[:full]), 0, full * 8, block_size * 8)
