@@ -41,6 +41,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from pydantic import Field, ValidationError, field_validator
@@ -67,6 +68,9 @@ from kvconf_connectors.tier import Chunk, TierConnector, TierOp
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """Most buffers one ``preadv``/``pwritev`` takes."""
+
+WRITERS = 4
+"""Segments of one step written at once."""
 
 
 class SharedStorageExtra(StrictModel):
@@ -116,6 +120,7 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
             self._remove_orphans()
         self._pages: dict[str, Any] = {}
         """``layer -> numpy (num_blocks, page)`` over the KV cache: a block's page as a buffer."""
+        self._writers: Optional[ThreadPoolExecutor] = None
 
     @classmethod
     def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
@@ -368,13 +373,24 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
 
     # ---- writing segments ----------------------------------------------------------------------
     def _save(self, ops: list[TierOp]) -> dict[str, str]:
-        errors = {}
-        for op in ops:
+        """The step's segments, written side by side (``WRITERS`` at a time: while one waits for
+        its fsync the next is written, and the file system commits their journal together)."""
+        def write(op: TierOp) -> Optional[str]:
             try:
                 self._write_segment(op)
+                return None
             except Exception as exc:  # the request's chunks are not in the tier
-                errors[op.request_id] = f"{exc}"
-        return errors
+                return f"{exc}"
+
+        if len(ops) > 1:
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="kvconf-segment-writer")
+            outcomes = list(self._writers.map(write, ops))
+        else:
+            outcomes = [write(op) for op in ops]
+        if self.capacity is not None and any(o is None for o in outcomes):
+            self._evict()
+        return {op.request_id: why for op, why in zip(ops, outcomes) if why is not None}
 
     def _write_segment(self, op: TierOp) -> None:
         """One segment for the op's chunks, written straight from the KV cache's pages."""
@@ -404,15 +420,13 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
             raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
         try:
             _write_all(fd, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs])
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data and the size; the rename makes it visible
         except OSError as exc:
             os.close(fd)
             os.unlink(tmp)
             raise OSError(f"writing {path} failed: {exc.strerror or exc}") from None
         os.close(fd)
         os.replace(tmp, path)  # atomic: a reader sees the whole segment or none
-        if self.capacity is not None:
-            self._evict()
 
     def _evict(self) -> None:
         """Removes the oldest segments until the directory is within ``capacity``."""
@@ -438,6 +452,9 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         return self.dir
 
     def shutdown(self) -> None:
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
+            self._writers = None
         super().shutdown()
         self._pages = {}
         self._headers = OrderedDict()
