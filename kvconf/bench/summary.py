@@ -85,7 +85,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.bar([x + 0.2 for x in xs], [r["raw_gbps"] or 0 for r in ok], 0.4, label="raw path", alpha=0.6)
     for x, g, r in zip(xs, gbps, ok):
         if r.get("ceiling_overall") is not None:
-            ax.annotate(f"{r['ceiling_overall']:.2f} of\n{r['ceiling'] or 'limit'}", (x - 0.2, g), ha="center",
+            short = {"memcpy": "memcpy", "loopback TCP": "TCP"}.get(r["ceiling"], "disk" if r["ceiling"] else "limit")
+            ax.annotate(f"{r['ceiling_overall']:.2f}\nof {short}", (x - 0.2, g), ha="center",
                         va="bottom", fontsize=7, xytext=(0, 8), textcoords="offset points")
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=8)
