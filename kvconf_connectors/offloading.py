@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Any, Literal
 
 from pydantic import PositiveInt, model_validator
@@ -223,12 +224,16 @@ class OffloadingConnector(TierConnector, ChecksConfig):
 
         k = self.chunk_blocks
         runs: list[list[Chunk]] = []
-        for op in ops:
-            for c in sorted(op.chunks, key=lambda c: c.place):  # a chunk's rows are consecutive
-                if runs and runs[-1][-1].place + 1 == c.place:
-                    runs[-1].append(c)
-                else:
-                    runs.append([c])
+        ending: dict[int, list[list[Chunk]]] = {}  # place -> runs whose last chunk is there
+        for c in sorted((c for op in ops for c in op.chunks), key=attrgetter("place")):  # a chunk's rows are consecutive
+            before = ending.get(c.place - 1)
+            if before:
+                run = before.pop()
+                run.append(c)
+            else:
+                run = [c]
+                runs.append(run)
+            ending.setdefault(c.place, []).append(run)
         out: dict[int, list[tuple[int, int, Any]]] = {}
         for g in range(len(runs[0][0].block_ids) if runs else 0):
             ids = torch.frombuffer(array("q", [x for run in runs for c in run for x in c.block_ids[g]]), dtype=torch.int64)
