@@ -4,8 +4,8 @@
 
 For 16 KiB, 256 KiB and 2 MiB blocks (one KV layer whose page is the block), the same scattered
 block ids are saved and loaded back:
-- offloading: the connector's save (``save_kv_layer`` + ``wait_for_save``, a gather into host
-  memory on its saver thread) and load (``start_load_kv``, a scatter into the cache), against the
+- offloading: the connector's save (``save_kv_layer`` + ``wait_for_save``, one batched gather into
+  host memory) and load (``start_load_kv``, a scatter into the cache), against the
   fastest plain torch gather (``index_select``, a loop of ``copy_``) plus the fastest scatter
   (``index_copy_``, ``index_put_``, a loop of ``copy_``) of the same block ids;
 - shared_storage: the connector's save (gather, one segment file, fsync, rename) and load (read,
@@ -120,8 +120,9 @@ def raw_file(view, n: int, folder: str) -> tuple[float, float]:
     """Write n blocks' bytes as one file (write + fsync) and read them back: kvconf's own raw path."""
     from kvconf.bench.raw import raw_file_io
 
-    r = raw_file_io({"layer": view}, 2 * n * view.shape[1], folder)
-    return r["write_seconds"], r["read_seconds"]
+    r = raw_file_io({"layer": view}, 2 * n * view.shape[1], folder, cold=False, reps=1)
+    size = r["bytes"] / 2
+    return size / (r["write_gbps"] * 1e9), size / (r["read_warm_gbps"] * 1e9)
 
 
 def main() -> None:
