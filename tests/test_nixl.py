@@ -60,7 +60,7 @@ def test_frozen_producer_fails_requests_within_the_timeout(workdir, producer):  
     p = producer("kv_cache=llama3_8b", connector="nixl")
     c = consumer_against(p, workdir, "connector.kv_load_failure_policy=recompute", connector="nixl")
     try:
-        p.wait_served()
+        p.wait_served(consumer=c)
         p.proc.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()
         out, err = c.communicate(timeout=60)

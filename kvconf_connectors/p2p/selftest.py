@@ -280,7 +280,8 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
                 details=tuple(f"{rid}: {why}" for rid, why in first),
                 fix="check the producer; with connector.kv_load_failure_policy=recompute they are recomputed"))
         if failures:
-            log.warning("%d request(s) will be recomputed: %s", len(failures), ", ".join(sorted(failures)[:5]))
+            log.warning("%d request(s) will be recomputed: %s", len(failures),
+                        "; ".join(f"{rid} ({why})" for rid, why in sorted(failures.items())[:5]))
         return result
     finally:
         if proc is not None and path is not None:
