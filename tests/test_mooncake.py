@@ -406,6 +406,7 @@ print("loaded", ok, flush=True)
 of four blocks from the producer at argv ADDRESS (key in KEY_FILE): argv ADDRESS KEY_FILE FIRST COUNT."""
 
 
+@pytest.mark.serial  # a hundred consumers starve whatever runs beside them on 2 cores
 def test_a_producer_serves_100_consumers_with_a_flat_descriptor_count(workdir, producer):
     p = producer()
 
