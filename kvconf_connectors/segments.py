@@ -20,7 +20,7 @@ from pydantic import Field
 from kvconf.config.base import StrictModel
 
 __all__ = ["HEADER_CACHE", "MAGIC", "PREFIX", "SUFFIX", "VERSION", "BadSegment", "SegmentHeader", "open_regular",
-           "page_hash", "page_sums", "row_labels"]
+           "page_hash", "row_labels"]
 
 MAGIC = b"KVCSEG01"
 PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
@@ -65,14 +65,6 @@ def page_hash(page: Any, mac: Optional[bytes] = None, label: bytes = b"") -> int
     import xxhash
 
     return xxhash.xxh3_64_intdigest(page)
-
-
-def page_sums(rows: Any, mac: Optional[bytes] = None, labels: Optional[list[bytes]] = None) -> list[int]:
-    """:func:`page_hash` of each row of ``rows`` (a 2-D uint8 tensor)."""
-    data = memoryview(rows.contiguous().numpy()).cast("B")
-    page = rows.shape[1]
-    assert mac is None or (labels is not None and len(labels) == rows.shape[0])
-    return [page_hash(data[i * page:(i + 1) * page], mac, labels[i] if labels else b"") for i in range(rows.shape[0])]
 
 
 def row_labels(keys: list[str], layer: str, k: int, first: int, n: int) -> list[bytes]:

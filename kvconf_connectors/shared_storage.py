@@ -150,7 +150,7 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
             shutil.rmtree(where, ignore_errors=True)
 
     def drop_cached(self) -> None:
-        """Drops the page cache of every segment in the layout folder (they are fsynced: clean)."""
+        """Drops the page cache of every segment in the layout folder (they are synced: clean)."""
         try:
             entries = [e.path for e in os.scandir(self.dir) if e.name.endswith(SUFFIX)]
         except OSError:
@@ -366,15 +366,15 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         if not self._pages:  # the pages were host copies: into the device's blocks
             import torch
 
+            chunk_at = dict(items)
             for _, buf, _li, row, name in pages:
                 idx, j = divmod(row, k)
-                c = next(c for i, c in items if i == idx)
-                self._views[name][self.ids_of(c, name)[j]].copy_(torch.frombuffer(buf, dtype=torch.uint8))
+                self._views[name][self.ids_of(chunk_at[idx], name)[j]].copy_(torch.frombuffer(buf, dtype=torch.uint8))
 
     # ---- writing segments ----------------------------------------------------------------------
     def _save(self, ops: list[TierOp]) -> dict[str, str]:
         """The step's segments, written side by side (``WRITERS`` at a time: while one waits for
-        its fsync the next is written, and the file system commits their journal together)."""
+        its ``fdatasync`` the next is written, and the file system commits their journal together)."""
         def write(op: TierOp) -> Optional[str]:
             try:
                 self._write_segment(op)

@@ -38,8 +38,6 @@ class TierOp:
 class TierMetadata(KVConnectorMetadata):
     loads: list[TierOp] = field(default_factory=list)
     saves: list[TierOp] = field(default_factory=list)
-    staged: bool = False
-    """Whether the worker has laid out this step's staging (a disk tier, on the step's first layer)."""
 
 
 def _slice(groups: tuple[list[int], ...], start: int, stop: int) -> tuple[list[int], ...]:

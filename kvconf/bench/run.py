@@ -222,21 +222,19 @@ def ceiling_ratio(kind: Optional[str], figures: dict[str, Any], runs: list[dict[
     def part(gbps: Optional[float], at: Optional[float]) -> Optional[float]:
         return round(gbps / at, 3) if gbps and at else None
 
-    ideal, seconds = 0.0, 0.0
+    ideal, seconds, whole = 0.0, 0.0, True  # whole: every byte moved has a limit to go by
     for r in runs:
         seconds += r["seconds"]
         saved, loaded = r.get("saved_bytes") or 0, r.get("loaded_bytes") or 0
         prefix = r.get("prefix_bytes") or 0
         other = max(0, r["bytes"] - saved - loaded - prefix)  # moved, not split by side (a transfer)
         for n, at in ((saved, save_at), (loaded + other, load_at), (prefix, prefix_at)):
-            if n:
-                if not at:
-                    return {"save": part(figures.get("save_gbps"), save_at),
-                            "load": part(figures.get("load_gbps"), load_at), "overall": None,
-                            "against": CEILING_NAMES[kind]}
+            if n and at:
                 ideal += n / (at * 1e9)
+            elif n:
+                whole = False
     return {"save": part(figures.get("save_gbps"), save_at), "load": part(figures.get("load_gbps"), load_at),
-            "overall": round(ideal / seconds, 3) if seconds else None, "against": CEILING_NAMES[kind]}
+            "overall": round(ideal / seconds, 3) if whole and seconds else None, "against": CEILING_NAMES[kind]}
 
 
 def _rate(runs: list[dict[str, Any]], key_bytes: str, key_seconds: str) -> Optional[float]:

@@ -87,7 +87,7 @@ class Request:
         if len(hashes) < full:
             data = token_bytes(self._tokens[len(hashes) * block_size:full * block_size])  # the new blocks only
             self.hashed_blocks += full - len(hashes)
-            hashes.extend(chained_hashes(hashes[-1] if hashes else b"", data, 0, len(data), block_size * 8))
+            hashes.extend(chained_hashes(hashes[-1] if hashes else b"", data, block_size * 8))
         return hashes
 
 
@@ -109,10 +109,10 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
 
 
-def chained_hashes(prev: bytes, data: Any, start: int, stop: int, step: int) -> list[bytes]:
-    """The chain of SHA-256 hashes over ``data[start:stop]`` in ``step``-byte blocks, after ``prev``."""
+def chained_hashes(prev: bytes, data: bytes, step: int) -> list[bytes]:
+    """The chain of SHA-256 hashes over ``data`` in ``step``-byte blocks, after ``prev``."""
     sha = hashlib.sha256
-    return [prev := sha(prev + data[at:at + step]).digest() for at in range(start, stop, step)]
+    return [prev := sha(prev + data[at:at + step]).digest() for at in range(0, len(data), step)]
 
 
 def token_bytes(token_ids: list[int]) -> bytes:
@@ -132,4 +132,4 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     (2, True, 32)
     """
     full = len(token_ids) // block_size * block_size
-    return chained_hashes(b"", token_bytes(token_ids[:full]), 0, full * 8, block_size * 8)
+    return chained_hashes(b"", token_bytes(token_ids[:full]), block_size * 8)
