@@ -10,13 +10,14 @@ vLLM's scheduler loop is single-threaded: whatever a connector does in ``get_num
 tokens arrive (the first half of every prompt is a prefix they all share) and are prefilled in one
 step, then ``--steps`` decode steps add one token to every request, then every request finishes.
 Printed: microseconds per request for the prefill calls, per request per decode step (the step's
-calls over the requests) and per request at the finish; and the prefix hashing (chained SHA-256
-over the blocks' token bytes) beside ``hashlib.sha256`` over the same bytes, per block, fastest of
-five runs, with the cost of turning token ids into bytes shown apart; and the number of blocks
-hashed (each full block once: a request keeps its hashes).
+calls over the requests) and per request at the finish; and the prefix hashing (``block_hashes``:
+token ids to bytes, then one running SHA-256 with a digest per block) beside ``hashlib.sha256``
+over the same token bytes, per block, fastest of five runs, with the parts shown apart; and the
+number of blocks hashed (each full block once: a request keeps its hashes).
 
-Goals (issue #14): at most 20 µs per request per decode step, hashing at most 1.5x sha256 per
-block (the chain against sha256 on the same bytes), every block hashed once. Exit code 1 where a goal is missed.
+Goals (issue #14): at most 20 µs per request per decode step, prefix hashing at most 1.5x sha256
+per block (the whole of it, the conversion of token ids to bytes included, against sha256 alone on
+bytes it is handed), every block hashed once. Exit code 1 where a goal is missed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from kvconf.contract.api import (
     Request,
     SchedulerOutput,
     block_hashes,
-    chained_hashes,
+    prefix_digests,
     token_bytes,
 )
 from kvconf.contract.registry import resolve
@@ -113,7 +114,7 @@ def _best(f, reps: int = 5) -> float:
 
 def hashing(args: argparse.Namespace) -> dict[str, float]:
     """Microseconds per block: the prefix hashes of every prompt (turning the token ids into bytes,
-    then chaining SHA-256), each part alone, and plain sha256 over the same token bytes."""
+    then the running SHA-256), each part alone, and plain sha256 over the same token bytes."""
     ps = prompts(args.requests, args.tokens)
     n_blocks = sum(len(p) // BLOCK for p in ps)
     raw = [token_bytes(p) for p in ps]
@@ -126,11 +127,11 @@ def hashing(args: argparse.Namespace) -> dict[str, float]:
 
     us = {"total_us": _best(lambda: [block_hashes(p, BLOCK) for p in ps]),
           "bytes_us": _best(lambda: [token_bytes(p) for p in ps]),
-          "chain_us": _best(lambda: [chained_hashes(b"", b, step) for b in raw]),
+          "chain_us": _best(lambda: [prefix_digests(hashlib.sha256(), b, step) for b in raw]),
           "sha256_us": _best(sha)}
     out = {k: v / n_blocks * 1e6 for k, v in us.items()}
-    out["ratio"] = out["chain_us"] / out["sha256_us"]
-    out["ratio_with_bytes"] = out["total_us"] / out["sha256_us"]
+    out["ratio"] = out["total_us"] / out["sha256_us"]
+    out["ratio_hash_only"] = out["chain_us"] / out["sha256_us"]
     return out
 
 
@@ -157,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['hashed']:>7} of {r['full_blocks']}" + ("" if once else "  (some hashed twice)"), flush=True)
     h = hashing(args)
     ok &= h["ratio"] <= args.goal_hash_ratio
-    print(f"prefix hash per block: {h['chain_us']:.3f} us chained SHA-256 over the token bytes, sha256 alone over "
-          f"the same bytes {h['sha256_us']:.3f} us: ratio {h['ratio']:.2f} (goal <= {args.goal_hash_ratio}); "
-          f"with turning the token ids into bytes ({h['bytes_us']:.3f} us, which any byte hash needs) "
-          f"{h['total_us']:.3f} us, {h['ratio_with_bytes']:.2f}x")
+    print(f"prefix hash per block: {h['total_us']:.3f} us (token ids to bytes {h['bytes_us']:.3f} us, running "
+          f"SHA-256 {h['chain_us']:.3f} us); sha256 alone over the same bytes {h['sha256_us']:.3f} us: ratio "
+          f"{h['ratio']:.2f} (goal <= {args.goal_hash_ratio}; the hashing alone {h['ratio_hash_only']:.2f})")
     print(f"goals (decode <= {args.goal_decode_us:g} us per request per step, hashing <= {args.goal_hash_ratio}x "
           f"sha256, every block hashed once): {'met' if ok else 'MISSED'}")
     return 0 if ok else 1

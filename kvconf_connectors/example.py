@@ -1,6 +1,6 @@
 """The example connector: saves KV blocks into host memory and loads them back on a prefix hit.
 
-Blocks are keyed by chained prefix hashes (:meth:`kvconf.contract.api.Request.prefix_hashes`), so a request
+Blocks are keyed by prefix hashes (:meth:`kvconf.contract.api.Request.prefix_hashes`), so a request
 that shares a prompt prefix with an earlier one loads the shared blocks instead of recomputing
 them. The store lives in this process and is shared by the scheduler-side and worker-side
 connectors of one ``engine_id``, which is what kvconf's driver runs; it is not a transfer between

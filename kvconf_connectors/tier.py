@@ -1,7 +1,7 @@
 """What the two tier connectors (offloading, shared_storage) share: prefix-hash keys and the
 scheduler side that decides, per request, which chunks to load from the tier and which to save.
 
-A chunk is ``chunk_blocks`` consecutive KV blocks; its key is a hash chained over the token ids of
+A chunk is ``chunk_blocks`` consecutive KV blocks; its key is the SHA-256 of the token ids of
 every chunk up to and including it (:meth:`kvconf.contract.api.Request.prefix_hashes`), so two requests that
 share a prompt prefix share the keys of its chunks. The scheduler side never moves bytes: it asks
 the tier's index what it holds and hands the worker side :class:`TierMetadata`.

@@ -15,7 +15,7 @@ from test_tiers import Engine, prompt, segments
 
 from conftest import REPO, json_out, kvconf_env, run_kvconf
 from kvconf.config.layout import KVCacheLayout
-from kvconf.contract.api import Request
+from kvconf.contract.api import Request, block_hashes
 from kvconf_connectors.offloading import LRUIndex, OffloadingConnector
 from kvconf_connectors.shared_storage import SharedStorageConnector
 
@@ -80,6 +80,23 @@ def test_a_request_hashes_each_block_once_however_often_the_connector_asks(tmp_p
         assert req.hashed_blocks == len(tokens) // 4 + 1
     finally:
         eng.close()
+
+
+def test_a_blocks_hash_is_sha256_of_every_token_up_to_its_end_however_the_tokens_arrived():
+    import hashlib
+    import struct
+
+    tokens = prompt(3, 19)[:75]  # 18 full blocks of 4 and 3 tokens over
+    req = Request("r", tokens[:10])
+    req.prefix_hashes(4)
+    for start in range(10, 75, 7):  # decode steps of uneven sizes, asking between them
+        req.append_output_token_ids(tokens[start:start + 7])
+        req.prefix_hashes(4)
+    expect = [hashlib.sha256(struct.pack(f"<{4 * (i + 1)}q", *tokens[:4 * (i + 1)])).digest() for i in range(18)]
+    assert req.prefix_hashes(4) == expect == block_hashes(tokens, 4)
+    assert req.hashed_blocks == 18
+    other = block_hashes(tokens[:40] + [t + 1 for t in tokens[40:]], 4)
+    assert other[:10] == expect[:10] and not set(other[10:]) & set(expect)  # a shared prefix, then apart
 
 
 def test_an_eviction_skips_saves_in_flight_and_takes_the_least_recently_used():

@@ -429,3 +429,62 @@ def test_a_producer_serves_100_consumers_with_a_flat_descriptor_count(workdir, p
     code, out, err = p.stop()
     assert code == 0, err
     assert json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]["served_requests"] == 101
+
+
+BATCH = """
+import json, sys, time
+import torch
+from kvconf.config.layout import KVCacheLayout
+from kvconf.config.models import ConnectorConfig
+from kvconf.contract.api import KVConnectorRole
+from kvconf.runtime.allocate import allocate, layer_views
+from kvconf.runtime.pattern import block_pattern
+from kvconf_connectors.mooncake import MooncakeConnector
+from kvconf_connectors.p2p import protocol as sc
+from kvconf_connectors.p2p.connector import P2PMetadata, Recv
+from kvconf_connectors.p2p.selftest import Control
+
+address, key_file = sys.argv[1], sys.argv[2]
+cfg = KVCacheLayout(num_layers=4, block_size=16, dtype="float16", num_blocks=128, groups=[
+    {"type": "full_attention", "num_kv_heads": 4, "head_size": 32}]).to_config()  # the tiny layout
+conn = MooncakeConnector(ConnectorConfig(name="mooncake", kv_role="kv_consumer", engine_id="batch", extra={
+    "peer": address, "auth_key_file": key_file}), KVConnectorRole.WORKER, cfg)
+conn.register_kv_caches(layer_views(cfg, allocate(cfg, "cpu")))
+views = conn._views  # each layer's blocks as rows of bytes
+control = Control(conn, address)
+control.ask(sc.Hello(engine_id="batch"), 30)
+wanted = {f"r{i}": (i, list(range(8 * i, 8 * i + 8))) for i in range(6)}
+for rid, (seed, _) in wanted.items():
+    assert control.ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=8), 30).ok
+recvs = [Recv(rid, ids, address) for rid, (_, ids) in wanted.items()]
+recvs.insert(3, Recv("never", list(range(100, 108)), address))  # never prefilled: among the others
+conn.bind_connector_metadata(P2PMetadata(recvs))  # one step: the transfer requests leave together
+conn.start_load_kv(None)
+conn.clear_connector_metadata()
+deadline, done = time.monotonic() + 60, set()
+while len(done) < len(recvs) and time.monotonic() < deadline:
+    done |= conn.get_finished(set())[1] or set()
+    conn.wait_for_results(0.05)
+failed = conn.take_failures()  # a failed load is finished too (vLLM's meaning), and reported failed
+loaded = sorted(done - set(failed))
+wrong = [rid for rid in loaded for li, name in enumerate(views) for j, b in enumerate(wanted[rid][1])
+         if not torch.equal(views[name][b], block_pattern(wanted[rid][0], li, j, views[name].shape[1]))]
+print(json.dumps({"loaded": loaded, "failed": failed, "wrong": wrong}), flush=True)
+control.close()
+conn.shutdown()
+"""
+"""One consumer asks for seven requests in one step, one of them never prefilled: argv ADDRESS KEY_FILE."""
+
+
+def test_requests_of_one_step_are_pushed_together_and_a_bad_one_fails_alone(workdir, producer):
+    # the producer pushes what queued meanwhile in one engine call; a request it cannot serve
+    # fails with its reason and the others arrive, each block where its own request put it
+    p = producer()
+    proc = subprocess.run([sys.executable, "-c", BATCH, p.address, p.key_file], env=kvconf_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == [f"r{i}" for i in range(6)] and out["wrong"] == []
+    assert list(out["failed"]) == ["never"] and "never prefilled" in out["failed"]["never"]
+    code, _, err = p.stop()
+    assert code == 0 and err.count("served r") == 6

@@ -20,7 +20,7 @@ __all__ = [
     "Request",
     "SchedulerOutput",
     "block_hashes",
-    "chained_hashes",
+    "prefix_digests",
     "token_bytes",
 ]
 
@@ -66,6 +66,8 @@ class Request:
     """Blocks hashed so far, for every block size asked: each full block once."""
     _tokens: Optional[list[int]] = field(default=None, init=False, repr=False, compare=False)
     _hashes: dict[int, list[bytes]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _hashers: dict[int, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Per block size: SHA-256 fed every full block so far (a new block costs its own bytes only)."""
 
     @property
     def num_tokens(self) -> int:
@@ -87,7 +89,10 @@ class Request:
         if len(hashes) < full:
             data = token_bytes(self._tokens[len(hashes) * block_size:full * block_size])  # the new blocks only
             self.hashed_blocks += full - len(hashes)
-            hashes.extend(chained_hashes(hashes[-1] if hashes else b"", data, block_size * 8))
+            hasher = self._hashers.get(block_size)
+            if hasher is None:
+                hasher = self._hashers[block_size] = hashlib.sha256()
+            hashes.extend(prefix_digests(hasher, data, block_size * 8))
         return hashes
 
 
@@ -109,10 +114,21 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
 
 
-def chained_hashes(prev: bytes, data: bytes, step: int) -> list[bytes]:
-    """The chain of SHA-256 hashes over ``data`` in ``step``-byte blocks, after ``prev``."""
-    sha = hashlib.sha256
-    return [prev := sha(prev + data[at:at + step]).digest() for at in range(0, len(data), step)]
+def prefix_digests(hasher: Any, data: bytes, step: int) -> list[bytes]:
+    """Feeds ``data`` to ``hasher`` (a :mod:`hashlib` object, kept by the caller) in ``step``-byte
+    blocks and returns the digest after each: every block's bytes are hashed once, and each digest
+    covers everything fed before it.
+
+    >>> h = hashlib.sha256(b"ab"); prefix_digests(h, b"cdef", 2) == [hashlib.sha256(b"abcd").digest(),
+    ...                                                              hashlib.sha256(b"abcdef").digest()]
+    True
+    """
+    view = memoryview(data)
+    out = []
+    for at in range(0, len(data), step):
+        hasher.update(view[at:at + step])
+        out.append(hasher.copy().digest())
+    return out
 
 
 def token_bytes(token_ids: list[int]) -> bytes:
@@ -121,10 +137,10 @@ def token_bytes(token_ids: list[int]) -> bytes:
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
-    """Chained hashes of the full blocks of ``token_ids``: block ``i``'s hash is SHA-256 of block
-    ``i - 1``'s hash and block ``i``'s token ids (64-bit little-endian), so it covers every token
-    up to the end of block ``i`` and two prompts that share a prefix share its block hashes (as
-    vLLM's prefix caching hashes, with SHA-256 over the tokens' bytes rather than their text).
+    """Prefix hashes of the full blocks of ``token_ids``: block ``i``'s hash is SHA-256 of the
+    token ids (64-bit little-endian) from the first token to the end of block ``i``, so two prompts
+    that share a prefix share its block hashes (as vLLM's chained prefix-caching hashes do; here one
+    running SHA-256 computes them, each block's bytes hashed once).
 
     >>> a = block_hashes(list(range(40)), 16)
     >>> b = block_hashes(list(range(32)) + [7] * 8, 16)
@@ -132,4 +148,4 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     (2, True, 32)
     """
     full = len(token_ids) // block_size * block_size
-    return chained_hashes(b"", token_bytes(token_ids[:full]), block_size * 8)
+    return prefix_digests(hashlib.sha256(), token_bytes(token_ids[:full]), block_size * 8)

@@ -204,8 +204,26 @@ class Producer:
         return self.senders[i][0]
 
     def _send_loop(self, q: queue.Queue[Any]) -> None:
-        while (item := q.get()) is not None:
-            self.push(*item)
+        """Pushes what the queue holds until its ``None``: the requests that queued while one was
+        pushed go together (64 at most; a request named twice waits for the next batch)."""
+        item = q.get()
+        while item is not None:
+            batch, names = [item], {item[1].request_id}
+            while len(batch) < 64:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    item = q
+                    break
+                if item is None or item[1].request_id in names:
+                    break
+                batch.append(item)
+                names.add(item[1].request_id)
+            else:
+                item = q
+            self.push(batch)
+            if item is q:
+                item = q.get()
 
     def expire_leases(self) -> None:
         """Pull mode: a consumer that never releases what it read (it died between the answer and
@@ -316,52 +334,67 @@ class Producer:
         self.owner[msg.request_id] = engine
         return sc.PrefillAck(request_id=msg.request_id, ok=True)
 
-    def push(self, ident: bytes, msg: Any) -> None:
-        """Pushes the request's blocks into the consumer's memory; answers done or failed."""
-
-        conn = self.conn
+    def push(self, batch: list[tuple[bytes, Any]]) -> None:
+        """Pushes the blocks of a batch of transfer requests into their consumers' memory, the
+        requests of one consumer in one engine call (at 8 KiB pages a request's transfer is short
+        and the engine's per-call cost dominates); answers each done or failed."""
         t0 = time.perf_counter()
-        status: Literal["done", "failed"] = "failed"
-        reason, nbytes = "", 0
+        planned: dict[tuple[str, Any], list[tuple[bytes, Any, list[int], list[int], list[int]]]] = {}
+        for ident, msg in batch:
+            try:
+                plan = self.plan(ident, msg)
+            except Exception as exc:  # a sender thread must always answer
+                plan = f"{type(exc).__name__}: {exc}"
+            if isinstance(plan, str):
+                self.answer(ident, msg, plan, 0, t0)
+            elif plan is not None:
+                planned.setdefault((msg.session, msg.meta), []).append((ident, msg, *plan))
+        for items in planned.values():
+            src = [a for item in items for a in item[2]]
+            dst = [a for item in items for a in item[3]]
+            lens = [n for item in items for n in item[4]]
+            try:
+                error = self.conn._engine_push(items[0][1], src, dst, lens)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            for ident, msg, _, _, item_lens in items:
+                self.answer(ident, msg, error or "", 0 if error else sum(item_lens), t0)
+
+    def plan(self, ident: bytes, msg: Any) -> Any:
+        """A transfer request's engine entries ``(src, dst, lens)``; None when it is a pull (its
+        answer is on its way); the reason as a string when it cannot be served."""
+        conn = self.conn
         src_ids = self.prefilled.get(msg.request_id)
-        try:
-            if src_ids is None:
-                reason = f"unknown request {msg.request_id!r}: it was never prefilled here"
-            elif msg.layout != conn.layout_fingerprint():
-                reason = f"layout mismatch: consumer {msg.layout}, producer {conn.layout_fingerprint()}"
-            elif len(msg.block_ids) != len(src_ids):
-                reason = f"the consumer asks for {len(msg.block_ids)} blocks; the request has {len(src_ids)}"
-            else:
-                self.busy.add(msg.request_id)
-                src: list[int] = []
-                dst: list[int] = []
-                lens: list[int] = []
-                for region in msg.layers:
-                    local = conn._regions.get(region.name)
-                    if local is None or local[2] != region.page:
-                        reason = f"layer {region.name!r} differs between the peers"
-                        break
-                    base, stride, page = local
-                    n, g = len(src_ids) // self.groups, self.group_of[region.name]
-                    coalesce(src, dst, lens, base, stride, region.base, region.block_stride, page,
-                             src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n])
-                else:  # every layer matches
-                    if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
-                        self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session, ident)
-                        self.results.put((ident, sc.encode(sc.PullSource(
-                            request_id=msg.request_id, src=src, dst=dst, lens=lens)), ""))
-                        self.waker.wake()
-                        return
-                    error = conn._engine_push(msg, src, dst, lens)
-                    if error:
-                        reason = error
-                    else:
-                        status, nbytes = "done", sum(lens)
-        except Exception as exc:  # a sender thread must always answer
-            reason = f"{type(exc).__name__}: {exc}"
-        finally:
-            if msg.request_id not in self.pulling:
-                self.busy.discard(msg.request_id)
+        if src_ids is None:
+            return f"unknown request {msg.request_id!r}: it was never prefilled here"
+        if msg.layout != conn.layout_fingerprint():
+            return f"layout mismatch: consumer {msg.layout}, producer {conn.layout_fingerprint()}"
+        if len(msg.block_ids) != len(src_ids):
+            return f"the consumer asks for {len(msg.block_ids)} blocks; the request has {len(src_ids)}"
+        self.busy.add(msg.request_id)
+        src: list[int] = []
+        dst: list[int] = []
+        lens: list[int] = []
+        for region in msg.layers:
+            local = conn._regions.get(region.name)
+            if local is None or local[2] != region.page:
+                return f"layer {region.name!r} differs between the peers"
+            base, stride, page = local
+            n, g = len(src_ids) // self.groups, self.group_of[region.name]
+            coalesce(src, dst, lens, base, stride, region.base, region.block_stride, page,
+                     src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n])
+        if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
+            self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session, ident)
+            self.results.put((ident, sc.encode(sc.PullSource(request_id=msg.request_id, src=src, dst=dst,
+                                                             lens=lens)), ""))
+            self.waker.wake()
+            return None
+        return src, dst, lens
+
+    def answer(self, ident: bytes, msg: Any, reason: str, nbytes: int, t0: float) -> None:
+        """Ends a pushed request: done (its blocks are free again) or failed with ``reason``."""
+        self.busy.discard(msg.request_id)
+        status: Literal["done", "failed"] = "failed" if reason else "done"
         if status == "done":
             self.owner.pop(msg.request_id, None)
             self.free.extend(self.prefilled.pop(msg.request_id, []))

@@ -291,9 +291,11 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
 
 
 def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
-    """The engine alone on the blocks of one round of the self-test: a producer peer prefills the
+    """The engine alone on the blocks of the self-test's rounds: a producer peer prefills the
     requests; in pull mode this process READs each request's regions with the engine call alone,
-    in push mode the producer WRITEs them and reports the engine's own time."""
+    in push mode the producer WRITEs them and reports the engine's own time. Rounds repeat until
+    the engine has run ``bench.min_seconds`` (one round of small blocks takes milliseconds: too
+    short to time)."""
     conn._auth = conn._auth or auth.AuthKey.generate()
     proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"), conn._auth)
     control: Optional[Control] = None
@@ -314,32 +316,44 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
         requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks // n_groups))
         room = cfg.num_blocks // (requests * n_groups)
         per = min(ctx.prompt_blocks or room, room) or 1
-        moved, seconds = 0, 0.0
-        for r in range(requests):
-            rid = f"bare-{r}"
-            ask(sc.Prefill(request_id=rid, seed=r, num_blocks=per))
-            ids = [(g * requests + r) * per + j for g in range(n_groups) for j in range(per)]
-            reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
-                                    layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
-                                    meta=conn._engine_meta))
-            if isinstance(reply, sc.PullSource):
-                t0 = time.perf_counter()
-                handle = conn._engine_read(hello.meta, reply.src, reply.dst, reply.lens)
-                while (state := conn._engine_poll(handle)) == "PROC":
-                    pass
-                seconds += time.perf_counter() - t0
-                control.send(sc.Release(request_id=rid, ok=state == "DONE"))
-                moved += sum(reply.lens) if state == "DONE" else 0
-            elif isinstance(reply, sc.TransferResult) and reply.status == "done":
-                moved += reply.bytes
-                seconds += reply.seconds
+        moved, seconds, rounds = 0, 0.0, 0
+        least = getattr(ctx.bench, "min_seconds", 0.0) if ctx.bench is not None else 0.0
+        deadline = time.monotonic() + ctx.settings.timeout
+        while not rounds or (seconds < least and rounds < 1000 and time.monotonic() < deadline):
+            rounds += 1
+            moved, seconds = _bare_round(conn, ask, control, hello, requests, per, n_groups, rounds, moved,
+                                         seconds)
         return {"path": f"the bare engine ({'READ by the consumer' if conn.pull else 'write by the producer'}), "
-                        "same blocks, two processes", "bytes": moved,
+                        "same blocks, two processes", "bytes": moved, "rounds": rounds,
                 "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
     finally:
         if control is not None:
             control.close()
         stop_peer(proc, path)
+
+
+def _bare_round(conn: P2PConnector, ask: Any, control: Control, hello: Any, requests: int, per: int,
+                n_groups: int, rnd: int, moved: int, seconds: float) -> tuple[int, float]:
+    """One round of :func:`bare_engine`: each request prefilled, then moved by the engine alone."""
+    for r in range(requests):
+        rid = f"bare-{rnd}-{r}"
+        ask(sc.Prefill(request_id=rid, seed=r, num_blocks=per))
+        ids = [(g * requests + r) * per + j for g in range(n_groups) for j in range(per)]
+        reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
+                                layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
+                                meta=conn._engine_meta))
+        if isinstance(reply, sc.PullSource):
+            t0 = time.perf_counter()
+            handle = conn._engine_read(hello.meta, reply.src, reply.dst, reply.lens)
+            while (state := conn._engine_poll(handle)) == "PROC":
+                pass
+            seconds += time.perf_counter() - t0
+            control.send(sc.Release(request_id=rid, ok=state == "DONE"))
+            moved += sum(reply.lens) if state == "DONE" else 0
+        elif isinstance(reply, sc.TransferResult) and reply.status == "done":
+            moved += reply.bytes
+            seconds += reply.seconds
+    return moved, seconds
 
 
 def run_as_producer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
