@@ -105,7 +105,7 @@ def test_a_parallel_sweep_through_the_joblib_launcher_reports_failed_jobs(workdi
     proc = run_kvconf("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "action=bench",
                       "connector.module_path=zoo.connectors", "connector.name=Good,FailsAtRuntime", *SMALL, cwd=workdir)
     assert proc.returncode == 1, proc.stderr
-    assert "1 job(s) failed" in proc.stderr
+    assert "kvconf: 1 of 2 jobs failed:" in proc.stderr and "the disk is on fire" in proc.stderr.split("jobs failed:")[1]
     (sweep,) = (workdir / "multirun").glob("*/*")
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert sorted(r["status"][:6] for r in rows) == ["failed", "ok"]

@@ -148,8 +148,9 @@ def test_offloading_bench_reports_its_share_of_memcpy(workdir):
     b = json_out(proc)["bench"]
     c, cr, f = b["ceilings"], b["ceiling_ratio"], b["figures"]
     assert c["memcpy_gbps"] > 0 and c["memcpy_bytes"] >= 256 << 20 and cr["against"] == "memcpy"
-    assert cr["save"] == pytest.approx(f["save_gbps"] / c["memcpy_gbps"], rel=0.01)
-    assert cr["load"] == pytest.approx(f["load_gbps"] / c["memcpy_gbps"], rel=0.01)
+    # both rounded to 3 decimals: a slow run's small ratio differs in its last digit
+    assert cr["save"] == pytest.approx(f["save_gbps"] / c["memcpy_gbps"], rel=0.01, abs=1e-3)
+    assert cr["load"] == pytest.approx(f["load_gbps"] / c["memcpy_gbps"], rel=0.01, abs=1e-3)
     assert len(f["by_repetition"]["gbps"]) == 2
     results = json.loads((workdir / "results.json").read_text())
     assert results["ceiling_ratio"] == cr

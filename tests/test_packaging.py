@@ -29,7 +29,8 @@ def test_wheel_ships_conf_and_connectors(wheel):
     conf = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
     assert {f"kvconf/conf/{c}" for c in conf} <= names
     assert {"kvconf/conf/__init__.py", "kvconf_connectors/example.py", "kvconf/cli/app.py",
-            "kvconf_connectors/p2p/connector.py"} <= names
+            "kvconf_connectors/p2p/connector.py", "hydra_plugins/kvconf_sweeper/__init__.py"} <= names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package that other plugins share
     models = {str(p.relative_to(REPO)) for p in (CONF / "models").glob("*/config.json")}
     assert len(models) == 9 and models <= names  # the model configs kv_cache.model can name
 
@@ -49,6 +50,9 @@ def test_installed_copy_runs_from_anywhere(wheel, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import kvconf.cli as c; print(c.CONF_DIR)"], cwd=cwd, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(target)) and list(cwd.iterdir()) == []
+    sweep = subprocess.run([sys.executable, "-m", "kvconf", "-m", "kv_cache=tiny,llama3_8b", "action=check"], cwd=cwd,
+                           env=env, capture_output=True, text=True)
+    assert sweep.returncode == 0, sweep.stderr  # kvconf's sweeper (hydra/sweeper=kvconf) is in the wheel
 
 
 def test_every_conf_yaml_validates_against_its_group_schema():

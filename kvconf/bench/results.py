@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["RESULTS_SCHEMA", "BenchResults", "environment", "write_results"]
+__all__ = ["RESULTS_SCHEMA", "BenchResults", "environment", "results_document", "write_results"]
 
 ResultsSchema = Literal["kvconf-bench/1"]
 RESULTS_SCHEMA: str = typing.get_args(ResultsSchema)[0]
@@ -146,8 +146,19 @@ class BenchResults(BaseModel):
     timings: dict[str, float]
 
 
-def write_results(report: dict[str, Any], data: dict[str, Any], out_dir: Path, kv_label: str) -> Path:
-    """Writes ``results.json`` for one bench job; its path."""
+def write_results(report: dict[str, Any], data: dict[str, Any], out_dir: Path, kv_label: str,
+                  doc: dict[str, Any] | None = None) -> Path:
+    """Writes ``results.json`` (``doc``, or :func:`results_document`) for one bench job; its path."""
+    doc = doc if doc is not None else results_document(report, data, kv_label)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
+
+
+def results_document(report: dict[str, Any], data: dict[str, Any], kv_label: str) -> dict[str, Any]:
+    """The content of one bench job's ``results.json`` (validated against the results schema):
+    what the job writes, and what it returns to the process that launched a sweep."""
     bench = report["bench"]
     doc = {
         "schema_": RESULTS_SCHEMA, "connector": report["connector"]["name"], "kv_cache": kv_label,
@@ -159,7 +170,4 @@ def write_results(report: dict[str, Any], data: dict[str, Any], out_dir: Path, k
     if "store" in bench:
         doc["store"] = bench["store"]
     BenchResults.model_validate(doc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return path
+    return json.loads(json.dumps(doc, default=str))  # plain data: it travels (pickled) from a remote job

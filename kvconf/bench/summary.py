@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "summarize"]
+__all__ = ["COLUMNS", "rows_from_folders", "rows_from_records", "summarize"]
 
 
 COLUMNS = ["job", "connector", "kv_cache", "status", "gbps", "save_gbps", "load_gbps", "raw_gbps", "ratio",
@@ -34,8 +34,25 @@ def _row(job: str, doc: dict[str, Any]) -> dict[str, Any]:
             "p99_ms": f["latency_ms"]["p99"], "raw_path": raw.get("path", "")}
 
 
-def summarize(sweep_dir: Path, out=sys.stdout) -> list[dict[str, Any]]:
-    """``summary.csv``, a terminal table and ``summary.png`` for the jobs under ``sweep_dir``."""
+def _failed(job: str, connector: Any, kv_cache: Any, code: Any, message: str) -> dict[str, Any]:
+    return {"job": job, "connector": connector or "", "kv_cache": kv_cache or "",
+            "status": f"failed (exit {code}): {message}"}
+
+
+def rows_from_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summary's rows from the records the jobs returned (:func:`kvconf.cli.app.execute`), in job
+    order: a bench's figures, or why the job failed. Jobs that are not benches have no row."""
+    rows = []
+    for i, r in enumerate(records):
+        if r.get("results"):
+            rows.append(_row(str(i), r["results"]))
+        elif r.get("exit_code"):
+            rows.append(_failed(str(i), r.get("connector"), r.get("kv_cache"), r["exit_code"], r.get("message", "")))
+    return rows
+
+
+def rows_from_folders(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The summary's rows from the ``results.json`` or ``error.json`` each job left in its folder."""
     rows = []
     for job in sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
         res, err = job / "results.json", job / "error.json"
@@ -43,10 +60,17 @@ def summarize(sweep_dir: Path, out=sys.stdout) -> list[dict[str, Any]]:
             rows.append(_row(job.name, json.loads(res.read_text())))
         elif err.exists():
             e = json.loads(err.read_text())
-            rows.append({"job": job.name, "connector": e.get("connector", ""), "kv_cache": e.get("kv_cache", ""),
-                         "status": f"failed (exit {e.get('exit_code')}): {e.get('message', '')}"})
-    if not rows:
+            rows.append(_failed(job.name, e.get("connector"), e.get("kv_cache"), e.get("exit_code"), e.get("message", "")))
+    return rows
+
+
+def summarize(sweep_dir: Path, out=sys.stdout, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``summary.csv``, a terminal table and ``summary.png`` in ``sweep_dir``: from the jobs'
+    returned ``records`` where the launching process has them, else from the jobs' folders."""
+    rows = rows_from_records(records) if records is not None else rows_from_folders(sweep_dir)
+    if not rows or not any(r["status"] == "ok" for r in rows):
         return rows
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()

@@ -48,21 +48,25 @@ def _want_traceback(data: Any) -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or (isinstance(data, dict) and data.get("debug") is True)
 
 
-def _task(cfg: DictConfig) -> None:
-    """The task Hydra's main runs (once, or once per job of a sweep)."""
+def _task(cfg: DictConfig) -> dict[str, Any]:
+    """The task Hydra's main runs (once, or once per job of a sweep). Its return value is the job's
+    record (:func:`execute`): a launcher hands it back to the process that launched the sweep,
+    wherever the job ran."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     state.callbacks = [str(c.get("_target_")) for c in (hc.callbacks or {}).values() if hasattr(c, "get")]
-    execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)",
-            job_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices))
+    return execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)",
+                   job_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices))
 
 
 def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None = None,
-            choices: dict[str, Any] | None = None) -> None:
+            choices: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs one composed job and reports it (stdout) or its error (stderr); outside a sweep a
-    failure ends the process with its exit code."""
+    failure ends the process with its exit code. Returns the job's record: ``overrides``,
+    ``exit_code``, ``message`` (why it failed), ``connector``, ``kv_cache`` and, for a bench,
+    ``results`` (the content of its ``results.json``)."""
     from kvconf.runtime.pipeline import run_job
 
     state.task_started = True
@@ -70,6 +74,7 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
     data: Any = None
     code = 0
     err_text = ""
+    results: dict[str, Any] | None = None
     try:
         try:
             data = OmegaConf.to_container(cfg, resolve=True)
@@ -80,14 +85,15 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
         report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
         report["callbacks"] = list(state.callbacks)
         if report["action"] == "bench":
-            from kvconf.bench.results import write_results
+            from kvconf.bench.results import results_document, write_results
 
             kv_label = (choices or {}).get("kv_cache") or f"{report['plan']['bytes_per_block']} B/block"
-            report["results_file"] = str(write_results(report, data, job_dir or Path.cwd(), kv_label))
+            results = results_document(report, data, kv_label)
+            report["results_file"] = str(write_results(report, data, job_dir or Path.cwd(), kv_label, results))
         _emit(report, data.get("output", "text"))
     except KVConfError as exc:
         code = exc.exit_code
-        err_text = exc.problems[0].message if exc.problems else str(exc)
+        err_text = _one_line(exc.problems[0]) if exc.problems else str(exc)
         _report_error(exc, data, label if multirun else None)
     except Exception as exc:  # a bug in a connector or in kvconf: a runtime failure
         err = ConnectorRuntimeError(Problem("", f"{type(exc).__name__}: {exc}",
@@ -96,20 +102,36 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
         code = 1
         err_text = f"{type(exc).__name__}: {exc}"
         _report_error(err, data, label if multirun else None, cause=exc)
+    name = (data.get("connector") or {}).get("name") if isinstance(data, dict) and isinstance(
+        data.get("connector"), dict) else None
+    who = {**(choices or {}), **({"connector": name} if name else {})}
     if code and multirun and job_dir is not None and isinstance(data, dict):
-        name = (data.get("connector") or {}).get("name") if isinstance(data.get("connector"), dict) else None
-        _write_error(job_dir, {**(choices or {}), **({"connector": name} if name else {})}, code, err_text)
+        _write_error(job_dir, who, code, err_text)
     state.jobs.append((label, code))
     state.t0 = time.perf_counter()
     if code and not multirun:
         _flush()
         sys.exit(code)
+    return {"overrides": label, "exit_code": code, "message": err_text, "connector": who.get("connector"),
+            "kv_cache": who.get("kv_cache"), "job_dir": str(job_dir) if job_dir else None, "results": results}
 
 
 def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     from kvconf.bench.run import run_bench  # loaded by action=bench alone
 
     return run_bench(connector, kv_caches, ctx)
+
+
+def _one_line(p: Problem) -> str:
+    """A problem in one line, for a sweep's list of failed jobs: path, message, value.
+
+    >>> _one_line(Problem("connector.kv_role", "value is not one of the allowed values", value="sideways"))
+    "connector.kv_role: value is not one of the allowed values (value 'sideways')"
+    """
+    from kvconf.errors import MISSING
+
+    text = f"{p.path}: {p.message}" if p.path else p.message
+    return text + (f" (value {p.value!r})" if p.value is not MISSING else "")
 
 
 def _write_error(job_dir: Path, choices: dict[str, Any], code: int, message: str) -> None:
@@ -351,7 +373,16 @@ def _main(argv: list[str]) -> None:
             traceback.print_exc()
             raise SystemExit(2) from None
         raise
-    if not state.jobs and state.swept_failures:  # a launcher ran the jobs in other processes
+    if state.returns is not None:  # kvconf's sweeper: every job's record, wherever it ran
+        failed_jobs = [r for r in state.returns if r.get("exit_code")]
+        if failed_jobs:
+            print(f"kvconf: {len(failed_jobs)} of {len(state.returns)} jobs failed:", file=sys.stderr)
+            for r in failed_jobs:
+                print(f"  exit {r['exit_code']}: {r['overrides']}" + (f": {r['message']}" if r.get("message") else ""),
+                      file=sys.stderr)
+            raise SystemExit(max(int(r["exit_code"]) for r in failed_jobs))
+        return
+    if not state.jobs and state.swept_failures:  # another sweeper; a launcher ran the jobs in other processes
         print(f"kvconf: {len(state.swept_failures)} job(s) failed:", file=sys.stderr)
         for folder, code in state.swept_failures:
             print(f"  exit {code}: {folder}", file=sys.stderr)

@@ -16,11 +16,16 @@ __all__ = ["SweepSummary"]
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun sweep: the jobs that failed in other processes (a launcher's) are
-    counted for the exit code, and a sweep of ``action=bench`` jobs gets its summary."""
+    """At the end of a multirun sweep, in the launching process: a sweep of ``action=bench`` jobs
+    gets its summary, built from what the jobs returned (kvconf's sweeper keeps it, wherever the
+    jobs ran), or, under another sweeper, from the files the jobs left in the sweep folder (whose
+    ``error.json`` files then count for the exit code)."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if state.returns is not None:
+            summarize(sweep_dir, records=state.returns)
+            return
         if not sweep_dir.is_dir():
             return
         for err in sorted(sweep_dir.glob("*/error.json")):  # jobs a launcher ran elsewhere report here

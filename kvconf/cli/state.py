@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 __all__ = ["SweepState", "state"]
 
@@ -21,6 +22,10 @@ class SweepState:
     """(overrides, exit code) of each job run in this process."""
     swept_failures: list[tuple[str, int]] = field(default_factory=list)
     """(job folder, exit code) of failed jobs that a launcher ran in other processes (joblib)."""
+    returns: Optional[list[dict[str, Any]]] = None
+    """The record each job of a sweep returned (:func:`kvconf.cli.app.execute`), in job order, as the
+    launcher handed them back to this process (kvconf's sweeper keeps them); None: no sweep here, or
+    another sweeper."""
     callbacks: list[str] = field(default_factory=list)
     """The ``_target_`` of each Hydra callback the config names (Hydra runs them around the jobs)."""
 

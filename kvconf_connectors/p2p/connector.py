@@ -193,6 +193,15 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         return []
 
     @classmethod
+    def job_processes(cls, job: dict[str, Any]) -> int:
+        """The processes a job with this connector runs at once (a sweep's launcher is asked for as
+        many CPUs): a worker's ``action=run`` or ``bench`` without ``connector.extra.peer`` starts
+        its peer beside it."""
+        extra = (job.get("connector") or {}).get("extra") or {}
+        alone = job.get("role", "worker") != "worker" or job.get("action", "run") not in ("run", "bench")
+        return 1 if alone or extra.get("peer") else 2
+
+    @classmethod
     def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
         """The shared key (``connector.extra.auth_key_file`` or ``$KVCONF_AUTH_KEY``), where one is
         set: a file that is missing, readable by others or too short is a config error at check time."""

@@ -1,0 +1,72 @@
+"""Sweeps beyond one machine's basic launcher: Ray (a local cluster the sweep starts and stops) and
+submitit (its local executor). The summary is built from what the jobs return, not from their
+folders; a failing job is listed with its overrides and message; the sweep exits with the worst code."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from conftest import owned_processes, run_kvconf
+
+pytestmark = pytest.mark.torch
+
+SMALL = ("bench.repetitions=1", "bench.warmup=0", "bench.ceilings=false", "bench.min_seconds=0")
+FORGET = "+hydra.callbacks.forget._target_=zoo.callbacks.ForgetJobFolder"
+"""Each job's folder is removed where the job ran, once it ends: as on machines without a shared folder."""
+
+
+def summary(workdir):
+    (sweep,) = (workdir / "multirun").glob("*/*")
+    return sweep, list(csv.DictReader(open(sweep / "summary.csv")))
+
+
+def test_a_ray_sweep_builds_its_summary_from_the_returned_figures_and_lists_a_failed_job(workdir):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    ray = ("hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false")
+    proc = run_kvconf("-m", *ray, "action=bench", "connector=example,offloading", "kv_cache=tiny", FORGET, *SMALL,
+                      cwd=workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep, rows = summary(workdir)
+    assert not [d for d in sweep.iterdir() if d.is_dir()]  # no job folder is left: the figures came back
+    assert [(r["job"], r["connector"], r["kv_cache"], r["status"]) for r in rows] == [
+        ("0", "example", "tiny", "ok"), ("1", "offloading", "tiny", "ok")]
+    assert all(float(r["gbps"]) > 0 and float(r["raw_gbps"]) > 0 for r in rows)
+    assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert owned_processes() == []  # the local Ray cluster stopped with the sweep
+
+    shutil.rmtree(workdir / "multirun")
+    # one combination is a bad value: it fails with its message, the others run, the sweep exits 2
+    proc = run_kvconf("-m", *ray, "action=bench", "connector=example,offloading", "kv_cache=tiny",
+                      "connector.kv_role=kv_both,sideways", *SMALL, cwd=workdir, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _, rows = summary(workdir)
+    status = {(r["connector"], r["status"].split(":")[0]) for r in rows}
+    assert status == {("example", "ok"), ("offloading", "ok"), ("example", "failed (exit 2)"),
+                      ("offloading", "failed (exit 2)")}
+    assert "kvconf: 2 of 4 jobs failed:" in proc.stderr
+    assert ("exit 2: action=bench connector=offloading kv_cache=tiny connector.kv_role=sideways" in proc.stderr
+            and "connector.kv_role: value is not one of the allowed values (value 'sideways')" in proc.stderr)
+    assert owned_processes() == []
+
+    # a job whose connector starts a peer process beside it asks Ray for two CPUs
+    proc = run_kvconf("-m", *ray, "action=run", "connector=example,mooncake", "self_test.transfer_bytes=4MiB",
+                      "+hydra.callbacks.cpus._target_=zoo.callbacks.RecordRayCPUs", cwd=workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted((workdir / "ray_cpus.txt").read_text().split("\n")) == ["", "example 1", "mooncake 2"]
+    assert "asking the launcher for 2 CPUs per job (num_cpus)" in proc.stderr
+    assert owned_processes() == []
+
+
+def test_the_same_sweep_runs_through_submitit_local(workdir):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = run_kvconf("-m", "hydra/launcher=submitit_local", "action=bench", "connector=example,offloading",
+                      "kv_cache=tiny", "connector.kv_role=kv_both,sideways", FORGET, *SMALL, cwd=workdir, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _, rows = summary(workdir)
+    assert [(r["connector"], r["status"][:15]) for r in rows] == [
+        ("example", "ok"), ("example", "failed (exit 2)"), ("offloading", "ok"), ("offloading", "failed (exit 2)")]
+    assert "kvconf: 2 of 4 jobs failed:" in proc.stderr
+    assert owned_processes() == []
