@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import owned_processes, run_kvconf
+from conftest import kvconf_env, owned_processes, run_kvconf
 
 pytestmark = pytest.mark.torch
 
@@ -69,4 +69,16 @@ def test_the_same_sweep_runs_through_submitit_local(workdir):
     assert [(r["connector"], r["status"][:15]) for r in rows] == [
         ("example", "ok"), ("example", "failed (exit 2)"), ("offloading", "ok"), ("offloading", "failed (exit 2)")]
     assert "kvconf: 2 of 4 jobs failed:" in proc.stderr
+    assert owned_processes() == []
+
+
+def test_a_launcher_that_cannot_run_the_jobs_is_one_runtime_error(workdir, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    long = tmp_path / ("t" * 80)  # a folder the user chose for Ray that is too long for its sockets
+    long.mkdir()
+    proc = run_kvconf("-m", "hydra/launcher=ray", "action=check", "connector=example,offloading", cwd=workdir,
+                      env=kvconf_env(RAY_TMPDIR=str(long)), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "kvconf: runtime error" in proc.stderr and "hydra/launcher" in proc.stderr
+    assert "the RayLauncher could not run the jobs: OSError" in proc.stderr and "Traceback" not in proc.stderr
     assert owned_processes() == []

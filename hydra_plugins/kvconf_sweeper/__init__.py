@@ -36,9 +36,9 @@ class _PlacedLauncher:
         self.launcher, self.hydra_context, self.config = launcher, hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from kvconf.cli.sweep import launch_placed
+        from kvconf.cli.sweep import launch
 
-        return launch_placed(self.launcher, job_overrides, initial_job_idx, self.hydra_context, self.config)
+        return launch(self.launcher, job_overrides, initial_job_idx, self.hydra_context, self.config)
 
 
 class KVConfSweeper(BasicSweeper):

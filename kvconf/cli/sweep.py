@@ -16,13 +16,14 @@ sweeper:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
-__all__ = ["cpus_needed", "job_records", "launch_placed"]
+__all__ = ["cpus_needed", "job_records", "launch", "launch_placed", "ray_temp_folder"]
 
 def job_records(returns: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """One record per job from the sweeper's batches of ``JobReturn``: what the job returned, or, where
@@ -80,6 +81,59 @@ def _resource(launcher: Any) -> tuple[Any, str] | None:
     if isinstance(params, dict) and "submitit_folder" in params:
         return params, "cpus_per_task"
     return None
+
+
+RAY_SOCKET_TAIL = len("/ray/session_2026-11-28_21-27-52_046303_99999/sockets/plasma_store")
+"""What a local Ray cluster appends to its temp folder for its longest socket path; a Unix socket's
+path holds 107 bytes."""
+
+
+def ray_temp_folder(environ: Any = None) -> str | None:
+    """Where a local Ray cluster should keep its sockets when the temp folder it would use
+    (``RAY_TMPDIR``, else ``TMPDIR``) is too long for them: ``/tmp``; None where it fits.
+
+    >>> ray_temp_folder({"TMPDIR": "/tmp"}) is None, ray_temp_folder({"TMPDIR": "/tmp/" + "x" * 60})
+    (True, '/tmp')
+    >>> ray_temp_folder({"RAY_TMPDIR": "/tmp/" + "x" * 60})  # the user chose it: Ray will say so
+    """
+    import tempfile
+
+    env = os.environ if environ is None else environ
+    if env.get("RAY_TMPDIR"):
+        return None
+    base = env.get("TMPDIR") or tempfile.gettempdir()
+    return "/tmp" if len(base) + RAY_SOCKET_TAIL > 107 else None
+
+
+def launch(launcher: Any, batch: Sequence[Sequence[str]], initial_job_idx: int, hydra_context: Any,
+           config: Any) -> Sequence[Any]:
+    """:func:`launch_placed`; a launcher that cannot run the jobs at all (Ray does not start, no
+    SLURM) is a runtime failure, said in one message (exit 1)."""
+    from kvconf.errors import ConnectorRuntimeError, KVConfError, Problem  # loaded once a sweep starts
+
+    if getattr(launcher, "ray_cfg", None) is not None and not (launcher.ray_cfg.get("init") or {}).get("address"):
+        short = ray_temp_folder()
+        if short is not None:
+            os.environ["RAY_TMPDIR"] = short
+            print(f"kvconf: the temp folder is too long for a local Ray cluster's sockets (107 bytes at most): "
+                  f"Ray keeps them under {short}/ray (set RAY_TMPDIR to choose)", file=sys.stderr, flush=True)
+    try:
+        return launch_placed(launcher, batch, initial_job_idx, hydra_context, config)
+    except KVConfError:
+        raise
+    except Exception as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        name = type(launcher).__name__
+        err = ConnectorRuntimeError(Problem(
+            "hydra/launcher", f"the {name} could not run the jobs: {type(exc).__name__}: {exc}",
+            value=name, fix="check the launcher's settings (hydra.launcher.*) and that its cluster is reachable; "
+                            "HYDRA_FULL_ERROR=1 shows the traceback"))
+        print(err.render(), file=sys.stderr, flush=True)
+        from .state import state
+
+        state.task_started = True  # composition went well: not a config error
+        raise SystemExit(1) from None
 
 
 def launch_placed(launcher: Any, batch: Sequence[Sequence[str]], initial_job_idx: int,
