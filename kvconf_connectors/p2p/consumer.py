@@ -144,44 +144,49 @@ def pull_loop(conn: P2PConnector) -> None:
                 if sock not in socks.values():
                     continue  # closed above: its producer refused the key
                 peer = next(k for k, v in socks.items() if v is sock)
-                try:
-                    msg = sc.decode(sock.recv())
-                except sc.BadMessage as exc:
-                    log.warning("ignored a bad side-channel message from %s: %s", peer, exc)
-                    continue
-                if isinstance(msg, sc.HelloAck):
-                    if msg.layout != conn.layout_fingerprint():
-                        for rid, p in list(pending.items()):
-                            if p.recv.peer == peer:
-                                conn._fail(p.recv, f"the producer at {peer} has another KV layout "
-                                                   f"({msg.layout}, here {conn.layout_fingerprint()})")
-                                del pending[rid]
-                    acked[peer] = 0
-                    peer_meta[peer] = msg.meta
-                elif isinstance(msg, sc.PullSource):
-                    asked = pending.get(msg.request_id)
-                    if asked is None:
-                        sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                        continue
+                for _ in range(256):  # what came meanwhile, a burst at once (bounded)
                     try:
-                        reading[msg.request_id] = (conn._engine_read(peer_meta.get(peer, b""), msg.src, msg.dst,
-                                                                     msg.lens), peer)
-                    except Exception as exc:  # the engine refused: the request fails
-                        del pending[msg.request_id]
-                        sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                        conn._fail(asked.recv, f"reading from {peer} could not start: {exc}")
-                elif isinstance(msg, sc.TransferResult):
-                    result_for = pending.pop(msg.request_id, None)
-                    if result_for is None:
+                        raw = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = sc.decode(raw)
+                    except sc.BadMessage as exc:
+                        log.warning("ignored a bad side-channel message from %s: %s", peer, exc)
                         continue
-                    if msg.status == "done":
-                        with conn._lock:
-                            conn._done.add(msg.request_id)
-                        conn._finished.set()
-                    else:
-                        conn._fail(result_for.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
-                elif isinstance(msg, sc.Rejected):
-                    log.warning("the producer at %s rejected a message: %s", peer, msg.reason)
+                    if isinstance(msg, sc.HelloAck):
+                        if msg.layout != conn.layout_fingerprint():
+                            for rid, p in list(pending.items()):
+                                if p.recv.peer == peer:
+                                    conn._fail(p.recv, f"the producer at {peer} has another KV layout "
+                                                       f"({msg.layout}, here {conn.layout_fingerprint()})")
+                                    del pending[rid]
+                        acked[peer] = 0
+                        peer_meta[peer] = msg.meta
+                    elif isinstance(msg, sc.PullSource):
+                        asked = pending.get(msg.request_id)
+                        if asked is None:
+                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
+                            continue
+                        try:
+                            reading[msg.request_id] = (conn._engine_read(peer_meta.get(peer, b""), msg.src, msg.dst,
+                                                                         msg.lens), peer)
+                        except Exception as exc:  # the engine refused: the request fails
+                            del pending[msg.request_id]
+                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
+                            conn._fail(asked.recv, f"reading from {peer} could not start: {exc}")
+                    elif isinstance(msg, sc.TransferResult):
+                        result_for = pending.pop(msg.request_id, None)
+                        if result_for is None:
+                            continue
+                        if msg.status == "done":
+                            with conn._lock:
+                                conn._done.add(msg.request_id)
+                            conn._finished.set()
+                        else:
+                            conn._fail(result_for.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
+                    elif isinstance(msg, sc.Rejected):
+                        log.warning("the producer at %s rejected a message: %s", peer, msg.reason)
     finally:
         for _, hs in watches.values():
             hs.close()

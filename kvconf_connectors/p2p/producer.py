@@ -127,25 +127,29 @@ class Producer:
                 self.watch()
             if self.sock not in ready:
                 continue
-            frames = self.sock.recv_multipart(copy=False)
-            if len(frames) != 2:
-                self.rejected += 1
-                log.warning("rejected a side-channel message of %d frames", len(frames))
-                continue
-            ident, raw = frames[0].bytes, frames[1].bytes
-            try:
-                fd = frames[1].get(zmq.SRCFD)
-            except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
-                fd = -1
-            self.on_fd.setdefault(fd, set()).add(ident)
-            try:
-                msg = sc.decode(raw)
-            except sc.BadMessage as exc:
-                self.rejected += 1
-                log.warning("rejected a side-channel message: %s", exc)
-                self.sock.send_multipart([ident, sc.encode(sc.Rejected(reason=str(exc)))])
-                continue
-            self.handle(ident, msg)
+            for _ in range(256):  # what came meanwhile, a burst at once (bounded: a flood cannot starve the rest)
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(frames) != 2:
+                    self.rejected += 1
+                    log.warning("rejected a side-channel message of %d frames", len(frames))
+                    continue
+                ident, raw = frames[0].bytes, frames[1].bytes
+                try:
+                    fd = frames[1].get(zmq.SRCFD)
+                except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
+                    fd = -1
+                self.on_fd.setdefault(fd, set()).add(ident)
+                try:
+                    msg = sc.decode(raw)
+                except sc.BadMessage as exc:
+                    self.rejected += 1
+                    log.warning("rejected a side-channel message: %s", exc)
+                    self.sock.send_multipart([ident, sc.encode(sc.Rejected(reason=str(exc)))])
+                    continue
+                self.handle(ident, msg)
         self.send_results()
 
     def watch(self) -> None:
@@ -288,7 +292,10 @@ class Producer:
             reply = (sc.TransferResult(request_id=msg.request_id, status="failed", reason=reason)
                      if isinstance(msg, sc.Transfer) else sc.Rejected(reason=reason))
         elif isinstance(msg, sc.Transfer):
-            self.sender(msg.session).put((ident, msg))
+            if msg.mode == "pull":  # nothing moves here: answered from this thread, without a hand-off
+                self.push([(ident, msg)])
+            else:
+                self.sender(msg.session).put((ident, msg))
             return
         elif isinstance(msg, sc.Release):
             if msg.request_id in self.pulling and self.pulling[msg.request_id][3] != ident:
