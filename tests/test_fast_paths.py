@@ -99,6 +99,23 @@ def test_a_blocks_hash_is_sha256_of_every_token_up_to_its_end_however_the_tokens
     assert other[:10] == expect[:10] and not set(other[10:]) & set(expect)  # a shared prefix, then apart
 
 
+def test_a_large_host_buffer_is_zeroed_and_backed_by_huge_pages_where_the_kernel_offers_them():
+    torch = pytest.importorskip("torch")
+    from kvconf.runtime.allocate import HUGE_PAGE, host_zeros
+
+    def huge() -> int:
+        return int(next(ln.split()[1] for ln in open("/proc/self/smaps_rollup") if ln.startswith("AnonHugePages")))
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    before = huge()
+    t = host_zeros((64, 1 << 20), dtype=torch.float16)  # 128 MiB
+    assert t.shape == (64, 1 << 20) and t.dtype == torch.float16 and not t.any()
+    assert t.data_ptr() % HUGE_PAGE == 0
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    assert (huge() - before) * 1024 >= 64 << 20  # most of the buffer (the kernel may leave some pages small)
+
+
 def test_an_eviction_skips_saves_in_flight_and_takes_the_least_recently_used():
     idx = LRUIndex(3)
     slots = [idx.reserve(k, set()) for k in (b"a", b"b", b"c")]

@@ -5,18 +5,54 @@ The first module on the config path that imports torch; nothing before it does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvconf.config.kvcache import KVCacheConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["allocate", "layer_views"]
+__all__ = ["HUGE_PAGE", "allocate", "host_zeros", "layer_views"]
 
 
 ALIGN = 256
 """Each allocation starts at a multiple of this many bytes inside the buffer."""
+
+
+HUGE_PAGE = 2 << 20
+"""The size of a transparent huge page on x86-64 and most arm64 Linux kernels."""
+
+
+def host_zeros(shape: tuple[int, ...], dtype: Any = None, pin_memory: bool = False) -> torch.Tensor:
+    """A zeroed host tensor whose memory the kernel may back with transparent huge pages
+    (``madvise(MADV_HUGEPAGE)`` before the first touch, on a 2 MiB boundary): scattered block
+    copies into a large buffer then miss the TLB far less (writes into a cold 1 GiB pool ran at
+    6-8 GB/s here in 4 KiB pages). Where the kernel says no (another OS, THP off), plain pages."""
+    import math
+
+    import torch
+
+    dtype = dtype or torch.uint8
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if pin_memory or nbytes < 4 * HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % HUGE_PAGE
+    region = raw[skip:skip + nbytes]
+    _advise_huge(region.data_ptr(), nbytes)
+    region.zero_()
+    return region.view(dtype).view(shape)
+
+
+def _advise_huge(ptr: int, nbytes: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 14)  # MADV_HUGEPAGE; a refusal is harmless
+    except (OSError, AttributeError):
+        pass
 
 
 def allocate(cfg: KVCacheConfig, device: str) -> list[torch.Tensor]:
@@ -31,7 +67,10 @@ def allocate(cfg: KVCacheConfig, device: str) -> list[torch.Tensor]:
     for size in sizes:
         starts.append(at)
         at += -(-size // ALIGN) * ALIGN
-    buffer = torch.zeros(max(at, 1), dtype=torch.uint8, device=device)
+    if torch.device(device).type == "cpu":
+        buffer = host_zeros((max(at, 1),))  # huge pages where the kernel gives them
+    else:
+        buffer = torch.zeros(max(at, 1), dtype=torch.uint8, device=device)
     return [buffer[start:start + size] for start, size in zip(starts, sizes)]
 
 
