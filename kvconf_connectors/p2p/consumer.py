@@ -90,6 +90,8 @@ def pull_loop(conn: P2PConnector) -> None:
                     socks[r.peer] = s
                     acked[r.peer] = time.monotonic()
                     poller.register(s, zmq.POLLIN)
+                if not r.request_id:  # connect only (P2PConnector.connect)
+                    continue
                 pending[r.request_id] = Pending(r, time.monotonic() + conn.extra.transfer_timeout)
             now = time.monotonic()
             for rid, p in list(pending.items()):
@@ -163,6 +165,8 @@ def pull_loop(conn: P2PConnector) -> None:
                                     del pending[rid]
                         acked[peer] = 0
                         peer_meta[peer] = msg.meta
+                        conn._ready.add(peer)
+                        conn._finished.set()
                     elif isinstance(msg, sc.PullSource):
                         asked = pending.get(msg.request_id)
                         if asked is None:

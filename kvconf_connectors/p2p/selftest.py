@@ -183,6 +183,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
         if ack.layout != conn.layout_fingerprint():
             raise ConnectorRuntimeError(Problem("kv_cache", f"the producer at {peer} has another KV layout",
                                                 fix="start both sides with the same kv_cache"))
+        conn.connect(peer, conn.extra.handshake_timeout)  # as an engine at start-up: the rounds time transfers
         loaded = failed = 0
         bytes_ok = 0
         seconds = 0.0
