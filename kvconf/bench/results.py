@@ -40,11 +40,13 @@ class Figures(_Open):
     verified: Literal[True]
     """Every loaded byte was checked; a wrong byte fails the benchmark instead."""
     gbps: Optional[float] = None
-    """Every byte moved over the connector's time; left out where nothing was timed."""
+    """Every byte moved over the connector's time, the median of the repetitions' (each in
+    ``by_repetition``); left out where nothing was timed."""
     save_gbps: Optional[float] = None
-    """Saved bytes over the time in save calls; left out where the connector saves nothing here."""
+    """Saved bytes over the time in save calls (median of the repetitions); left out where the
+    connector saves nothing here."""
     load_gbps: Optional[float] = None
-    """Bytes loaded into the wiped cache over the time in those load calls."""
+    """Bytes loaded into the wiped cache over the time in those load calls (median of the repetitions)."""
     latency_ms: Latency
     requests: int
     repetitions: int

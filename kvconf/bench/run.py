@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import sys
 import time
 from typing import Any, Optional
@@ -170,25 +171,36 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _figures(runs: list[dict[str, Any]], bench: Any) -> dict[str, Any]:
-    """Throughput, latency and each repetition's throughput (their spread); a figure that was
-    not measured (no save side, say) is left out."""
+    """Throughput (``gbps``, ``save_gbps``, ``load_gbps``: the median of the repetitions' rates,
+    so that one repetition that met a disk's writeback stall does not stand for the others),
+    latency and each repetition's throughput (their spread); a figure that was not measured (no
+    save side, say) is left out.
+
+    >>> class B: repetitions, warmup = 3, 0
+    >>> runs = [{"bytes": 10**9, "seconds": s} for s in (1.0, 0.5, 4.0)]  # 1, 2 and 0.25 GB/s
+    >>> f = _figures(runs, B()); f["gbps"], f["by_repetition"]["gbps"]
+    (1.0, [1.0, 2.0, 0.25])
+    """
     moved = sum(r["bytes"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
     latencies = [s for r in runs for s in r.get("request_seconds", [])]
+    spread = {k: [x for x in (_rate([r], b, s) for r in runs) if x is not None]
+              for k, b, s in (("gbps", "bytes", "seconds"), ("save_gbps", "saved_bytes", "save_seconds"),
+                              ("load_gbps", "loaded_bytes", "load_seconds"))}
     figures: dict[str, Any] = {
         "bytes": moved, "seconds": round(seconds, 6), "verified": True,
-        "gbps": round(moved / seconds / 1e9, 3) if seconds else None,
-        "save_gbps": _rate(runs, "saved_bytes", "save_seconds"),
-        "load_gbps": _rate(runs, "loaded_bytes", "load_seconds"),
+        "gbps": _median(spread["gbps"]), "save_gbps": _median(spread["save_gbps"]),
+        "load_gbps": _median(spread["load_gbps"]),
         "latency_ms": percentiles(latencies), "requests": sum(r.get("requests", 0) for r in runs),
         "repetitions": bench.repetitions, "warmup": bench.warmup,
         "transport": runs[-1].get("transport") if runs else None,
     }
-    spread = {k: [x for x in (_rate([r], b, s) for r in runs) if x is not None]
-              for k, b, s in (("gbps", "bytes", "seconds"), ("save_gbps", "saved_bytes", "save_seconds"),
-                              ("load_gbps", "loaded_bytes", "load_seconds"))}
     figures["by_repetition"] = {k: v for k, v in spread.items() if v and figures.get(k) is not None}
     return {k: v for k, v in figures.items() if v is not None}
+
+
+def _median(values: list[float]) -> Optional[float]:
+    return round(statistics.median(values), 3) if values else None
 
 
 def ceiling_kind(connector: Any) -> Optional[str]:
@@ -208,7 +220,8 @@ CEILING_NAMES = {"memcpy": "memcpy", "file": "raw file: write + fsync, read", "n
 def ceiling_ratio(kind: Optional[str], figures: dict[str, Any], runs: list[dict[str, Any]],
                   limits: dict[str, Any], cold: bool) -> Optional[dict[str, Any]]:
     """Connector / physical limit for save, load and overall (the time the limit would take for
-    the same saved and loaded bytes over the connector's time); None where a side does not apply."""
+    the same saved and loaded bytes over the connector's time: the median of the repetitions');
+    None where a side does not apply."""
     if kind is None:
         return None
     warm = limits.get("file_read_warm_gbps")
@@ -222,9 +235,9 @@ def ceiling_ratio(kind: Optional[str], figures: dict[str, Any], runs: list[dict[
     def part(gbps: Optional[float], at: Optional[float]) -> Optional[float]:
         return round(gbps / at, 3) if gbps and at else None
 
-    ideal, seconds, whole = 0.0, 0.0, True  # whole: every byte moved has a limit to go by
+    shares, whole = [], True  # whole: every byte moved has a limit to go by
     for r in runs:
-        seconds += r["seconds"]
+        ideal = 0.0
         saved, loaded = r.get("saved_bytes") or 0, r.get("loaded_bytes") or 0
         prefix = r.get("prefix_bytes") or 0
         other = max(0, r["bytes"] - saved - loaded - prefix)  # moved, not split by side (a transfer)
@@ -233,8 +246,10 @@ def ceiling_ratio(kind: Optional[str], figures: dict[str, Any], runs: list[dict[
                 ideal += n / (at * 1e9)
             elif n:
                 whole = False
+        if r["seconds"]:
+            shares.append(ideal / r["seconds"])
     return {"save": part(figures.get("save_gbps"), save_at), "load": part(figures.get("load_gbps"), load_at),
-            "overall": round(ideal / seconds, 3) if whole and seconds else None, "against": CEILING_NAMES[kind]}
+            "overall": _median(shares) if whole else None, "against": CEILING_NAMES[kind]}
 
 
 def _rate(runs: list[dict[str, Any]], key_bytes: str, key_seconds: str) -> Optional[float]:
