@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kvconf.conf import CONF_DIR, CONFIG_NAME, HYDRA_VERSION_BASE, compose, store_help
-from kvconf.errors import ConfigError, ConnectorRuntimeError, KVConfError, Problem
+from kvconf.errors import MISSING, ConfigError, ConnectorRuntimeError, KVConfError, Problem
 from kvconf.runtime.process import hard_exit
 from kvconf.version import __version__
 
@@ -128,8 +128,6 @@ def _one_line(p: Problem) -> str:
     >>> _one_line(Problem("connector.kv_role", "value is not one of the allowed values", value="sideways"))
     "connector.kv_role: value is not one of the allowed values (value 'sideways')"
     """
-    from kvconf.errors import MISSING
-
     text = f"{p.path}: {p.message}" if p.path else p.message
     return text + (f" (value {p.value!r})" if p.value is not MISSING else "")
 

@@ -41,11 +41,14 @@ def job_records(returns: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     for batch in returns:
         for jr in batch:
             label = " ".join(jr.overrides or []) or "(defaults)"
-            if jr.status == JobStatus.COMPLETED and isinstance(jr.return_value, dict):
-                out.append(dict(jr.return_value))
+            try:
+                value = jr.return_value  # a failed job's raises what the task raised
+            except Exception as exc:
+                value = exc
+            if jr.status == JobStatus.COMPLETED and isinstance(value, dict):
+                out.append(dict(value))
                 continue
-            exc = jr._return_value if jr.status == JobStatus.FAILED else None
-            message = f"{type(exc).__name__}: {exc}" if exc is not None else "the job returned nothing"
+            message = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else "the job returned nothing"
             choices = dict(o.split("=", 1) for o in jr.overrides or [] if "=" in o)
             out.append({"overrides": label, "exit_code": 1, "message": message, "connector": choices.get("connector"),
                         "kv_cache": choices.get("kv_cache"), "job_dir": None, "results": None})

@@ -132,25 +132,31 @@ class Producer:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                if len(frames) != 2:
-                    self.rejected += 1
-                    log.warning("rejected a side-channel message of %d frames", len(frames))
-                    continue
-                ident, raw = frames[0].bytes, frames[1].bytes
-                try:
-                    fd = frames[1].get(zmq.SRCFD)
-                except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
-                    fd = -1
-                self.on_fd.setdefault(fd, set()).add(ident)
-                try:
-                    msg = sc.decode(raw)
-                except sc.BadMessage as exc:
-                    self.rejected += 1
-                    log.warning("rejected a side-channel message: %s", exc)
-                    self.sock.send_multipart([ident, sc.encode(sc.Rejected(reason=str(exc)))])
-                    continue
-                self.handle(ident, msg)
+                self.receive(frames)
         self.send_results()
+
+    def receive(self, frames: list[Any]) -> None:
+        """One message off the socket: checked, decoded and handled (or rejected, saying why)."""
+        import zmq
+
+        if len(frames) != 2:
+            self.rejected += 1
+            log.warning("rejected a side-channel message of %d frames", len(frames))
+            return
+        ident, raw = frames[0].bytes, frames[1].bytes
+        try:
+            fd = frames[1].get(zmq.SRCFD)
+        except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
+            fd = -1
+        self.on_fd.setdefault(fd, set()).add(ident)
+        try:
+            msg = sc.decode(raw)
+        except sc.BadMessage as exc:
+            self.rejected += 1
+            log.warning("rejected a side-channel message: %s", exc)
+            self.sock.send_multipart([ident, sc.encode(sc.Rejected(reason=str(exc)))])
+            return
+        self.handle(ident, msg)
 
     def watch(self) -> None:
         """The socket's monitor: refused handshakes, and closed connections (their leases end)."""
