@@ -26,7 +26,6 @@ from pydantic import PositiveInt, model_validator
 from kvconf.config.base import StrictModel
 from kvconf.contract.capabilities import ChecksConfig
 from kvconf.errors import ConfigError, Problem
-from kvconf.runtime.allocate import host_zeros
 from kvconf.runtime.views import Stack, stack_layers
 from kvconf.units import PositiveByteSize, format_bytes, parse_bytes
 from kvconf_connectors.tier import Chunk, TierConnector, TierOp
@@ -205,6 +204,8 @@ class OffloadingConnector(TierConnector, ChecksConfig):
 
     # ---- the host pool (worker side) -----------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        from kvconf.runtime.allocate import host_zeros  # the worker side alone: a contract check allocates nothing
+
         super().register_kv_caches(kv_caches)
         groups = [[n for n in g.layer_names if n in self._views] for g in self.kv_cache_config.kv_cache_groups]
         self._stacks = stack_layers(self._views, groups)

@@ -55,8 +55,11 @@ class KVConfSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from kvconf.cli.state import state
-        from kvconf.cli.sweep import job_records
+        from kvconf.cli.sweep import job_records, stop_local_ray
 
-        returns = super().sweep(arguments)
+        try:
+            returns = super().sweep(arguments)
+        finally:
+            stop_local_ray(self.launcher)
         state.returns = job_records(returns or [])
         return returns

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
-__all__ = ["cpus_needed", "job_records", "launch", "launch_placed", "ray_temp_folder"]
+__all__ = ["cpus_needed", "job_records", "launch", "launch_placed", "ray_temp_folder", "stop_local_ray"]
 
 def job_records(returns: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """One record per job from the sweeper's batches of ``JobReturn``: what the job returned, or, where
@@ -137,6 +137,19 @@ def launch(launcher: Any, batch: Sequence[Sequence[str]], initial_job_idx: int, 
 
         state.task_started = True  # composition went well: not a config error
         raise SystemExit(1) from None
+
+
+def stop_local_ray(launcher: Any) -> None:
+    """Stops the local Ray cluster a Ray launcher started for this sweep (none was given by
+    address), waiting for its processes, before the summary: nothing of it outlives the sweep."""
+    inner = getattr(launcher, "launcher", launcher)
+    ray_cfg = getattr(inner, "ray_cfg", None)
+    if ray_cfg is None or (ray_cfg.get("init") or {}).get("address"):
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def launch_placed(launcher: Any, batch: Sequence[Sequence[str]], initial_job_idx: int,
