@@ -29,7 +29,7 @@ from . import protocol as sc
 if TYPE_CHECKING:  # pragma: no cover
     from .connector import P2PConnector
 
-__all__ = ["Producer", "coalesce"]
+__all__ = ["Producer", "block_runs"]
 
 log = logging.getLogger("kvconf.p2p")
 
@@ -388,14 +388,22 @@ class Producer:
         src: list[int] = []
         dst: list[int] = []
         lens: list[int] = []
+        runs: dict[tuple[int, int, int, int], tuple[list[int], list[int], list[int]]] = {}
+        n = len(src_ids) // self.groups
         for region in msg.layers:
             local = conn._regions.get(region.name)
             if local is None or local[2] != region.page:
                 return f"layer {region.name!r} differs between the peers"
             base, stride, page = local
-            n, g = len(src_ids) // self.groups, self.group_of[region.name]
-            coalesce(src, dst, lens, base, stride, region.base, region.block_stride, page,
-                     src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n])
+            g = self.group_of[region.name]
+            shape = (g, stride, region.block_stride, page)
+            if shape not in runs:  # the layers of a group share their runs
+                runs[shape] = block_runs(src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n], stride,
+                                         region.block_stride, page)
+            s_off, d_off, run_lens = runs[shape]
+            src.extend([base + x for x in s_off])
+            dst.extend([region.base + x for x in d_off])
+            lens.extend(run_lens)
         if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
             self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session, ident)
             self.results.put((ident, sc.encode(sc.PullSource(request_id=msg.request_id, src=src, dst=dst,
@@ -425,28 +433,24 @@ class Producer:
         self.waker.wake()
 
 
-def coalesce(src: list[int], dst: list[int], lens: list[int], sbase: int, sstride: int, dbase: int,
-              dstride: int, page: int, sids: list[int], dids: list[int]) -> None:
-    """One entry per run of blocks that are contiguous on both sides (vectorised: a request can
-    have thousands of blocks).
+def block_runs(sids: list[int], dids: list[int], sstride: int, dstride: int,
+               page: int) -> tuple[list[int], list[int], list[int]]:
+    """One engine entry per run of blocks that are contiguous on both sides (vectorised: a request
+    can have thousands of blocks), as offsets from each side's base, with their lengths in bytes;
+    one entry per block where the blocks are not packed. The same for every layer of a group whose
+    strides are the same, so a request's layers share one computation (at 32 layers, planning a
+    request took 1 ms one layer at a time).
 
-    >>> s, d, n = [], [], []
-    >>> coalesce(s, d, n, 1000, 10, 5000, 10, 10, [0, 1, 2, 7], [3, 4, 9, 10])
-    >>> s, d, n
-    ([1000, 1020, 1070], [5030, 5090, 5100], [20, 10, 10])
+    >>> block_runs([0, 1, 2, 7], [3, 4, 9, 10], 10, 10, 10)
+    ([0, 20, 70], [30, 90, 100], [20, 10, 10])
     """
     import numpy as np
 
-    s_addr = sbase + np.asarray(sids, dtype=np.int64) * sstride
-    d_addr = dbase + np.asarray(dids, dtype=np.int64) * dstride
-    if len(s_addr) > 1 and sstride == page == dstride:
-        breaks = np.nonzero((np.diff(s_addr) != page) | (np.diff(d_addr) != page))[0] + 1
+    s_off = np.asarray(sids, dtype=np.int64) * sstride
+    d_off = np.asarray(dids, dtype=np.int64) * dstride
+    if len(s_off) > 1 and sstride == page == dstride:
+        breaks = np.nonzero((np.diff(s_off) != page) | (np.diff(d_off) != page))[0] + 1
         starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [len(s_addr)]))
-        src.extend(s_addr[starts].tolist())
-        dst.extend(d_addr[starts].tolist())
-        lens.extend(((ends - starts) * page).tolist())
-    else:
-        src.extend(s_addr.tolist())
-        dst.extend(d_addr.tolist())
-        lens.extend([page] * len(s_addr))
+        ends = np.concatenate((breaks, [len(s_off)]))
+        return s_off[starts].tolist(), d_off[starts].tolist(), ((ends - starts) * page).tolist()
+    return s_off.tolist(), d_off.tolist(), [page] * len(s_off)
