@@ -86,6 +86,12 @@ def _resource(launcher: Any) -> tuple[Any, str] | None:
     return None
 
 
+def _local_ray(launcher: Any) -> bool:
+    """Whether ``launcher`` is Hydra's Ray launcher starting a cluster of its own (no address)."""
+    ray_cfg = getattr(launcher, "ray_cfg", None)
+    return ray_cfg is not None and not (ray_cfg.get("init") or {}).get("address")
+
+
 RAY_SOCKET_TAIL = len("/ray/session_2026-11-28_21-27-52_046303_99999/sockets/plasma_store")
 """What a local Ray cluster appends to its temp folder for its longest socket path; a Unix socket's
 path holds 107 bytes."""
@@ -114,7 +120,7 @@ def launch(launcher: Any, batch: Sequence[Sequence[str]], initial_job_idx: int, 
     SLURM) is a runtime failure, said in one message (exit 1)."""
     from kvconf.errors import ConnectorRuntimeError, KVConfError, Problem  # loaded once a sweep starts
 
-    if getattr(launcher, "ray_cfg", None) is not None and not (launcher.ray_cfg.get("init") or {}).get("address"):
+    if _local_ray(launcher):
         short = ray_temp_folder()
         if short is not None:
             os.environ["RAY_TMPDIR"] = short
@@ -142,9 +148,7 @@ def launch(launcher: Any, batch: Sequence[Sequence[str]], initial_job_idx: int, 
 def stop_local_ray(launcher: Any) -> None:
     """Stops the local Ray cluster a Ray launcher started for this sweep (none was given by
     address), waiting for its processes, before the summary: nothing of it outlives the sweep."""
-    inner = getattr(launcher, "launcher", launcher)
-    ray_cfg = getattr(inner, "ray_cfg", None)
-    if ray_cfg is None or (ray_cfg.get("init") or {}).get("address"):
+    if not _local_ray(getattr(launcher, "launcher", launcher)):
         return
     import ray
 

@@ -33,7 +33,7 @@ def host_zeros(shape: tuple[int, ...], dtype: Any = None, pin_memory: bool = Fal
     import torch
 
     dtype = dtype or torch.uint8
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if pin_memory or nbytes < 4 * HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
