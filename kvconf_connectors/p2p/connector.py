@@ -226,6 +226,11 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         """Consumer, pull mode: starts reading the producer's ``src`` into local ``dst``; a handle."""
         raise NotImplementedError
 
+    def _engine_connect(self, peer_meta: bytes) -> None:
+        """Consumer, pull mode: opens the engine's connection to a producer whose metadata just
+        arrived (the handshake), so that its first read pays no connection set-up. Optional: an
+        engine that connects on the first transfer leaves it a no-op."""
+
     def _engine_poll(self, handle: Any) -> str:
         """``"DONE"``, ``"ERR"`` or ``"PROC"`` for a read started by ``_engine_read``."""
         raise NotImplementedError

@@ -165,6 +165,12 @@ def pull_loop(conn: P2PConnector) -> None:
                                     del pending[rid]
                         acked[peer] = 0
                         peer_meta[peer] = msg.meta
+                        if conn.pull:
+                            try:
+                                conn._engine_connect(msg.meta)
+                            except Exception as exc:  # the first read connects, or fails with the reason
+                                log.warning("could not connect the engine to the producer at %s ahead of "
+                                            "the first read: %s", peer, exc)
                         conn._ready.add(peer)
                         conn._finished.set()
                     elif isinstance(msg, sc.PullSource):

@@ -335,10 +335,13 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
 
 def _bare_round(conn: P2PConnector, ask: Any, control: Control, hello: Any, requests: int, per: int,
                 n_groups: int, rnd: int, moved: int, seconds: float) -> tuple[int, float]:
-    """One round of :func:`bare_engine`: each request prefilled, then moved by the engine alone."""
+    """One round of :func:`bare_engine`: every request prefilled, then each moved by the engine
+    alone, in the order of the connector's rounds (reading a request right after its prefill would
+    find part of it still in the CPU's cache, which the connector's reads never do)."""
+    for r in range(requests):
+        ask(sc.Prefill(request_id=f"bare-{rnd}-{r}", seed=r, num_blocks=per))
     for r in range(requests):
         rid = f"bare-{rnd}-{r}"
-        ask(sc.Prefill(request_id=rid, seed=r, num_blocks=per))
         ids = [(g * requests + r) * per + j for g in range(n_groups) for j in range(per)]
         reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
                                 layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
