@@ -49,6 +49,48 @@ def test_layers_kvconf_allocates_are_one_stack_that_views_the_same_bytes(layout)
         assert torch.equal(stack.rows[5, li].view(torch.uint8), views[name][5])
 
 
+def test_each_tensor_of_an_explicit_config_gets_memory_of_its_own():
+    """vLLM's own form: one KVCacheTensor per layer. Each layer's blocks must lie in its own
+    allocation (they once all viewed the first one: four layers, one set of bytes)."""
+    import torch
+
+    from kvconf.config.kvcache import KVCacheConfig
+    from kvconf.runtime.allocate import allocate, layer_views
+    from kvconf.runtime.views import byte_views
+
+    data = KVCacheLayout(num_layers=4, block_size=16, dtype="float16", num_blocks=8,
+                         groups=[{"type": "full_attention", "num_kv_heads": 2, "head_size": 64}]).to_config().model_dump()
+    (t,) = data["kv_cache_tensors"]
+    data["kv_cache_tensors"] = [{"size": 8 * t["block_stride"], "layers": [n], "layer_stride": 0,
+                                 "block_stride": t["block_stride"]} for n in t["layers"]]
+    cfg = KVCacheConfig.model_validate(data)
+    buffers = allocate(cfg, "cpu")
+    views = byte_views(layer_views(cfg, buffers))
+    assert len(buffers) == 4
+    for i, (view, buf) in enumerate(zip(views.values(), buffers)):
+        assert view.data_ptr() == buf.data_ptr()
+        view.fill_(i + 1)
+    assert [int(v[7, -1]) for v in views.values()] == [1, 2, 3, 4]  # no layer overwrote another
+
+
+def test_a_large_host_cache_is_its_aligned_zeroed_buffer():
+    """A host cache of huge-page size: every layer views the aligned, zeroed buffer allocate()
+    returned, not the bytes before it."""
+    from kvconf.runtime.allocate import HUGE_PAGE, allocate, layer_views
+    from kvconf.runtime.views import byte_views
+
+    cfg = KVCacheLayout(num_layers=4, block_size=16, dtype="float16", num_blocks=512,
+                        groups=[{"type": "full_attention", "num_kv_heads": 8, "head_size": 128}]).to_config()
+    assert cfg.total_bytes >= 4 * HUGE_PAGE
+    (buf,) = allocate(cfg, "cpu")
+    views = byte_views(layer_views(cfg, [buf]))
+    first = next(iter(views.values()))
+    assert first.data_ptr() == buf.data_ptr() and buf.data_ptr() % 4096 == 0
+    assert all(int(v.max()) == 0 for v in views.values())
+    last = list(views.values())[-1]
+    assert last[-1].data_ptr() + last.shape[1] == buf.data_ptr() + buf.numel()
+
+
 def test_layers_in_separate_tensors_are_a_stack_each():
     import torch
 

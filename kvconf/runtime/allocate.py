@@ -84,7 +84,8 @@ def layer_views(cfg: KVCacheConfig, buffers: list[torch.Tensor]) -> dict[str, to
     buffer_of = {ti: buffers[ai] for ai, alloc in enumerate(cfg.allocations()) for ti in alloc}
     views = {}
     for name, (ti, start, block_stride, page) in cfg.placement().items():
-        raw = buffer_of[ti].as_strided((cfg.num_blocks, page), (block_stride, 1), start)
+        buf = buffer_of[ti]  # a slice of one buffer: as_strided's offset counts from the storage's start
+        raw = buf.as_strided((cfg.num_blocks, page), (block_stride, 1), buf.storage_offset() + start)
         spec = specs[name]
         dtype = getattr(torch, getattr(spec, "dtype", "uint8"), torch.uint8)
         try:
