@@ -16,8 +16,10 @@ folder must be a real folder (never a symlink: eviction would delete where it po
 files of writers that died are removed at start, and the header cache is bounded.
 
 No staging buffer sits between the file and the KV cache: a save writes the blocks' pages straight
-from the cache (``pwritev`` of one buffer per page), and a load reads them straight into the
-destination blocks (``preadv``), then hashes every page where it landed. A page that fails its
+from the cache (``pwritev`` of one buffer per page; with ``O_DIRECT`` where the file system takes
+it and the pages are 4 KiB aligned, past the page cache too: the header is then padded with spaces
+to a 4 KiB boundary, which JSON allows, so the format is the same), and a load reads them straight
+into the destination blocks (``preadv``), then hashes every page where it landed. A page that fails its
 check fails its whole segment's blocks in the request (the engine recomputes them, or the request
 fails, by policy), and those blocks are zeroed: nothing is left half loaded.
 
@@ -30,8 +32,10 @@ chunk key, layer and row, so a forged, altered or rearranged segment is refused 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -72,6 +76,10 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 WRITERS = 4
 """Segments of one step written at once."""
 
+DIRECT_ALIGN = 4096
+"""What ``O_DIRECT`` asks of every buffer's address and length and of every file offset (a
+device's logical block is 512 or 4096 bytes)."""
+
 
 class SharedStorageExtra(StrictModel):
     """Settings of the shared_storage connector."""
@@ -88,6 +96,12 @@ class SharedStorageExtra(StrictModel):
     nobody without the secret can write a segment this connector will load, nor move pages or keys
     between segments. Where others can write to the folder. Unset: xxh3-64 hashes (corruption only).
     Loads then hash at about 0.65 GB/s instead of 9."""
+    direct_io: bool = True
+    """Write segments with ``O_DIRECT``: from the KV cache's pages straight to the device, past the
+    page cache (measured here at llama3_8b: 2.5-3 GB/s instead of 0.7-1.5 through the cache, which
+    must first find memory for every page). Used where the file system takes it (not tmpfs) and
+    every page is 4 KiB aligned (a CPU KV cache); the page cache otherwise. False: through the page
+    cache, so that a load soon after reads memory rather than the device."""
 
     @field_validator("shared_storage_path")
     @classmethod
@@ -121,6 +135,8 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         self._pages: dict[str, Any] = {}
         """``layer -> numpy (num_blocks, page)`` over the KV cache: a block's page as a buffer."""
         self._writers: Optional[ThreadPoolExecutor] = None
+        self._direct = False
+        """Segments are written with ``O_DIRECT`` (see :attr:`SharedStorageExtra.direct_io`)."""
 
     @classmethod
     def config_problems(cls, connector: dict[str, Any], kv_cache_config: Any = None) -> list[Problem]:
@@ -302,6 +318,9 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         super().register_kv_caches(kv_caches)
         on_cpu = all(v.device.type == "cpu" for v in self._views.values())
         self._pages = {n: v.numpy() for n, v in self._views.items()} if on_cpu else {}
+        self._direct = (self.extra.direct_io and hasattr(os, "O_DIRECT") and bool(self._pages)
+                        and all(p.ctypes.data % DIRECT_ALIGN == 0 and p.strides[0] % DIRECT_ALIGN == 0
+                                and p.shape[1] % DIRECT_ALIGN == 0 for p in self._pages.values()))
 
     def _page(self, layer: str, block: int) -> Any:
         """Block ``block``'s page of ``layer``: the cache's own memory on CPU, else a host copy."""
@@ -412,21 +431,47 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         path = self.path_of(op.chunks[0].key)
         try:
             self._check_dir(create=True)
-            tmp = os.path.join(self.dir, f".{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except BadSegment as exc:
             raise OSError(str(exc)) from None
         except OSError as exc:
             raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
+        tmp = os.path.join(self.dir, f".{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        if self._direct:
+            # JSON allows trailing spaces: the padded header ends where a device block does, so
+            # that every page that follows lies at an aligned offset (the format is unchanged)
+            raw += b" " * (-(PREFIX.size + len(raw)) % DIRECT_ALIGN)
+            head = mmap.mmap(-1, PREFIX.size + len(raw))  # page-aligned memory, as O_DIRECT needs
+            head.write(PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw)
+            try:
+                if self._write_file(tmp, path, [head, *bufs], os.O_DIRECT):
+                    return
+            finally:
+                head.close()
+            self._direct = False  # the file system refused O_DIRECT: through the page cache from now on
+            raw = raw.rstrip(b" ")
+        self._write_file(tmp, path, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs], 0)
+
+    def _write_file(self, tmp: str, path: str, bufs: list[Any], flags: int) -> bool:
+        """``bufs`` written to ``tmp``, synced, renamed to ``path`` (atomic: a reader sees the whole
+        segment or none); False where ``flags`` (``O_DIRECT``) was refused with EINVAL."""
         try:
-            _write_all(fd, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs])
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | flags, 0o600)
+        except OSError as exc:
+            if flags and exc.errno == errno.EINVAL:
+                return False
+            raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
+        try:
+            _write_all(fd, bufs)
             os.fdatasync(fd)  # the data and the size; the rename makes it visible
         except OSError as exc:
             os.close(fd)
             os.unlink(tmp)
+            if flags and exc.errno == errno.EINVAL:
+                return False
             raise OSError(f"writing {path} failed: {exc.strerror or exc}") from None
         os.close(fd)
-        os.replace(tmp, path)  # atomic: a reader sees the whole segment or none
+        os.replace(tmp, path)
+        return True
 
     def _evict(self) -> None:
         """Removes the oldest segments until the directory is within ``capacity``."""

@@ -3,7 +3,9 @@ from A to B, where A and B are two ``results.json`` files or two sweep folders o
 
 A change inside the noise is not a change: the noise of a throughput figure is the spread of its
 repetitions (``figures.by_repetition``: (max - min) / median), the larger of A's and B's; the
-ratios and latencies take the noise of the throughput they derive from. Without recorded
+ratios and latencies take the noise of the throughput they derive from, plus that of what they
+divide by; a ``ceiling_ratio`` taken per repetition (each over the limit measured right after it)
+has its own spread, which is its noise. Without recorded
 repetitions (an older results.json, or one repetition) the noise is :data:`DEFAULT_NOISE`.
 ``--fail-below RATIO`` exits 1 when a throughput figure of B is below RATIO times A's (CI gating:
 ``--fail-below 0.9`` fails on a 10 % loss).
@@ -48,9 +50,10 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
                      "latency_p99_ms": (fig.get("latency_ms") or {}).get("p99"),
                      "_spread": fig.get("by_repetition") or {},
                      "_raw_spread": ((doc.get("raw") or {}).get("by_repetition") or {}).get("gbps"),
-                     "_limit_spread": ((doc.get("ceilings") or {}).get("by_repetition") or {})})
+                     "_limit_spread": ((doc.get("ceilings") or {}).get("by_repetition") or {}),
+                     "_ratio_spread": ((doc.get("ceiling_ratio") or {}).get("by_repetition") or {})})
         for side, v in (doc.get("ceiling_ratio") or {}).items():
-            if side != "against":
+            if side not in ("against", "by_repetition"):
                 flat[f"ceiling_ratio_{side}"] = v
         out[f"{doc['connector']} {doc['kv_cache']}"] = flat
     return out
@@ -89,7 +92,12 @@ def compare(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> list[
             spreads = [n for n in (_noise(a[label]["_spread"].get(basis)), _noise(b[label]["_spread"].get(basis)))
                        if n is not None]
             noise = max(spreads) if spreads else DEFAULT_NOISE
-            if figure in ("raw_gbps", "ratio") or figure.startswith("ceiling_ratio"):
+            side = figure.removeprefix("ceiling_ratio_")
+            paired = [n for n in (_noise(a[label]["_ratio_spread"].get(side)), _noise(b[label]["_ratio_spread"].get(side)))
+                      if n is not None] if figure.startswith("ceiling_ratio_") else []
+            if paired:  # each repetition over its own limit: the ratios' spread is the noise
+                noise = max(paired)
+            elif figure in ("raw_gbps", "ratio") or figure.startswith("ceiling_ratio"):
                 noise = _limit_noise(a[label], b[label], figure) + (0.0 if figure == "raw_gbps" else noise)
             change = (vb - va) / va if va else None
             if change is None or abs(change) <= noise:

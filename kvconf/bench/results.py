@@ -75,8 +75,13 @@ class Ceilings(_Open):
     """Read back after ``posix_fadvise(DONTNEED)``: from the device."""
     file_read_warm_gbps: Optional[float] = None
     """Read back from the page cache."""
+    file_write_direct_gbps: Optional[float] = None
+    """The same bytes written as a new file with ``O_DIRECT`` (past the page cache), where the file
+    system takes it: the device's own write speed. Context: ``ceiling_ratio.save`` is against
+    ``file_write_gbps``."""
     by_repetition: dict[str, list[float]] = {}
-    """The file figures of each repetition: their spread."""
+    """The limit that bounds the connector, measured right after each repetition (memcpy, the
+    raw file's write and reads, or loopback TCP): their spread."""
 
 
 class CeilingRatio(BaseModel):
@@ -88,6 +93,9 @@ class CeilingRatio(BaseModel):
     """The time the limit would take for the same saved and loaded bytes, over the connector's."""
     against: str
     """Which limit: memcpy, raw file (write + fsync, read), loopback TCP."""
+    by_repetition: dict[str, list[float]] = {}
+    """Each repetition's ratio, over the limit measured right after it; the figures above are
+    their medians."""
 
 
 class Environment(_Open):

@@ -32,7 +32,7 @@ from kvconf.contract.capabilities import (
 from kvconf.errors import ConnectorRuntimeError, Problem
 from kvconf.runtime.engine import self_test
 
-from .raw import ceilings, raw_file_io, raw_torch_copy
+from .raw import Limits, merge_file_io, raw_file_io, raw_torch_copy
 
 __all__ = ["CEILING_NAMES", "Progress", "ceiling_kind", "ceiling_ratio", "percentiles", "raw_path", "run_bench"]
 
@@ -108,41 +108,44 @@ def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     total = bench.warmup + bench.repetitions
     progress = Progress(total + int(bench.raw) + int(bench.ceilings), f"kvconf bench {connector.config.name}",
                         enabled=None if ctx.output != "json" else False)
-    for i in range(total):
-        progress.step("warm-up" if i < bench.warmup else f"repetition {i - bench.warmup + 1}")
-        rounds: list[dict[str, Any]] = []
-        started = time.monotonic()
-        while not rounds or (time.monotonic() - started < bench.min_seconds and len(rounds) < MAX_ROUNDS):
-            salt = (ctx.salt * 1000 + i + 1) * MAX_ROUNDS + len(rounds)
-            result = self_test(connector, kv_caches, dataclasses.replace(ctx, salt=salt))
-            if not result.get("verified"):
-                raise ConnectorRuntimeError(Problem("bench", "a loaded byte differs from what was saved",
-                                                    fix="the connector's data path is wrong"))
-            rounds.append(result)
-        if i >= bench.warmup:
-            runs.append(merge_rounds(rounds))
-    figures = _figures(runs, bench)
     kind = ceiling_kind(connector)
     cold = bool(bench.cold_loads and isinstance(connector, ColdLoads))
-    if bench.raw:
-        progress.step("raw path")
-    raw = raw_path(connector, kv_caches, ctx, runs, cold) if bench.raw else None
-    limits = None
-    if bench.ceilings:
-        progress.step("ceilings")
-        per_run = max((r["bytes"] for r in runs), default=0)
-        limits = ceilings(per_run)
-        if kind == "file":
-            io = raw if raw and "write_gbps" in raw else raw_file_io(kv_caches, per_run, connector.baseline_dir(), cold)
-            limits.update({"file_write_gbps": io["write_gbps"], "file_read_cold_gbps": io["read_cold_gbps"],
-                           "file_read_warm_gbps": io["read_warm_gbps"],
-                           "by_repetition": {f"file_{k}": v for k, v in io["by_repetition"].items() if k != "gbps"}})
-    out = {"figures": figures, "raw": raw,
-           "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures.get("gbps") else None,
-           "ceilings": limits,
-           "ceiling_ratio": ceiling_ratio(kind, figures, runs, limits, cold) if limits else None}
-    progress.done()
-    return out
+    file_raw = bench.raw and kind == "file" and bool(kv_caches)  # the raw path is the disk's limit: measured alike
+    limits = Limits(kind if bench.ceilings or file_raw else None, kv_caches,
+                    connector.baseline_dir() if kind == "file" else None, cold)
+    try:
+        for i in range(total):
+            progress.step("warm-up" if i < bench.warmup else f"repetition {i - bench.warmup + 1}")
+            rounds: list[dict[str, Any]] = []
+            started = time.monotonic()
+            while not rounds or (time.monotonic() - started < bench.min_seconds and len(rounds) < MAX_ROUNDS):
+                salt = (ctx.salt * 1000 + i + 1) * MAX_ROUNDS + len(rounds)
+                result = self_test(connector, kv_caches, dataclasses.replace(ctx, salt=salt))
+                if not result.get("verified"):
+                    raise ConnectorRuntimeError(Problem("bench", "a loaded byte differs from what was saved",
+                                                        fix="the connector's data path is wrong"))
+                rounds.append(result)
+            if i >= bench.warmup:
+                runs.append(merge_rounds(rounds))
+                if limits.kind is not None:  # the limit right away: the same moment as the repetition
+                    limits.after(runs[-1]["bytes"])
+        figures = _figures(runs, bench)
+        if bench.raw:
+            progress.step("raw path")
+        raw = (merge_file_io(limits.file) if file_raw and limits.file else
+               raw_path(connector, kv_caches, ctx, runs, cold) if bench.raw else None)
+        ceilings = None
+        if bench.ceilings:
+            progress.step("ceilings")
+            ceilings = limits.ceilings(max((r["bytes"] for r in runs), default=0))
+        out = {"figures": figures, "raw": raw,
+               "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures.get("gbps") else None,
+               "ceilings": ceilings,
+               "ceiling_ratio": ceiling_ratio(kind, runs, limits.runs, cold) if ceilings else None}
+        progress.done()
+        return out
+    finally:
+        limits.close()
 
 
 MAX_ROUNDS = 1000
@@ -217,39 +220,56 @@ def ceiling_kind(connector: Any) -> Optional[str]:
 CEILING_NAMES = {"memcpy": "memcpy", "file": "raw file: write + fsync, read", "network": "loopback TCP"}
 
 
-def ceiling_ratio(kind: Optional[str], figures: dict[str, Any], runs: list[dict[str, Any]],
-                  limits: dict[str, Any], cold: bool) -> Optional[dict[str, Any]]:
+def ceiling_ratio(kind: Optional[str], runs: list[dict[str, Any]], limits: list[dict[str, Any]],
+                  cold: bool) -> Optional[dict[str, Any]]:
     """Connector / physical limit for save, load and overall (the time the limit would take for
-    the same saved and loaded bytes over the connector's time: the median of the repetitions');
-    None where a side does not apply."""
-    if kind is None:
+    the same saved and loaded bytes over the connector's time), each repetition over the limit
+    measured right after it (``limits[i]``; a single one stands for every repetition): the
+    median of the repetitions' ratios, each kept in ``by_repetition``. None where a side does
+    not apply.
+
+    >>> runs = [{"bytes": 4e9, "seconds": 1.0, "saved_bytes": 2e9, "save_seconds": 0.5,
+    ...          "loaded_bytes": 2e9, "load_seconds": 0.5}] * 2
+    >>> cr = ceiling_ratio("memcpy", runs, [{"memcpy_gbps": 8.0}, {"memcpy_gbps": 4.0}], False)
+    >>> cr["save"], cr["by_repetition"]["save"], cr["overall"]
+    (0.75, [0.5, 1.0], 0.75)
+    """
+    if kind is None or not limits:
         return None
-    warm = limits.get("file_read_warm_gbps")
-    save_at, load_at, prefix_at = {
-        "memcpy": (limits["memcpy_gbps"],) * 3,
-        "file": (limits.get("file_write_gbps"), limits.get("file_read_cold_gbps" if cold else "file_read_warm_gbps"),
-                 warm),
-        "network": (None, limits["loopback_tcp_gbps"], limits["loopback_tcp_gbps"]),
-    }[kind]
 
-    def part(gbps: Optional[float], at: Optional[float]) -> Optional[float]:
-        return round(gbps / at, 3) if gbps and at else None
+    def at(lim: dict[str, Any]) -> tuple[Optional[float], Optional[float], Optional[float]]:
+        return {
+            "memcpy": (lim.get("memcpy_gbps"),) * 3,
+            "file": (lim.get("file_write_gbps"), lim.get("file_read_cold_gbps" if cold else "file_read_warm_gbps"),
+                     lim.get("file_read_warm_gbps")),
+            "network": (None, lim.get("loopback_tcp_gbps"), lim.get("loopback_tcp_gbps")),
+        }[kind]
 
-    shares, whole = [], True  # whole: every byte moved has a limit to go by
-    for r in runs:
+    sides: dict[str, list[float]] = {"save": [], "load": [], "overall": []}
+    whole = True  # whole: every byte moved has a limit to go by
+    for i, r in enumerate(runs):
+        save_at, load_at, prefix_at = at(limits[min(i, len(limits) - 1)])
+        for side, b, s, limit in (("save", "saved_bytes", "save_seconds", save_at),
+                                  ("load", "loaded_bytes", "load_seconds", load_at)):
+            rate = _rate([r], b, s)
+            if rate and limit:
+                sides[side].append(rate / limit)
         ideal = 0.0
         saved, loaded = r.get("saved_bytes") or 0, r.get("loaded_bytes") or 0
         prefix = r.get("prefix_bytes") or 0
         other = max(0, r["bytes"] - saved - loaded - prefix)  # moved, not split by side (a transfer)
-        for n, at in ((saved, save_at), (loaded + other, load_at), (prefix, prefix_at)):
-            if n and at:
-                ideal += n / (at * 1e9)
+        for n, limit in ((saved, save_at), (loaded + other, load_at), (prefix, prefix_at)):
+            if n and limit:
+                ideal += n / (limit * 1e9)
             elif n:
                 whole = False
         if r["seconds"]:
-            shares.append(ideal / r["seconds"])
-    return {"save": part(figures.get("save_gbps"), save_at), "load": part(figures.get("load_gbps"), load_at),
-            "overall": _median(shares) if whole else None, "against": CEILING_NAMES[kind]}
+            sides["overall"].append(ideal / r["seconds"])
+    if not whole:
+        sides["overall"] = []
+    return {"save": _median(sides["save"]), "load": _median(sides["load"]), "overall": _median(sides["overall"]),
+            "against": CEILING_NAMES[kind],
+            "by_repetition": {k: [round(x, 3) for x in v] for k, v in sides.items() if v}}
 
 
 def _rate(runs: list[dict[str, Any]], key_bytes: str, key_seconds: str) -> Optional[float]:
