@@ -62,6 +62,29 @@ def pull_loop(conn: P2PConnector) -> None:
                 del watches[mon]
         poller.unregister(s)
         s.close(linger=0)
+    def settle(rid: str, now: float) -> None:
+        """A read in flight: once it ended (or overran its deadline), released at the producer and
+        reported done or failed."""
+        handle, peer = reading[rid]
+        state = conn._engine_poll(handle)
+        waiting = pending.get(rid)
+        if state == "PROC" and waiting is not None and now <= waiting.deadline:
+            return
+        del reading[rid]
+        ok = state == "DONE"
+        socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
+        if waiting is None:
+            return
+        del pending[rid]
+        if ok:
+            with conn._lock:
+                conn._done.add(rid)
+            conn._finished.set()
+        else:
+            conn._fail(waiting.recv, f"reading from the producer at {peer} failed (state {state})"
+                       if state != "PROC" else f"reading from {peer} took over "
+                       f"{conn.extra.transfer_timeout:g} s (transfer_timeout)")
+
     try:
         while not conn._stop.is_set():
             conn._waker.drain()
@@ -111,25 +134,8 @@ def pull_loop(conn: P2PConnector) -> None:
                                        f"{conn.extra.transfer_timeout:g} s (transfer_timeout)")
                     del pending[rid]
             conn._engine_progress()
-            for rid, (handle, peer) in list(reading.items()):
-                state = conn._engine_poll(handle)
-                waiting = pending.get(rid)
-                if state == "PROC" and waiting is not None and now <= waiting.deadline:
-                    continue
-                del reading[rid]
-                ok = state == "DONE"
-                socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
-                if waiting is None:
-                    continue
-                del pending[rid]
-                if ok:
-                    with conn._lock:
-                        conn._done.add(rid)
-                    conn._finished.set()
-                else:
-                    conn._fail(waiting.recv, f"reading from the producer at {peer} failed (state {state})"
-                               if state != "PROC" else f"reading from {peer} took over "
-                               f"{conn.extra.transfer_timeout:g} s (transfer_timeout)")
+            for rid in list(reading):
+                settle(rid, now)
             timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
             if reading or conn.needs_progress:
                 timeout = min(timeout, 0.001)
@@ -185,6 +191,8 @@ def pull_loop(conn: P2PConnector) -> None:
                             del pending[msg.request_id]
                             sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
                             conn._fail(asked.recv, f"reading from {peer} could not start: {exc}")
+                            continue
+                        settle(msg.request_id, time.monotonic())  # a read often ends as it starts
                     elif isinstance(msg, sc.TransferResult):
                         result_for = pending.pop(msg.request_id, None)
                         if result_for is None:

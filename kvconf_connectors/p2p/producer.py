@@ -133,6 +133,7 @@ class Producer:
                 except zmq.Again:
                     break
                 self.receive(frames)
+                self.send_results()  # an answer leaves at once, not after the rest of the burst
         self.send_results()
 
     def receive(self, frames: list[Any]) -> None:
