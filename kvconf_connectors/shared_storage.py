@@ -32,7 +32,6 @@ chunk key, layer and row, so a forged, altered or rearranged segment is refused 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import mmap
@@ -57,7 +56,9 @@ from kvconf.errors import Problem
 from kvconf.units import PositiveByteSize, parse_bytes
 from kvconf_connectors.p2p.auth import read_secret, secret_file_problems
 from kvconf_connectors.segments import (
+    DIRECT_ALIGN,
     HEADER_CACHE,
+    IOV_MAX,
     MAGIC,
     PREFIX,
     SUFFIX,
@@ -67,18 +68,13 @@ from kvconf_connectors.segments import (
     open_regular,
     page_hash,
     row_labels,
+    write_atomically,
 )
 from kvconf_connectors.tier import Chunk, TierConnector, TierOp
-
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-"""Most buffers one ``preadv``/``pwritev`` takes."""
 
 WRITERS = 4
 """Segments of one step written at once."""
 
-DIRECT_ALIGN = 4096
-"""What ``O_DIRECT`` asks of every buffer's address and length and of every file offset (a
-device's logical block is 512 or 4096 bytes)."""
 
 
 class SharedStorageExtra(StrictModel):
@@ -443,35 +439,13 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
             head = mmap.mmap(-1, PREFIX.size + len(raw))  # page-aligned memory, as O_DIRECT needs
             head.write(PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw)
             try:
-                if self._write_file(tmp, path, [head, *bufs], os.O_DIRECT):
+                if write_atomically(tmp, path, [head, *bufs], direct=True):
                     return
             finally:
                 head.close()
             self._direct = False  # the file system refused O_DIRECT: through the page cache from now on
             raw = raw.rstrip(b" ")
-        self._write_file(tmp, path, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs], 0)
-
-    def _write_file(self, tmp: str, path: str, bufs: list[Any], flags: int) -> bool:
-        """``bufs`` written to ``tmp``, synced, renamed to ``path`` (atomic: a reader sees the whole
-        segment or none); False where ``flags`` (``O_DIRECT``) was refused with EINVAL."""
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | flags, 0o600)
-        except OSError as exc:
-            if flags and exc.errno == errno.EINVAL:
-                return False
-            raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
-        try:
-            _write_all(fd, bufs)
-            os.fdatasync(fd)  # the data and the size; the rename makes it visible
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(tmp)
-            if flags and exc.errno == errno.EINVAL:
-                return False
-            raise OSError(f"writing {path} failed: {exc.strerror or exc}") from None
-        os.close(fd)
-        os.replace(tmp, path)
-        return True
+        write_atomically(tmp, path, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs], direct=False)
 
     def _evict(self) -> None:
         """Removes the oldest segments until the directory is within ``capacity``."""
@@ -504,16 +478,3 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         self._pages = {}
         self._headers = OrderedDict()
 
-
-def _write_all(fd: int, bufs: list[Any]) -> None:
-    """``writev`` of every buffer, at most ``IOV_MAX`` a call, finishing short writes."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    while views:
-        batch = views[:IOV_MAX]
-        n = os.writev(fd, batch)
-        while batch and n >= len(batch[0]):
-            n -= len(batch[0])
-            batch.pop(0)
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]

@@ -52,7 +52,6 @@ def test_layers_kvconf_allocates_are_one_stack_that_views_the_same_bytes(layout)
 def test_each_tensor_of_an_explicit_config_gets_memory_of_its_own():
     """vLLM's own form: one KVCacheTensor per layer. Each layer's blocks must lie in its own
     allocation (they once all viewed the first one: four layers, one set of bytes)."""
-    import torch
 
     from kvconf.config.kvcache import KVCacheConfig
     from kvconf.runtime.allocate import allocate, layer_views
