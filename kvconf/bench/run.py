@@ -8,7 +8,8 @@ the ratio connector/raw (the connector's own, :class:`~kvconf.contract.capabilit
 or the baseline it names, :class:`~kvconf.contract.capabilities.ComparesToBaseline`), beside the
 machine's ceilings on the same bytes (memcpy, raw file I/O cold and warm, loopback TCP) and
 ``ceiling_ratio``: the connector over the physical limit that bounds it, so that a slow raw path
-cannot hide a gap. Each repetition's throughput is kept (``by_repetition``): their spread is
+cannot hide a gap. That limit is measured right after each repetition, and each repetition is
+divided by its own (:class:`~kvconf.bench.raw.Limits`): the ratio is the median of those. Each repetition's throughput is kept (``by_repetition``): their spread is
 what ``kvconf bench-compare`` calls noise. A figure that was not measured is left out. The CLI
 writes the result as ``results.json`` into the job's directory (:mod:`kvconf.bench.results`).
 """
