@@ -253,6 +253,17 @@ def test_a_figure_that_was_not_measured_is_left_out(workdir):
     assert text.returncode == 0 and "None" not in text.stdout and "save " not in text.stdout.split("bench ")[1]
 
 
+def test_a_peer_to_peer_repetition_moves_min_seconds_of_transfers_with_one_peer(workdir):
+    """One round of four 1 MiB requests takes milliseconds: a repetition goes on with more rounds
+    (in the same peer process) until bench.min_seconds of transfers, rather than timing one."""
+    pytest.importorskip("mooncake.engine")
+    proc = run_kvconf("connector=mooncake", "action=bench", "output=json", "bench.repetitions=1", "bench.warmup=0",
+                      "bench.min_seconds=0.3", "bench.raw=false", "bench.ceilings=false", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    f = json_out(proc)["bench"]["figures"]
+    assert f["seconds"] >= 0.3 and f["requests"] > 4 and f["requests"] % 4 == 0
+
+
 def _result(path: Path, gbps: list[float], connector: str = "offloading") -> Path:
     mid = sorted(gbps)[len(gbps) // 2]
     doc = {"connector": connector, "kv_cache": "tiny",

@@ -9,8 +9,10 @@ or the baseline it names, :class:`~kvconf.contract.capabilities.ComparesToBaseli
 machine's ceilings on the same bytes (memcpy, raw file I/O cold and warm, loopback TCP) and
 ``ceiling_ratio``: the connector over the physical limit that bounds it, so that a slow raw path
 cannot hide a gap. That limit is measured right after each repetition, and each repetition is
-divided by its own (:class:`~kvconf.bench.raw.Limits`): the ratio is the median of those. Each repetition's throughput is kept (``by_repetition``): their spread is
-what ``kvconf bench-compare`` calls noise. A figure that was not measured is left out. The CLI
+divided by its own (:class:`~kvconf.bench.raw.Limits`): the ratio is the median of those. Each
+repetition's throughput is kept (``by_repetition``): their spread is what ``kvconf bench-compare``
+calls noise. A peer-to-peer connector's repetition moves ``bench.min_seconds`` of transfers with
+one peer process. A figure that was not measured is left out. The CLI
 writes the result as ``results.json`` into the job's directory (:mod:`kvconf.bench.results`).
 """
 
@@ -104,7 +106,8 @@ def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     bench = ctx.bench
     if bench.requests is not None:
         ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"requests": bench.requests}))
-    ctx = dataclasses.replace(ctx, prompt_blocks=bench.prompt_blocks, concurrency=bench.concurrency, batch_steps=True)
+    ctx = dataclasses.replace(ctx, prompt_blocks=bench.prompt_blocks, concurrency=bench.concurrency, batch_steps=True,
+                              min_seconds=bench.min_seconds)
     runs = []
     total = bench.warmup + bench.repetitions
     progress = Progress(total + int(bench.raw) + int(bench.ceilings), f"kvconf bench {connector.config.name}",

@@ -74,6 +74,10 @@ class SelfTestContext:
     """Without ``concurrency``: schedule as many requests a step as the token budget holds, as
     vLLM's scheduler batches prefills (``action=bench``), rather than one a step (``action=run``:
     later requests then find the prefix earlier ones saved)."""
+    min_seconds: float = 0.0
+    """A two-process self-test goes on with more rounds until its transfers have taken this long
+    (``action=bench``: each repetition then times ``bench.min_seconds`` of transfers with one peer
+    process, not one round of a few milliseconds)."""
     salt: int = 0
     """Varies the prompts (``action=bench`` repetitions: a persistent tier would otherwise hold
     every block from the first repetition on, and nothing would be saved again)."""

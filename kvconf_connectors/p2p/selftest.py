@@ -39,6 +39,9 @@ __all__ = ["PEER_MODULE", "Control", "bare_engine", "peer_config", "run_as_consu
 
 log = logging.getLogger("kvconf.p2p")
 
+MAX_ROUNDS = 1000
+"""Most rounds one self-test moves (``min_seconds`` asks for more than the bytes do)."""
+
 PEER_MODULE = "kvconf.cli.peer"
 """What a peer process runs: one job from a composed config written as JSON (``-m``)."""
 
@@ -193,7 +196,9 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
         deadline_total = time.monotonic() + settings.timeout
         producer_gone = False
         request_seconds: dict[str, float] = {}
-        for rnd in range(rounds):
+        rnd = -1
+        while (rnd := rnd + 1) < rounds or (seconds < ctx.min_seconds and rnd < MAX_ROUNDS
+                                             and time.monotonic() < deadline_total):
             if producer_gone:
                 break
             reqs = []
@@ -268,7 +273,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
             "request_seconds": [round(v, 6) for k, v in request_seconds.items() if k not in failures],
             "transport": conn.transport, "transport_reason": conn.transport_reason,
             "requests": loaded + failed, "loaded_requests": loaded, "failed_requests": failed,
-            "recomputed": recomputed, "rounds": rounds, "blocks_per_request": per_req,
+            "recomputed": recomputed, "rounds": rnd, "blocks_per_request": per_req,
             "mismatched_blocks": mismatched, "peer": peer, "peer_started": proc is not None,
         }
         if mismatched:
@@ -320,7 +325,7 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
         moved, seconds, rounds = 0, 0.0, 0
         least = getattr(ctx.bench, "min_seconds", 0.0) if ctx.bench is not None else 0.0
         deadline = time.monotonic() + ctx.settings.timeout
-        while not rounds or (seconds < least and rounds < 1000 and time.monotonic() < deadline):
+        while not rounds or (seconds < least and rounds < MAX_ROUNDS and time.monotonic() < deadline):
             rounds += 1
             moved, seconds = _bare_round(conn, ask, control, hello, requests, per, n_groups, rounds, moved,
                                          seconds)
