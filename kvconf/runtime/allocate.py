@@ -22,24 +22,32 @@ ALIGN = 256
 HUGE_PAGE = 2 << 20
 """The size of a transparent huge page on x86-64 and most arm64 Linux kernels."""
 
+PAGE = 4096
+"""A small host buffer starts on a page boundary (a disk tier can then write its blocks with
+``O_DIRECT``, which asks for 4 KiB aligned memory)."""
+
 
 def host_zeros(shape: tuple[int, ...], dtype: Any = None, pin_memory: bool = False) -> torch.Tensor:
     """A zeroed host tensor whose memory the kernel may back with transparent huge pages
     (``madvise(MADV_HUGEPAGE)`` before the first touch, on a 2 MiB boundary): scattered block
     copies into a large buffer then miss the TLB far less (writes into a cold 1 GiB pool ran at
-    6-8 GB/s here in 4 KiB pages). Where the kernel says no (another OS, THP off), plain pages."""
+    6-8 GB/s here in 4 KiB pages). Where the kernel says no (another OS, THP off), plain pages.
+    A buffer under 8 MiB starts on a 4 KiB boundary, without the advice."""
     import math
 
     import torch
 
     dtype = dtype or torch.uint8
     nbytes = math.prod(shape) * dtype.itemsize
-    if pin_memory or nbytes < 4 * HUGE_PAGE:
+    if pin_memory:
         return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-    skip = -raw.data_ptr() % HUGE_PAGE
+    huge = nbytes >= 4 * HUGE_PAGE
+    align = HUGE_PAGE if huge else PAGE  # at least a page: what O_DIRECT asks of a buffer (disk tiers)
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = -raw.data_ptr() % align
     region = raw[skip:skip + nbytes]
-    _advise_huge(region.data_ptr(), nbytes)
+    if huge:
+        _advise_huge(region.data_ptr(), nbytes)
     region.zero_()
     return region.view(dtype).view(shape)
 
