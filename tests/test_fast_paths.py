@@ -213,6 +213,9 @@ def test_offloading_bench_reports_its_share_of_memcpy(workdir):
         paired = [g / m for g, m in zip(f["by_repetition"][f"{side}_gbps"], c["by_repetition"]["memcpy_gbps"])]
         assert cr["by_repetition"][side] == pytest.approx(paired, rel=0.01, abs=1e-3)
         assert cr[side] == pytest.approx(sum(paired) / 2, rel=0.01, abs=1e-3)
+    raw = b["raw"]["by_repetition"]["gbps"]  # the raw path too, right after each repetition
+    assert len(raw) == 2 and b["ratio"] == pytest.approx(
+        sum(g / r for g, r in zip(f["by_repetition"]["gbps"], raw)) / 2, rel=0.01, abs=1e-3)
     results = json.loads((workdir / "results.json").read_text())
     assert results["ceiling_ratio"] == cr
 

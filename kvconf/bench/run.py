@@ -11,8 +11,9 @@ machine's ceilings on the same bytes (memcpy, raw file I/O cold and warm, loopba
 cannot hide a gap. That limit is measured right after each repetition, and each repetition is
 divided by its own (:class:`~kvconf.bench.raw.Limits`): the ratio is the median of those. Each
 repetition's throughput is kept (``by_repetition``): their spread is what ``kvconf bench-compare``
-calls noise. A peer-to-peer connector's repetition moves ``bench.min_seconds`` of transfers with
-one peer process. A figure that was not measured is left out. The CLI
+calls noise. The raw path is measured right after each repetition as well, and ``ratio`` is the
+median of the paired ratios. A peer-to-peer connector's repetition moves ``bench.min_seconds`` of
+transfers with one peer process. A figure that was not measured is left out. The CLI
 writes the result as ``results.json`` into the job's directory (:mod:`kvconf.bench.results`).
 """
 
@@ -117,6 +118,7 @@ def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
     file_raw = bench.raw and kind == "file" and bool(kv_caches)  # the raw path is the disk's limit: measured alike
     limits = Limits(kind if bench.ceilings or file_raw else None, kv_caches,
                     connector.baseline_dir() if kind == "file" else None, cold)
+    raws: list[dict[str, Any]] = []
     try:
         for i in range(total):
             progress.step("warm-up" if i < bench.warmup else f"repetition {i - bench.warmup + 1}")
@@ -133,17 +135,19 @@ def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:
                 runs.append(merge_rounds(rounds))
                 if limits.kind is not None:  # the limit right away: the same moment as the repetition
                     limits.after(runs[-1]["bytes"])
+                if bench.raw and not file_raw:  # the raw path too (a disk's is its limit, measured above)
+                    one = raw_path(connector, kv_caches, ctx, runs[-1:], cold)
+                    if one is not None:
+                        raws.append(one)
         figures = _figures(runs, bench)
         if bench.raw:
             progress.step("raw path")
-        raw = (merge_file_io(limits.file) if file_raw and limits.file else
-               raw_path(connector, kv_caches, ctx, runs, cold) if bench.raw else None)
+        raw = merge_file_io(limits.file) if file_raw and limits.file else merge_raw(raws) if raws else None
         ceilings = None
         if bench.ceilings:
             progress.step("ceilings")
             ceilings = limits.ceilings(max((r["bytes"] for r in runs), default=0))
-        out = {"figures": figures, "raw": raw,
-               "ratio": round(figures["gbps"] / raw["gbps"], 3) if raw and raw.get("gbps") and figures.get("gbps") else None,
+        out = {"figures": figures, "raw": raw, "ratio": paired_ratio(runs, raw),
                "ceilings": ceilings,
                "ceiling_ratio": ceiling_ratio(kind, runs, limits.runs, cold) if ceilings else None}
         progress.done()
@@ -280,6 +284,36 @@ def _rate(runs: list[dict[str, Any]], key_bytes: str, key_seconds: str) -> Optio
     b = sum(r.get(key_bytes, 0) or 0 for r in runs)
     s = sum(r.get(key_seconds, 0) or 0 for r in runs)
     return round(b / s / 1e9, 3) if b and s else None
+
+
+def merge_raw(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """The raw path measured after each repetition, as one: the median throughput, each
+    repetition's in ``by_repetition``.
+
+    >>> merge_raw([{"path": "p", "bytes": 2, "gbps": 1.0}, {"path": "p", "bytes": 2, "gbps": 3.0}])
+    {'path': 'p', 'bytes': 4, 'gbps': 2.0, 'by_repetition': {'gbps': [1.0, 3.0]}}
+    """
+    gbps = [r["gbps"] for r in raws if r.get("gbps")]
+    return {**raws[-1], "bytes": sum(r.get("bytes", 0) for r in raws), "gbps": _median(gbps),
+            "by_repetition": {"gbps": gbps}}
+
+
+def paired_ratio(runs: list[dict[str, Any]], raw: Optional[dict[str, Any]]) -> Optional[float]:
+    """Connector / raw path: each repetition over the raw path measured right after it, the
+    median of those (where every repetition has its own); else the medians' ratio.
+
+    >>> runs = [{"bytes": 10**9, "seconds": 1.0}, {"bytes": 10**9, "seconds": 0.5}]
+    >>> paired_ratio(runs, {"gbps": 1.5, "by_repetition": {"gbps": [1.0, 4.0]}})
+    0.75
+    """
+    if not raw or not raw.get("gbps"):
+        return None
+    mine = [_rate([r], "bytes", "seconds") for r in runs]
+    theirs = (raw.get("by_repetition") or {}).get("gbps") or []
+    if len(theirs) == len(mine) and all(mine) and all(theirs):
+        return _median([m / t for m, t in zip(mine, theirs)])
+    gbps = _median([m for m in mine if m])
+    return round(gbps / raw["gbps"], 3) if gbps else None
 
 
 def raw_path(connector: Any, kv_caches: Any, ctx: SelfTestContext, runs: list[dict[str, Any]],
