@@ -160,8 +160,9 @@ class BenchConfig(StrictModel):
     prefills so), for the peer-to-peer connectors every request of a round."""
     shared_prefix: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of each prompt's blocks that all requests share (prefix reuse for the tiers)."""
-    repetitions: PositiveInt = 3
-    """Measured repetitions of the workload."""
+    repetitions: PositiveInt = 5
+    """Measured repetitions of the workload (the figures are their medians: with five, two that
+    meet a disk's stall or a noisy minute do not move them; with three, two did)."""
     min_seconds: float = Field(0.2, ge=0.0, le=3600.0, allow_inf_nan=False)
     """Each repetition runs the workload in rounds (fresh prompts each) until it has taken this
     long: a small cache's round takes a millisecond, too short to time alone."""
