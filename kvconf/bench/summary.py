@@ -107,11 +107,13 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
               [max(0.0, (r["gbps_max"] if r.get("gbps_max") is not None else g) - g) for g, r in zip(gbps, ok)]]
     ax.bar([x - 0.2 for x in xs], gbps, 0.4, yerr=spread, capsize=3, label="connector (spread of repetitions)")
     ax.bar([x + 0.2 for x in xs], [r["raw_gbps"] or 0 for r in ok], 0.4, label="raw path", alpha=0.6)
-    for x, g, r in zip(xs, gbps, ok):
+    tops = [g + up for g, up in zip(gbps, spread[1])]  # a label sits above its bar's error bar
+    for x, top, r in zip(xs, tops, ok):
         if r.get("ceiling_overall") is not None:
             short = {"memcpy": "memcpy", "loopback TCP": "TCP"}.get(r["ceiling"], "disk" if r["ceiling"] else "limit")
-            ax.annotate(f"{r['ceiling_overall']:.2f}\nof {short}", (x - 0.2, g), ha="center",
-                        va="bottom", fontsize=7, xytext=(0, 8), textcoords="offset points")
+            ax.annotate(f"{r['ceiling_overall']:.2f}\nof {short}", (x - 0.2, top), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+    ax.set_ylim(0, 1.2 * max([*tops, *(r["raw_gbps"] or 0 for r in ok), 1e-9]))  # room for the labels
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("GB/s (save + load, or transfer)")
