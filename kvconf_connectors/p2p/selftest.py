@@ -6,6 +6,7 @@ bare engine on the same blocks, the raw path of ``action=bench``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -34,7 +35,7 @@ from .producer import Producer
 if TYPE_CHECKING:  # pragma: no cover
     from .connector import P2PConnector
 
-__all__ = ["PEER_MODULE", "Control", "bare_engine", "peer_config", "run_as_consumer", "run_as_producer", "start_peer",
+__all__ = ["PEER_MODULE", "Control", "bare_engine", "peer_config", "peer_log", "run_as_consumer", "run_as_producer", "start_peer",
            "stop_peer", "wait_serving"]
 
 log = logging.getLogger("kvconf.p2p")
@@ -61,14 +62,44 @@ def peer_config(ctx: SelfTestContext, kv_role: str, action: str, peer: Optional[
 
 
 def start_peer(data: dict[str, Any], key: auth.AuthKey) -> tuple[subprocess.Popen, str]:
-    """Starts the peer process with the job's config and this side's key (in its environment)."""
+    """Starts the peer process with the job's config and this side's key (in its environment).
+    A serving peer's stderr is read as it comes, its last lines kept (:func:`peer_log`): it logs
+    a line per request served, and a pipe nobody reads holds 64 KiB, after which the peer blocked
+    in its next log line and stopped answering (about 830 requests in)."""
     fd, path = tempfile.mkstemp(prefix="kvconf-peer-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     env = {**os.environ, PARENT_ENV: str(os.getpid()), auth.ENV: key.text}
     proc = subprocess.Popen([sys.executable, "-m", PEER_MODULE, path], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+    if data.get("action") == "serve":
+        tail: collections.deque[str] = collections.deque(maxlen=PEER_LOG_LINES)
+        _PEER_LOGS[proc.pid] = tail
+        threading.Thread(target=_drain, args=(proc.stderr, tail), daemon=True,
+                         name=f"kvconf-peer-{proc.pid}-stderr").start()
     return proc, path
+
+
+PEER_LOG_LINES = 40
+"""The last lines of a serving peer's stderr kept for an error message."""
+
+_PEER_LOGS: dict[int, collections.deque[str]] = {}
+
+
+def _drain(stream: Any, tail: collections.deque[str]) -> None:
+    for line in iter(stream.readline, ""):
+        tail.append(line.rstrip("\n"))
+
+
+def peer_log(proc: subprocess.Popen) -> list[str]:
+    """The last lines a peer wrote to stderr: as read so far for a serving peer, else all of them
+    once it has exited."""
+    tail = _PEER_LOGS.get(proc.pid)
+    if tail is not None:
+        return list(tail)
+    if proc.stderr is None or proc.poll() is None:
+        return []
+    return proc.stderr.read().strip().splitlines()[-PEER_LOG_LINES:]
 
 
 def wait_serving(proc: subprocess.Popen, timeout: float) -> str:
@@ -85,15 +116,17 @@ def wait_serving(proc: subprocess.Popen, timeout: float) -> str:
             if not line and proc.poll() is not None:
                 break
     proc.kill()
-    err = proc.stderr.read() if proc.stderr else ""
+    proc.wait()
+    time.sleep(0.05)  # the stderr reader takes the last lines
     raise ConnectorRuntimeError(Problem("self_test", f"the producer peer did not start serving within {timeout:g} s",
-                                        details=tuple(err.strip().splitlines()[-6:]),
+                                        details=tuple(peer_log(proc)[-6:]),
                                         fix="run the producer by hand: python -m kvconf connector=NAME "
                                             "connector.kv_role=kv_producer action=serve"))
 
 
 def stop_peer(proc: subprocess.Popen, path: str) -> int:
     try:
+        _PEER_LOGS.pop(proc.pid, None)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -314,7 +347,10 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
             try:
                 return control.ask(msg, conn.extra.transfer_timeout)
             except TimeoutError:
-                raise ConnectorRuntimeError(Problem("bench", f"the producer at {peer} stopped answering")) from None
+                state = "it exited with " + str(proc.returncode) if proc.poll() is not None else "it still runs"
+                raise ConnectorRuntimeError(Problem(
+                    "bench", f"the producer at {peer} stopped answering ({state})",
+                    details=tuple(peer_log(proc)[-6:]))) from None
 
         hello = ask(sc.Hello(engine_id=str(conn.config.engine_id)))
         cfg = conn.kv_cache_config
