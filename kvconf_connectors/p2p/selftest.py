@@ -92,14 +92,8 @@ def _drain(stream: Any, tail: collections.deque[str]) -> None:
 
 
 def peer_log(proc: subprocess.Popen) -> list[str]:
-    """The last lines a peer wrote to stderr: as read so far for a serving peer, else all of them
-    once it has exited."""
-    tail = _PEER_LOGS.get(proc.pid)
-    if tail is not None:
-        return list(tail)
-    if proc.stderr is None or proc.poll() is None:
-        return []
-    return proc.stderr.read().strip().splitlines()[-PEER_LOG_LINES:]
+    """The last lines a serving peer wrote to stderr, as read so far."""
+    return list(_PEER_LOGS.get(proc.pid, ()))
 
 
 def wait_serving(proc: subprocess.Popen, timeout: float) -> str:
@@ -359,9 +353,8 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
         room = cfg.num_blocks // (requests * n_groups)
         per = min(ctx.prompt_blocks or room, room) or 1
         moved, seconds, rounds = 0, 0.0, 0
-        least = getattr(ctx.bench, "min_seconds", 0.0) if ctx.bench is not None else 0.0
         deadline = time.monotonic() + ctx.settings.timeout
-        while not rounds or (seconds < least and rounds < MAX_ROUNDS and time.monotonic() < deadline):
+        while not rounds or (seconds < ctx.min_seconds and rounds < MAX_ROUNDS and time.monotonic() < deadline):
             rounds += 1
             moved, seconds = _bare_round(conn, ask, control, hello, requests, per, n_groups, rounds, moved,
                                          seconds)
