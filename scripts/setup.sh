@@ -76,9 +76,10 @@ stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then
   say "installing kvconf (editable) with its test, plot and sweep tools (pytest, pytest-xdist, ruff, mypy, matplotlib, the joblib, Ray and submitit launchers)"
-  # compat: the project folder goes on sys.path, where Hydra's plugin scan finds kvconf's sweeper
-  # (hydra_plugins/kvconf_sweeper); the default editable mode hides it from that scan.
-  pip install -e ".[test,plot,sweep,cluster]" --config-settings editable_mode=compat
+  # Editable: conf/ and connectors/ are found as kvconf.conf and kvconf_connectors through
+  # setuptools' import finder (pyproject.toml's package-dir); hydra_plugins is listed as a namespace
+  # package, so Hydra's plugin scan finds kvconf's sweeper there too.
+  pip install -e ".[test,plot,sweep,cluster]"
   echo "$want" > "$stamp"
 fi
 say "ready: $("$PY" -m kvconf --version)"

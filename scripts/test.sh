@@ -11,7 +11,7 @@ BIN="${KVCONF_VENV:-.venv}/bin"
 echo "test: ruff check" >&2
 "$BIN/ruff" check .
 echo "test: mypy" >&2
-"$BIN/mypy"
+bash scripts/typecheck.sh
 echo "test: pytest" >&2
 status=0
 "$BIN/python" -m pytest -q -n "${KVCONF_TEST_WORKERS:-2}" -m "not serial" "$@" || status=$?

@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 # modules for the tests to import by path, some broken on purpose
 collect_ignore = ["zoo", "fake_mooncake", "fake_nixl", "fake_vllm"]
 REPO = TESTS.parent
-CONF = REPO / "kvconf" / "conf"
+CONF = REPO / "conf"
 OWNER = "KVCONF_TEST_OWNER"
 
 _NEEDS = {

@@ -87,13 +87,13 @@ def test_validate_usage_errors_exit_2(workdir, args):
 
 
 def test_validate_is_also_a_module(workdir):
-    proc = subprocess.run([sys.executable, "-m", "kvconf.validate", str(CONF / "kv_cache/tiny.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "kvconf.ci.validate", str(CONF / "kv_cache/tiny.yaml")],
                           cwd=workdir, capture_output=True, text=True)
     assert proc.returncode == 0 and "1 files checked, all valid" in proc.stdout
 
 
 def test_matrix_imports_no_torch_and_allocates_nothing():
-    code = ("import sys; from kvconf.validate import validate_matrix; r = validate_matrix([]); "
+    code = ("import sys; from kvconf.ci.validate import validate_matrix; r = validate_matrix([]); "
             "print(r.checked, 'torch' in sys.modules, 'kvconf.runtime.allocate' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) >= 32 and out[1:] == ["False", "False"]
@@ -136,7 +136,7 @@ def test_check_connector_says_where_vllm_decides_otherwise(workdir):
 
 
 def test_check_connector_all_ok_exits_0_and_never_imports_torch():
-    code = ("import sys; from kvconf.check_connector import main; "
+    code = ("import sys; from kvconf.ci.check_connector import main; "
             "rc = main(['zoo.connectors:Good', 'kvconf_connectors.mooncake:MooncakeConnector', '--format', 'json']); "
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=kvconf_env(), capture_output=True, text=True, check=True)
@@ -152,10 +152,11 @@ def test_check_connector_usage_error_exits_2(workdir):
 
 def test_schema_check_fails_when_a_field_changes_without_regenerating(tmp_path):
     copy_root = tmp_path / "copy"
-    for folder in ("kvconf", "kvconf_connectors", "schemas"):
-        shutil.copytree(REPO / folder, copy_root / folder)
+    for folder, to in (("kvconf", "kvconf"), ("conf", "kvconf/conf"), ("connectors", "kvconf_connectors"),
+                       ("schemas", "schemas")):
+        shutil.copytree(REPO / folder, copy_root / to)  # laid out as installed
     env = {**kvconf_env(), "PYTHONPATH": str(copy_root)}
-    cmd = [sys.executable, "-m", "kvconf.schemagen", "--check", "--out", str(copy_root / "schemas")]
+    cmd = [sys.executable, "-m", "kvconf.ci.schemas", "--check", "--out", str(copy_root / "schemas")]
     # cwd: not the repository, whose kvconf/ would be found before the copy
     assert subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True).returncode == 0
     schema_py = copy_root / "kvconf" / "config" / "models.py"

@@ -24,13 +24,13 @@ LAYERS = [
     ("kvconf.cli",),
 ]
 """Each layer may import itself and the layers before it, never one after it."""
-TOP = ("kvconf", "kvconf.__main__", "kvconf.connector", "kvconf.validate", "kvconf.check_connector",
-       "kvconf.schemagen", "kvconf.bench_compare", "kvconf.results")
-"""The package's flat API, ``python -m kvconf``, and the old module paths kept for one release:
-above every layer (they may import any), imported by none."""
+TOP = ("kvconf", "kvconf.__main__")
+"""The package's flat API and ``python -m kvconf``: above every layer (they may import any),
+imported by none."""
 PLUGINS = "kvconf_connectors"
 """The built-in connectors: kvconf's registry names them by string; no kvconf module imports them."""
-PACKAGES = ("kvconf", "kvconf_connectors")
+PACKAGES = {"kvconf": "kvconf", "kvconf.conf": "conf", "kvconf_connectors": "connectors"}
+"""Import name -> the repository's folder (pyproject.toml's package-dir)."""
 MAX_LINES = 500
 
 
@@ -45,9 +45,9 @@ class Edge:
 def modules(root: Path) -> dict[str, Path]:
     """``module name -> file`` of every module of kvconf's packages under ``root``."""
     out = {}
-    for pkg in PACKAGES:
-        for path in sorted((root / pkg).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+    for pkg, folder in PACKAGES.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = [*pkg.split("."), *path.relative_to(root / folder).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path
@@ -58,14 +58,14 @@ def _type_checking_only(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def _imports(tree: ast.AST):
-    """Every import statement, at any depth (functions' lazy imports too), except those under
-    ``if TYPE_CHECKING:``, which never run."""
+def _imports(tree: ast.AST, type_checking: bool = False):
+    """Every import statement, at any depth (functions' lazy imports too); those under
+    ``if TYPE_CHECKING:``, which never run, only with ``type_checking``."""
     stack = [tree]
     while stack:
         node = stack.pop()
         for child in ast.iter_child_nodes(node):
-            if _type_checking_only(child):
+            if _type_checking_only(child) and not type_checking:
                 stack.extend(child.orelse)
                 continue
             if isinstance(child, (ast.Import, ast.ImportFrom)):
@@ -73,13 +73,14 @@ def _imports(tree: ast.AST):
             stack.append(child)
 
 
-def import_graph(root: Path) -> list[Edge]:
-    """The edges between kvconf's modules, from each module's own import statements."""
+def import_graph(root: Path, type_checking: bool = False) -> list[Edge]:
+    """The edges between kvconf's modules, from each module's own import statements (with
+    ``type_checking``, those made for the type checker alone too)."""
     mods = modules(root)
     edges = []
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in _imports(ast.parse(path.read_text(), str(path))):
+        for node in _imports(ast.parse(path.read_text(), str(path)), type_checking):
             if isinstance(node, ast.Import):
                 targets = [(a.name, ()) for a in node.names]
             else:
@@ -182,8 +183,8 @@ def long_files(root: Path) -> list[str]:
 
 def _planted(tmp_path: Path, module: str, code: str) -> Path:
     """A copy of the packages with ``code`` appended to ``module``'s file."""
-    for pkg in PACKAGES:
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in PACKAGES.values():
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     path = modules(tmp_path)[module]
     path.write_text(path.read_text() + "\n" + code)
     return tmp_path
@@ -196,8 +197,8 @@ def test_no_module_imports_a_later_layer():
     assert upward_imports(import_graph(REPO)) == []
 
 
-def test_no_import_cycle():
-    assert cycles(import_graph(REPO)) == []
+def test_no_import_cycle_not_even_for_the_type_checker():
+    assert cycles(import_graph(REPO, type_checking=True)) == []
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -225,6 +226,14 @@ def test_a_planted_upward_import_is_found(tmp_path):
     root = _planted(tmp_path, "kvconf.config.models", "def _late():\n    from kvconf.cli.app import main\n")
     found = upward_imports(import_graph(root))
     assert found and "kvconf.config.models" in found[0] and "kvconf.cli.app, a later layer" in found[0]
+
+
+def test_a_planted_cycle_through_a_type_checking_import_is_found(tmp_path):
+    code = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .connector import P2PConnector  # noqa\n"
+    root = _planted(tmp_path, "kvconf_connectors.p2p.producer", code)
+    assert cycles(import_graph(root)) == []
+    found = cycles(import_graph(root, type_checking=True))
+    assert any({"kvconf_connectors.p2p.connector", "kvconf_connectors.p2p.producer"} <= set(c) for c in found)
 
 
 def test_a_planted_cycle_is_found(tmp_path):

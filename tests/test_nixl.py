@@ -105,7 +105,7 @@ def test_nixl_and_mooncake_share_one_side_channel_module():
     from kvconf_connectors.p2p.connector import P2PConnector
 
     assert issubclass(MooncakeConnector, P2PConnector) and issubclass(NixlConnector, P2PConnector)
-    folder = REPO / "kvconf_connectors"
+    folder = REPO / "connectors"
     servers = [str(p.relative_to(folder)) for p in folder.rglob("*.py") if "zmq.ROUTER" in p.read_text()]
     assert servers == ["p2p/producer.py"]
     for name in ("mooncake.py", "nixl.py"):

@@ -79,6 +79,7 @@ def test_readme_command_runs_as_written(command, needs, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "kvconf").symlink_to(REPO / "kvconf")
+    (cwd / "conf").symlink_to(REPO / "conf")  # the README names conf/models/...
     env = kvconf_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     command, _, note = command.partition("  # ")

@@ -12,6 +12,7 @@ sources           where ``--kv-transfer-config`` values are in a file, parsed wi
 translate         vLLM's KVTransferConfig in kvconf's terms (names, extra keys, model checks)
 importer          ``kvconf import``: a vLLM ``--kv-transfer-config`` as ``connector/NAME.yaml``
 usage             the CI commands' argument parser (a usage error exits 2)
+annotations       GitHub workflow commands (``--format github``), escaped in one place
 conformance       the conformance tests a connector class must pass
 pytest_plugin     ``pytest --kvconf-connector MODULE:CLASS``: those tests as a pytest plugin
 schemas           ``python -m kvconf.ci.schemas``: writes the JSON Schemas, or ``--check`` they are current

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Optional
 
+from .annotations import annotation
 from .catalogue import CATALOGUE, NOTICES, Entry, Target, render_path
 from .sources import JSONSyntaxError, Source, extract
 from .usage import UsageParser
@@ -155,8 +156,7 @@ def print_findings(results: list[Result], fmt: str, out: IO[str], seconds: float
         kinds = {"error": "error", "warning": "warning", "note": "notice"}
         for f in findings:
             msg = f"[{f.id}] {f.path}: {f.message}" + (f" - fix: {f.fix}" if f.fix else "")
-            msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-            out.write(f"::{kinds[f.severity]} file={f.file},line={f.line}::{msg}\n")
+            out.write(annotation(kinds[f.severity], f.file, f.line, msg) + "\n")
         return
     for f in findings:
         value = json.dumps(f.value) if _jsonable(f.value) else repr(f.value)

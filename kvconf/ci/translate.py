@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvconf.config.vllm import kvconf_keys
+
 __all__ = ["ImportFailure", "builtin", "extra_problems", "to_number", "translate"]
 
 
@@ -38,7 +40,8 @@ def extra_problems(vllm_name: str, extra: dict[str, Any]) -> list[tuple[str, str
         return []
     _, cls = found
     model = getattr(cls, "extra_config", None)
-    mapped = {v: k for k, v in getattr(cls, "vllm_extra_keys", {}).items()}
+    back: dict[str, str] = getattr(cls, "vllm_extra_keys", {})
+    mapped = kvconf_keys(back)
     if model is None or not mapped:
         return []
     from pydantic import ValidationError
@@ -47,7 +50,6 @@ def extra_problems(vllm_name: str, extra: dict[str, Any]) -> list[tuple[str, str
     try:
         model.model_validate(data)
     except ValidationError as exc:
-        back = {k: v for v, k in mapped.items()}
         out = []
         for err in exc.errors():
             key = err["loc"][0] if err["loc"] else None
@@ -78,7 +80,7 @@ def translate(ktc: dict[str, Any]) -> dict[str, Any]:
                                 + ", ".join(f"{v} (as {k})" for k, v in sorted(vllm_names().items())))
         ours, cls = found
         node["name"] = ours
-        mapped = {v: k for k, v in getattr(cls, "vllm_extra_keys", {}).items()}
+        mapped = kvconf_keys(getattr(cls, "vllm_extra_keys", {}))
         for key, value in extra_in.items():
             if ours == "multi" and key == "connectors":
                 extra["connectors"] = [translate(child) for child in value]

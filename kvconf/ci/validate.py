@@ -34,6 +34,7 @@ from kvconf.contract.registry import builtin_extra_model, no_imports
 from kvconf.errors import MISSING, ConfigError, KVConfError, Problem
 from kvconf.runtime.pipeline import Job, load, run_job
 
+from .annotations import annotation
 from .usage import UsageParser
 
 __all__ = ["Finding", "main", "positions", "validate_file", "validate_matrix"]
@@ -340,8 +341,7 @@ def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
         for f in report.findings:
             msg = f"{f.path}: {f.message}" + (f" (value: {f.value!r})" if f.value is not None else "") + (
                 f" - fix: {f.fix}" if f.fix else "")
-            msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-            print(f"::error file={f.file},line={f.line},col={f.column}::{msg}")
+            print(annotation("error", f.file, f.line, msg, column=f.column))
         return
     if report.failed_combinations:
         for label, findings in report.failed_combinations.items():

@@ -1,9 +1,10 @@
 """``python -m kvconf [overrides]``: the Hydra app, and the ``kvconf`` command with its subcommands.
 
-Hydra composes (``kvconf/conf`` inside the package, plus a user's ``--config-dir``); everything after
-that is :func:`kvconf.runtime.pipeline.run_job`. Errors become one message block on stderr and an
-exit code: 2 for config and contract errors (Hydra's own composition errors included), 1 for
-runtime failures. In a multirun sweep a failing job is reported and the others still run.
+Hydra composes (``kvconf.conf``: ``conf/`` in the repository, inside the package when installed,
+plus a user's ``--config-dir``); everything after that is :func:`kvconf.runtime.pipeline.run_job`.
+Errors become one message block on stderr and an exit code: 2 for config and contract errors
+(Hydra's own composition errors included), 1 for runtime failures. In a multirun sweep a failing
+job is reported and the others still run.
 ``kvconf NAME ...`` runs the subcommand ``NAME`` (:data:`SUBCOMMANDS`) instead.
 """
 

@@ -44,6 +44,7 @@ __all__ = [
     "ExtraTable",
     "Removed",
     "explain",
+    "kvconf_keys",
     "kvconf_spelling",
     "vllm_extra_problems",
     "vllm_spelling",
@@ -228,6 +229,16 @@ def kvconf_spelling(key: str, scope: str = "") -> str | None:
 # ---- kvconf's config told in vLLM's terms --------------------------------------------------------
 
 
+def kvconf_keys(mapped: dict[str, str]) -> dict[str, str]:
+    """vLLM's ``kv_connector_extra_config`` key -> kvconf's ``connector.extra`` key, the reverse of a
+    connector's ``vllm_extra_keys`` (``mapped``: kvconf key -> vLLM key).
+
+    >>> kvconf_keys({"protocol": "mooncake_protocol"})
+    {'mooncake_protocol': 'protocol'}
+    """
+    return {v: k for k, v in mapped.items()}
+
+
 def vllm_extra_problems(vllm_name: str | None, connector: dict[str, Any],
                         mapped: dict[str, str]) -> list[Problem]:
     """Problems with ``connector.vllm_extra_config``: a key vLLM's connector ``vllm_name`` does not
@@ -241,7 +252,7 @@ def vllm_extra_problems(vllm_name: str | None, connector: dict[str, Any],
                         "counterpart to pass these keys to", value=sorted(given),
                         fix="remove connector.vllm_extra_config, or put the settings under connector.extra")]
     table = EXTRA_KEYS.get(vllm_name)
-    ours = {v: k for k, v in mapped.items()}
+    ours = kvconf_keys(mapped)
     out = []
     for key in given:
         path = f"connector.vllm_extra_config.{key}"
@@ -279,7 +290,7 @@ def explain(problem: Problem, vllm_name: str | None, mapped: dict[str, str]) -> 
                            fix=f"remove connector.{key}", allowed=None)
     if len(parts) == 3 and parts[:2] == ["connector", "extra"] and vllm_name is not None:
         key = parts[2]
-        ours = {v: k for k, v in mapped.items()}.get(key)
+        ours = kvconf_keys(mapped).get(key)
         if ours is not None and ours != key:
             return replace(problem, message=f"{key!r} is vLLM's spelling; kvconf calls it connector.extra.{ours}",
                            fix=f"write connector.extra.{ours}", allowed=None)

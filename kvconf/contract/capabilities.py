@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from kvconf.api import KVConnectorRole
+    from .api import KVConnectorRole
     from kvconf.errors import Problem
 
 __all__ = [

@@ -16,7 +16,7 @@ from . import auth
 from . import protocol as sc
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connector import P2PConnector, Recv
+    from .endpoint import Endpoint, Recv
 
 __all__ = ["Pending", "pull_loop"]
 
@@ -32,7 +32,7 @@ class Pending:
     sent: bool = False
 
 
-def pull_loop(conn: P2PConnector) -> None:
+def pull_loop(conn: Endpoint) -> None:
     """Owns the consumer's DEALER sockets: sends transfer requests, collects results, fails a
     request whose result does not come in time, or at once where the producer refused the key."""
     import zmq

@@ -27,7 +27,7 @@ from . import auth
 from . import protocol as sc
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connector import P2PConnector
+    from .endpoint import Endpoint
 
 __all__ = ["Producer", "block_runs"]
 
@@ -37,7 +37,7 @@ log = logging.getLogger("kvconf.p2p")
 class Producer:
     """The producer's side-channel server and sender pool."""
 
-    def __init__(self, conn: P2PConnector) -> None:
+    def __init__(self, conn: Endpoint) -> None:
         self.conn = conn
         self.num_blocks = conn.kv_cache_config.num_blocks
         self.groups = len(conn.kv_cache_config.kv_cache_groups)

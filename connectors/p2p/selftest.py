@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
 from kvconf.contract.capabilities import SelfTestContext
@@ -33,7 +33,9 @@ from . import protocol as sc
 from .producer import Producer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connector import P2PConnector
+    from kvconf.contract.base import KVConnectorBase
+
+    from .endpoint import Endpoint
 
 __all__ = ["PEER_MODULE", "Control", "bare_engine", "peer_config", "peer_log", "run_as_consumer", "run_as_producer", "start_peer",
            "stop_peer", "wait_serving"]
@@ -137,7 +139,7 @@ def stop_peer(proc: subprocess.Popen, path: str) -> int:
 class Control:
     """A DEALER socket to the producer at ``peer`` that proves this side's key."""
 
-    def __init__(self, conn: P2PConnector, peer: str) -> None:
+    def __init__(self, conn: Endpoint, peer: str) -> None:
         import zmq
 
         self.conn, self.peer = conn, peer
@@ -170,7 +172,7 @@ class Control:
         self.sock.close(linger=0)
 
 
-def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
+def run_as_consumer(conn: Endpoint, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
     """This process is the consumer: start (or reach) a producer, fetch rounds of requests, verify."""
     import torch
 
@@ -200,7 +202,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
                 fix="lower bench.prompt_blocks or bench.concurrency, or raise kv_cache.num_blocks / kv_cache.memory"))
         round_bytes = requests * per_req * per_block
         rounds = max(1, -(-total_target // round_bytes))
-        scheduler = type(conn)(conn.config, KVConnectorRole.SCHEDULER, cfg)
+        scheduler: KVConnectorBase = cast("type[KVConnectorBase]", type(conn))(conn.config, KVConnectorRole.SCHEDULER, cfg)
         control = Control(conn, peer)
         ask = control.ask
         try:
@@ -323,7 +325,7 @@ def run_as_consumer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTest
                 log.warning("the producer peer exited with %s", code)
 
 
-def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
+def bare_engine(conn: Endpoint, ctx: SelfTestContext) -> dict[str, Any]:
     """The engine alone on the blocks of the self-test's rounds: a producer peer prefills the
     requests; in pull mode this process READs each request's regions with the engine call alone,
     in push mode the producer WRITEs them and reports the engine's own time. Rounds repeat until
@@ -367,7 +369,7 @@ def bare_engine(conn: P2PConnector, ctx: SelfTestContext) -> dict[str, Any]:
         stop_peer(proc, path)
 
 
-def _bare_round(conn: P2PConnector, ask: Any, control: Control, hello: Any, requests: int, per: int,
+def _bare_round(conn: Endpoint, ask: Any, control: Control, hello: Any, requests: int, per: int,
                 n_groups: int, rnd: int, moved: int, seconds: float) -> tuple[int, float]:
     """One round of :func:`bare_engine`: every request prefilled, then each moved by the engine
     alone, in the order of the connector's rounds (reading a request right after its prefill would
@@ -394,7 +396,7 @@ def _bare_round(conn: P2PConnector, ask: Any, control: Control, hello: Any, requ
     return moved, seconds
 
 
-def run_as_producer(conn: P2PConnector, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
+def run_as_producer(conn: Endpoint, kv_caches: dict[str, Any], ctx: SelfTestContext) -> dict[str, Any]:
     """This process is the producer: serve, start a consumer peer, report what it verified."""
     stop = threading.Event()
     server = Producer(conn)

@@ -19,6 +19,7 @@ engine through the multi connector itself; every byte is verified.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -73,10 +74,31 @@ def _moved(p: Problem, prefix: str) -> Problem:
 def children(connector: dict[str, Any],
              kv_cache_config: Any = None) -> tuple[list[tuple[ConnectorConfig, type]], list[Problem]]:
     """Each child's validated config and class, and every problem (paths under
-    ``connector.extra.connectors.N``); nothing is constructed."""
+    ``connector.extra.connectors.N``); nothing is constructed. The children are resolved once per
+    connector node (a job checks, plans and constructs with the same one); each child's own
+    ``config_problems`` are asked again, since they depend on ``kv_cache_config``."""
+    key = json.dumps(connector.get("extra"), sort_keys=True, default=repr)
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve(connector)
+        while len(_RESOLVED) > 16:
+            _RESOLVED.pop(next(iter(_RESOLVED)))
+    found, problems = resolved
+    problems = list(problems)
+    for _, cls, node, prefix in found:
+        if issubclass(cls, ChecksConfig):
+            problems.extend(_moved(p, prefix) for p in cls.config_problems(node, kv_cache_config))
+    return [(cfg, cls) for cfg, cls, _, _ in found], problems
+
+
+_RESOLVED: dict[str, tuple[list[tuple[ConnectorConfig, type, dict[str, Any], str]], list[Problem]]] = {}
+""":func:`children`' resolutions, by the connector's ``extra`` (a few at most: one a job)."""
+
+
+def _resolve(connector: dict[str, Any]) -> tuple[list[tuple[ConnectorConfig, type, dict[str, Any], str]], list[Problem]]:
     extra = connector.get("extra") or {}
     nodes = extra.get("connectors") if isinstance(extra, dict) else None
-    out: list[tuple[ConnectorConfig, type]] = []
+    out: list[tuple[ConnectorConfig, type, dict[str, Any], str]] = []
     problems: list[Problem] = []
     if not isinstance(nodes, list):
         return out, problems  # MultiExtra's validation says what is wrong
@@ -108,12 +130,10 @@ def children(connector: dict[str, Any],
             resolved = registry.resolve(cfg.name, cfg.module_path)
             cls = contract.require(resolved.target, module=resolved.module, attribute=resolved.attribute)
             validate_extra(getattr(cls, "extra_config", None), cfg.extra)
-            if issubclass(cls, ChecksConfig):
-                problems.extend(_moved(p, prefix) for p in cls.config_problems(node, kv_cache_config))
         except KVConfError as exc:
             problems.extend(_moved(p, prefix) for p in exc.problems)
             continue
-        out.append((cfg, cls))
+        out.append((cfg, cls, node, prefix))
     return out, problems
 
 

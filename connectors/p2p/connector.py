@@ -48,6 +48,7 @@ from kvconf.runtime.views import byte_views
 from . import auth
 from . import protocol as sc
 from .consumer import pull_loop
+from .endpoint import Recv
 from .producer import Producer
 from .selftest import bare_engine, run_as_consumer, run_as_producer
 
@@ -103,15 +104,6 @@ class P2PExtra(StrictModel):
             raise ValueError(f"{v!r} is not HOST:PORT; fix: give what the producer printed as "
                              "'serving on HOST:PORT', e.g. 127.0.0.1:40123")
         return v
-
-
-@dataclass
-class Recv:
-    """A request whose blocks a consumer fetches: its ids here, and its producer's address."""
-
-    request_id: str
-    block_ids: list[int]
-    peer: str
 
 
 @dataclass
