@@ -56,9 +56,12 @@ def _task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from kvconf.config.overrides import as_typed
+
     hc = HydraConfig.get()
     state.callbacks = [str(c.get("_target_")) for c in (hc.callbacks or {}).values() if hasattr(c, "get")]
-    return execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=" ".join(hc.overrides.task) or "(defaults)",
+    label = " ".join(as_typed(o) for o in hc.overrides.task) or "(defaults)"
+    return execute(cfg, multirun=hc.mode == RunMode.MULTIRUN, label=label,
                    job_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices))
 
 
@@ -206,8 +209,11 @@ def _plain_run(argv: list[str]) -> bool:
 
 
 def _compose_and_run(overrides: list[str]) -> None:
+    from kvconf.config.overrides import as_typed
+
     try:
         cfg = compose(overrides, return_hydra_config=True, job_name="kvconf")
+        label = " ".join(as_typed(o) for o in overrides) or "(defaults)"
         choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
             del cfg["hydra"]
@@ -216,7 +222,7 @@ def _compose_and_run(overrides: list[str]) -> None:
             traceback.print_exc()
         print("kvconf: config error\n" + "\n".join(f"  {ln}" for ln in _exception_lines(exc)), file=sys.stderr)
         raise SystemExit(2) from None
-    execute(cfg, multirun=False, label=" ".join(overrides) or "(defaults)", choices=choices)
+    execute(cfg, multirun=False, label=label, choices=choices)
 
 
 def _exception_lines(exc: BaseException) -> list[str]:
@@ -250,27 +256,6 @@ def main() -> None:
 def _bare_word(arg: str) -> bool:
     """An argument that is neither a flag nor an override (``key=value``, ``~key``, ``+key=value``)."""
     return not arg.startswith(("-", "~", "+")) and "=" not in arg
-
-
-def _layout_from_model(argv: list[str]) -> list[str]:
-    """``kv_cache.model=PATH`` without a ``kv_cache=`` preset: the layout comes from the model
-    alone, so the default preset (and its num_blocks) is dropped (``~kv_cache``) and the
-    ``kv_cache.*`` overrides build the node anew (``+kv_cache.KEY=VALUE``)."""
-    if not any(a.startswith("kv_cache.model=") for a in argv) or any(
-            a.lstrip("+~").startswith("kv_cache=") or a == "~kv_cache" for a in argv):
-        return argv
-    return ["~kv_cache", *("+" + a if a.startswith("kv_cache.") else a for a in argv)]
-
-
-def _external_connector(argv: list[str]) -> list[str]:
-    """``connector.module_path=...`` without a ``connector=`` option: the user's own class, which
-    must not be handed the default connector's settings, so ``connector.extra`` starts empty
-    (``connector.extra={}``) and ``connector.extra.KEY=VALUE`` adds the class's own keys."""
-    if not any(a.startswith("connector.module_path=") for a in argv) or any(
-            a.lstrip("+~").startswith(("connector=", "connector.extra=")) for a in argv):
-        return argv
-    return ["~connector.extra", "+connector.extra={}",
-            *("+" + a if a.startswith("connector.extra.") else a for a in argv)]
 
 
 def _in_vllm_terms(exc: ConfigError, argv: list[str]) -> ConfigError:
@@ -335,7 +320,10 @@ def _main(argv: list[str]) -> None:
             fix="run a subcommand (kvconf validate ...), or give overrides as key=value "
                 "(python -m kvconf --help lists them)")), None, None)
         raise SystemExit(2)
-    argv = _external_connector(_layout_from_model(argv))
+    from kvconf.config.overrides import as_composable, check_overrides, external_connector, layout_from_model
+    from kvconf.contract.registry import builtin_extra_model
+
+    argv = external_connector(layout_from_model(argv))
     dirs = _config_dirs(argv)
     if dirs:  # a user's YAML: malformed, duplicate keys, alias bombs are one message, not a traceback
         from kvconf.config.yamlfiles import config_dir_problems
@@ -344,14 +332,12 @@ def _main(argv: list[str]) -> None:
         if problems:
             _report_error(ConfigError(problems), None, None)
             raise SystemExit(2)
-    from kvconf.config.overrides import check_overrides
-    from kvconf.contract.registry import builtin_extra_model
-
     try:
         check_overrides(argv, CONF_DIR, extra_model=builtin_extra_model)
     except ConfigError as exc:
         _report_error(_in_vllm_terms(exc, argv), None, None)
         raise SystemExit(2) from None
+    argv = as_composable(argv, CONF_DIR)
     if _plain_run(argv):
         _compose_and_run(argv)
         return
@@ -359,6 +345,7 @@ def _main(argv: list[str]) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head`: end as any Unix tool does
     if "--help" in argv or "-h" in argv:
         _store_help(full=True)
+    sys.argv = [sys.argv[0], *argv]  # Hydra's main reads the overrides as kvconf made them composable
     try:
         _app()
     except SystemExit as exc:

@@ -1,12 +1,20 @@
-"""Command-line overrides checked before Hydra composes, so that the two commonest typos get
-kvconf's message (path, value, allowed, did-you-mean, fix) instead of Hydra's advice to append
-the misspelt key with ``+``:
+"""Command-line overrides, before Hydra composes.
+
+Checked (:func:`check_overrides`), so that the two commonest typos get kvconf's message (path,
+value, allowed, did-you-mean, fix) instead of Hydra's advice to append the misspelt key with ``+``:
 
 - a config group option that does not exist (``connector=mooncak``);
 - a key the schema does not have (``connector.kv_rol=kv_producer``).
 
-Anything this cannot judge (``+key``, ``hydra.*``, a user's own connector YAML) is left to Hydra
-and to validation, which catch it too.
+Anything this cannot judge (``+key``, ``hydra.*``, a user's own connector's ``extra`` keys) is left
+to Hydra and to validation, which catch it too.
+
+Made composable (:func:`as_composable`): the keys of the ``kv_cache`` and ``connector`` groups come
+from kvconf's schema, not from whichever file was chosen, so a file of one's own that leaves a key
+out takes the override a built-in file takes. Hydra only overrides keys the composed config has;
+``kv_cache.max_model_len=4096`` for a ``kv_cache/mine.yaml`` without ``max_model_len`` is handed to
+Hydra as ``++kv_cache.max_model_len=4096`` (set or add), and only where a chosen file lacks the key,
+so built-in files compose exactly as written.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from typing import Any, Optional
 from kvconf.conf import GROUPS
 from kvconf.errors import ConfigError, Problem
 
-__all__ = ["check_overrides", "group_options", "split_args"]
+__all__ = ["as_composable", "as_typed", "check_overrides", "external_connector", "group_options", "layout_from_model",
+           "schema_keys", "split_args"]
 
 
 def group_options(group: str, config_dirs: Iterable[str]) -> list[str]:
@@ -58,15 +67,124 @@ def _fields(model: Any) -> list[str]:
     return list(model.model_fields)
 
 
+def schema_keys() -> dict[str, list[str]]:
+    """The keys of each section of kvconf's config, from its models: ``""`` (the top level),
+    ``connector``, ``kv_cache`` (both forms), ``self_test``, ``bench``."""
+    from .kvcache import KVCacheConfig
+    from .layout import KVCacheLayout
+    from .models import BenchConfig, ConnectorConfig, KVConfConfig, SelfTestConfig
+
+    return {
+        "": _fields(KVConfConfig),
+        "connector": _fields(ConnectorConfig),
+        "kv_cache": sorted(set(_fields(KVCacheLayout)) | set(_fields(KVCacheConfig))),
+        "self_test": _fields(SelfTestConfig),
+        "bench": _fields(BenchConfig),
+    }
+
+
+def _option_file(group: str, option: str, dirs: list[str]) -> Optional[Path]:
+    """The file Hydra composes for ``group=option``: the first of the search path (kvconf's own
+    conf/ comes before a ``--config-dir``)."""
+    for d in dirs:
+        for suffix in (".yaml", ".yml"):
+            path = Path(d) / group / f"{option}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def _file_keys(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level keys, ``extra`` keys) of a group file, from YAML's node graph: aliases are not
+    expanded, so a hostile file costs its size, not its expansion. A file that does not parse
+    gives none (Hydra and the ``--config-dir`` check report it)."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8", errors="replace"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return set(), set()
+    top: set[str] = set()
+    extra: set[str] = set()
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            top.add(str(k.value))
+            if k.value == "extra" and isinstance(v, yaml.MappingNode):
+                extra.update(str(kk.value) for kk, _ in v.value)
+    return top, extra
+
+
+def _chosen(parsed: list[Any], dirs: list[str]) -> dict[str, list[Path]]:
+    """The files each of the ``connector`` and ``kv_cache`` groups composes (several in a sweep):
+    the options given on the command line, else the primary config's defaults."""
+    chosen = {"connector": ["example"], "kv_cache": ["tiny"]}  # config.yaml's defaults list
+    for o in parsed:
+        if o.key_or_group in chosen and o.package is None and not o.is_delete():
+            chosen[o.key_or_group] = (list(o.sweep_string_iterator()) if o.is_sweep_override()
+                                      else [o.get_value_element_as_str()])
+    out: dict[str, list[Path]] = {}
+    for group, options in chosen.items():
+        out[group] = [f for f in (_option_file(group, v, dirs) for v in options) if f is not None]
+    return out
+
+
+def layout_from_model(argv: list[str]) -> list[str]:
+    """``kv_cache.model=PATH`` without a ``kv_cache=`` preset: the layout comes from the model
+    alone, so the default preset (and its num_blocks) is dropped (``~kv_cache``) and the
+    ``kv_cache.*`` overrides build the node anew (``+kv_cache.KEY=VALUE``)."""
+    if not any(a.startswith("kv_cache.model=") for a in argv) or any(
+            a.lstrip("+~").startswith("kv_cache=") or a == "~kv_cache" for a in argv):
+        return argv
+    return ["~kv_cache", *("+" + a if a.startswith("kv_cache.") else a for a in argv)]
+
+
+def external_connector(argv: list[str]) -> list[str]:
+    """``connector.module_path=...`` without a ``connector=`` option: the user's own class, which
+    must not be handed the default connector's settings, so ``connector.extra`` starts empty
+    (``connector.extra={}``) and ``connector.extra.KEY=VALUE`` adds the class's own keys."""
+    if not any(a.startswith("connector.module_path=") for a in argv) or any(
+            a.lstrip("+~").startswith(("connector=", "connector.extra=")) for a in argv):
+        return argv
+    return ["~connector.extra", "+connector.extra={}",
+            *("+" + a if a.startswith("connector.extra.") else a for a in argv)]
+
+
+def as_composable(argv: list[str], conf_dir: str) -> list[str]:
+    """``argv`` as Hydra must be given it for the groups' keys to come from kvconf's schema: an
+    override of a ``kv_cache.KEY`` or ``connector.KEY`` the schema has, or of any
+    ``connector.extra.KEY`` (the connector's own model judges those), becomes ``++KEY=VALUE``
+    where a file the group composes lacks the key. Overrides written with ``+``, ``++`` or ``~``,
+    flags and everything else pass unchanged; an unknown key is left to :func:`check_overrides`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides, user_dirs = split_args(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports syntax errors itself
+        return argv
+    files = _chosen(parsed, [conf_dir, *user_dirs])
+    keys = schema_keys()
+    missing: set[str] = set()
+    for o in parsed:
+        if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
+            continue
+        parts = o.key_or_group.split(".")
+        if len(parts) == 2 and parts[0] in files and parts[1] in keys[parts[0]]:
+            if any(parts[1] not in _file_keys(f)[0] for f in files[parts[0]]):
+                missing.add(o.key_or_group)
+        elif len(parts) == 3 and parts[:2] == ["connector", "extra"]:
+            if any(parts[2] not in _file_keys(f)[1] for f in files["connector"]):
+                missing.add(o.key_or_group)
+    if not missing:
+        return argv
+    return ["++" + a if a in overrides and a.split("=", 1)[0] in missing else a for a in argv]
+
+
 def check_overrides(argv: list[str], conf_dir: str,
                     extra_model: Optional[Callable[[str], Any]] = None) -> None:
     """A :class:`ConfigError` listing every override that names a missing option or key;
     ``extra_model(name)`` gives a built-in connector's ``extra`` model, to check its keys too."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .kvcache import KVCacheConfig
-    from .layout import KVCacheLayout
-    from .models import BenchConfig, ConnectorConfig, KVConfConfig, SelfTestConfig
 
     overrides_text, user_dirs = split_args(argv)
     try:
@@ -89,13 +207,7 @@ def check_overrides(argv: list[str], conf_dir: str,
             if o.key_or_group == "connector" and len(values) == 1:
                 chosen["connector"] = values[0]
     user_connectors = set(group_options("connector", user_dirs))
-    sections: dict[str, list[str]] = {
-        "": [f for f in _fields(KVConfConfig)],
-        "connector": _fields(ConnectorConfig),
-        "kv_cache": sorted(set(_fields(KVCacheLayout)) | set(_fields(KVCacheConfig))),
-        "self_test": _fields(SelfTestConfig),
-        "bench": _fields(BenchConfig),
-    }
+    sections = schema_keys()
     name = chosen["connector"]
     model = extra_model(name) if extra_model is not None and name not in user_connectors else None
     if model is not None:
@@ -117,3 +229,16 @@ def check_overrides(argv: list[str], conf_dir: str,
                 break
     if problems:
         raise ConfigError(problems)
+
+
+def as_typed(override: str) -> str:
+    """An override as a report shows it: without the ``++`` that :func:`as_composable` puts before
+    a group key (``++kv_cache.max_model_len=4096`` reads ``kv_cache.max_model_len=4096``; the two
+    mean the same for a key of kvconf's schema).
+
+    >>> as_typed("++kv_cache.max_model_len=4096"), as_typed("++hydra.job.chdir=true")
+    ('kv_cache.max_model_len=4096', '++hydra.job.chdir=true')
+    """
+    if override.startswith("++") and override[2:].startswith(("kv_cache.", "connector.")):
+        return override[2:]
+    return override

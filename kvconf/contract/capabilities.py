@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .api import KVConnectorRole
     from kvconf.errors import Problem
+
+    from .api import KVConnectorRole
 
 __all__ = [
     "ChecksConfig",
