@@ -53,7 +53,7 @@ def compare(what: str, overrides: list[str], runs: int, expect: int = 0, says: s
     env = env or dict(os.environ)
     with tempfile.TemporaryDirectory() as cwd:
         bare_py = Path(cwd) / "bare_app.py"
-        bare_py.write_text(BARE_APP.replace("CONF_DIR", repr(str(REPO / "kvconf" / "conf"))))
+        bare_py.write_text(BARE_APP.replace("CONF_DIR", repr(str(REPO / "conf"))))
         kvconf_cmd = [sys.executable, "-m", "kvconf", *overrides]
         # Hydra's no-op callback for kvconf's sweep summary, whose import would charge kvconf to the bare app
         bare_cmd = [sys.executable, str(bare_py), *overrides,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-import kvconf
+from kvconf.conf import CONF_DIR
 from kvconf.config.layout import KVCacheLayout
 from kvconf.config.models import ConnectorConfig
 from kvconf.contract.api import (
@@ -46,7 +46,7 @@ from kvconf.contract.api import (
 )
 from kvconf.contract.registry import resolve
 
-CONF = Path(kvconf.__file__).parent / "conf" / "connector"
+CONF = Path(CONF_DIR) / "connector"
 BLOCK = 16
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kvconf.conf import compose_data
-from kvconf.config.models import validate
+from kvconf.config.models import validate, validate_extra
 from kvconf.contract import signature as contract
 from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
 from kvconf.contract.capabilities import SelfTestContext, SupportsHMA
@@ -33,15 +33,19 @@ def _load(target: str) -> type:
 
 def _compose(cls: type, overrides: list[str]) -> dict[str, Any]:
     """The composed config the connector is built with: its built-in YAML when it is a built-in
-    connector, else the default config pointed at the class by module path."""
+    connector, else the default config pointed at the class by module path, with ``extra``
+    holding only what the overrides set (the class's model fills in its defaults). The overrides
+    go through the same checks and rewrites as ``python -m kvconf``'s: a misspelt key is kvconf's
+    message, a ``connector.extra.KEY`` the file lacks is added."""
+    from kvconf.conf import CONF_DIR
+    from kvconf.config.overrides import as_composable, check_overrides, external_connector
+
     builtin = builtin_name_of(cls)
     base = [f"connector={builtin}"] if builtin else [
         f"connector.module_path={cls.__module__}", f"connector.name={cls.__qualname__}"]
-    data = compose_data([*base, "device=cpu", "role=worker", *overrides])
-    if not builtin and getattr(cls, "extra_config", None) is not None and not any(
-            o.startswith("connector.extra") for o in overrides):
-        data["connector"]["extra"] = {}  # the class's own defaults, not the example connector's settings
-    return data
+    argv = external_connector([*base, "device=cpu", "role=worker", *overrides])
+    check_overrides(argv, CONF_DIR, extra_model=lambda name: getattr(cls, "extra_config", None))
+    return compose_data(as_composable(argv, CONF_DIR))
 
 
 class Built:
@@ -54,6 +58,7 @@ class Built:
             pytest.fail(f"{target}: {verdict.verdict}: {verdict.message}; fix: {verdict.fix}", pytrace=False)
         self.data = _compose(self.cls, overrides)
         self.cfg = validate(self.data)
+        self.extra = validate_extra(getattr(self.cls, "extra_config", None), self.cfg.connector.extra)
         self.kv = self.cfg.kv_cache_config_for(hybrid=issubclass(self.cls, SupportsHMA))  # as the pipeline plans
 
     def make(self, role: KVConnectorRole) -> Any:
@@ -64,6 +69,15 @@ class Built:
     def caches(self) -> tuple[list[Any], dict[str, Any]]:
         buffers = allocate(self.kv, "cpu")
         return buffers, layer_views(self.kv, buffers)
+
+
+def settings_of(target: str, overrides: list[str]) -> str:
+    """The connector settings ``target`` is tested with, as one line (``KEY=VALUE, ...``); a
+    :class:`~kvconf.errors.ConfigError` where the overrides or the settings are wrong, before any
+    test runs."""
+    built = Built(target, overrides)
+    extra = built.extra.model_dump(mode="json") if hasattr(built.extra, "model_dump") else dict(built.extra)
+    return ", ".join(f"{k}={v}" for k, v in extra.items()) or "(none)"
 
 
 def _tensors_held(obj: Any, depth: int = 4) -> list[str]:
@@ -163,6 +177,9 @@ def test_shutdown_releases_everything(built: Built) -> None:
     assert not left, f"threads still running after shutdown(): {', '.join(left)}"
     held = _tensors_held(conn)
     assert not held, f"after shutdown() the connector still holds tensors: {', '.join(held[:5])}"
-    alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages]
+    # type(), not isinstance(): isinstance reads __class__, and some of the objects gc holds are
+    # torch's deprecated aliases, which warn when touched (a FutureWarning on every run)
+    alive = [o for o in gc.get_objects()
+             if issubclass(type(o), torch.Tensor) and o.untyped_storage().data_ptr() in storages]
     assert not alive, (f"after shutdown() the connector still holds the KV cache: {len(alive)} tensor(s) viewing it "
                        "are alive (kept by a module-level object?)")

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _pytest.stash import StashKey
+
+_SETTINGS: StashKey[list[str]] = StashKey()
+
 
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("kvconf", "kvconf connector conformance")
@@ -24,10 +28,35 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    if config.getoption("--kvconf-connector"):
-        from kvconf.ci import conformance
+    targets = config.getoption("--kvconf-connector")
+    if not targets:
+        return
+    import pytest
 
-        config.args.append(str(Path(conformance.__file__)))
+    from kvconf.ci import conformance
+    from kvconf.errors import KVConfError
+
+    settings = []
+    for target in targets:
+        try:
+            settings.append(f"kvconf: {target}: connector.extra: {conformance.settings_of(target, overrides(config))}")
+        except KVConfError as exc:  # a misspelt key, a bad value: kvconf's message; no test runs
+            pytest.exit(f"{target}:\n{exc}", returncode=2)
+        except (ImportError, AttributeError) as exc:
+            pytest.exit(f"{target}: cannot load the class: {exc}; fix: give MODULE:CLASS of an importable module",
+                        returncode=2)
+    config.stash[_SETTINGS] = settings
+    config.args.append(str(Path(conformance.__file__)))
+
+
+def overrides(config) -> list[str]:
+    """The ``--kvconf-override`` values, in order."""
+    return list(config.getoption("--kvconf-override"))
+
+
+def pytest_report_header(config) -> list[str]:
+    """Each connector under test and the validated settings it is built with."""
+    return list(config.stash.get(_SETTINGS, []))
 
 
 def pytest_generate_tests(metafunc) -> None:

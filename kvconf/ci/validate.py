@@ -30,6 +30,8 @@ import yaml
 from kvconf.conf import CONF_DIR, GROUPS, compose_data
 from kvconf.config.diagnostics import problems_from_validation_error
 from kvconf.config.models import ConnectorConfig, KVCacheGroupFile, validate_extra
+from kvconf.contract import registry
+from kvconf.contract import signature as contract
 from kvconf.contract.registry import builtin_extra_model, no_imports
 from kvconf.errors import MISSING, ConfigError, KVConfError, Problem
 from kvconf.runtime.pipeline import Job, load, run_job
@@ -70,6 +72,8 @@ class Report:
     checked: int = 0
     findings: list[Finding] = field(default_factory=list)
     failed_combinations: dict[str, list[Finding]] = field(default_factory=dict)
+    notes: list[Finding] = field(default_factory=list)
+    """What could not be checked (a class read from source, not run): said, never reported valid."""
 
 
 # ---- positions -------------------------------------------------------------------------------------
@@ -128,8 +132,9 @@ def _findings(file: str, text: str, problems: Iterable[Problem], strip: str = ""
 # ---- one file --------------------------------------------------------------------------------------
 
 
-def _group_problems(group: str, data: Any) -> list[Problem]:
-    """Problems of one config group's content (as the group file holds it)."""
+def _group_problems(group: str, data: Any, notes: list[Problem]) -> list[Problem]:
+    """Problems of one config group's content (as the group file holds it); what could not be
+    checked goes into ``notes``."""
     from pydantic import ValidationError
 
     if group == "connector":
@@ -141,6 +146,8 @@ def _group_problems(group: str, data: Any) -> list[Problem]:
         except ValidationError as exc:
             problems += problems_from_validation_error(exc, ConnectorConfig, data, prefix="connector")
         problems += _extra_problems(data)
+        if not problems:
+            problems += _class_problems(data, notes)
         return problems
     if group == "kv_cache":
         try:
@@ -174,8 +181,36 @@ def _extra_problems(connector: dict[str, Any]) -> list[Problem]:
     return []
 
 
-def validate_file(path: Path, group: str | None = None) -> list[Finding]:
-    """Findings of one file: a group file, or a whole config (top-level connector/role/kv_cache)."""
+def _class_problems(connector: dict[str, Any], notes: list[Problem]) -> list[Problem]:
+    """A ``module_path`` connector's class, as ``--matrix`` and ``python -m kvconf action=check``
+    check it: resolved (read from its source unless ``--import-modules``), its constructor's
+    contract, and ``extra`` against its ``extra_config``. A class read from source whose own
+    ``extra_config`` cannot be evaluated without running the module: a note says so."""
+    name, module_path = connector.get("name"), connector.get("module_path")
+    if not isinstance(name, str) or not isinstance(module_path, str):
+        return []
+    try:
+        resolved = registry.resolve(name, module_path)
+        cls = contract.require(resolved.target, module=resolved.module, attribute=resolved.attribute)
+    except KVConfError as exc:
+        return exc.problems
+    where = getattr(cls, "__kvconf_static__", None)
+    if where is not None and "extra_config" in vars(cls):
+        notes.append(Problem("connector.extra", f"not checked: {name} defines its own extra_config ({where}), and "
+                             "the module was read, not run, so its settings model is unknown here",
+                             fix="kvconf validate --import-modules checks them (it imports the module, running "
+                                 "its code)"))
+        return []
+    try:
+        validate_extra(getattr(cls, "extra_config", None), connector.get("extra"))
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def validate_file(path: Path, group: str | None = None, notes: list[Finding] | None = None) -> list[Finding]:
+    """Findings of one file: a group file, or a whole config (top-level connector/role/kv_cache).
+    What could not be checked is appended to ``notes``."""
     text = path.read_text()
     try:
         data = yaml.safe_load(text)
@@ -189,9 +224,13 @@ def validate_file(path: Path, group: str | None = None) -> list[Finding]:
     if group is None:
         return [Finding(str(path), 1, 1, "", "cannot tell which config group this file belongs to",
                         fix="put it in a connector/, role/ or kv_cache/ folder, or pass --group")]
+    unchecked: list[Problem] = []
     if group == "role" and isinstance(data, dict):
-        return _findings(str(path), text, _group_problems("role", data))
-    return _findings(str(path), text, _group_problems(group, data), strip=group)
+        return _findings(str(path), text, _group_problems("role", data, unchecked))
+    found = _findings(str(path), text, _group_problems(group, data, unchecked), strip=group)
+    if notes is not None:
+        notes += _findings(str(path), text, unchecked, strip=group)
+    return found
 
 
 def _whole_problems(data: dict[str, Any]) -> list[Problem]:
@@ -335,14 +374,18 @@ def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
     if fmt == "json":
         print(json.dumps({"ok": not report.findings, "checked": report.checked, "what": what,
                           "seconds": round(seconds, 3), "errors": [f.as_dict() for f in report.findings],
+                          "not_checked": [f.as_dict() for f in report.notes],
                           "failed_combinations": sorted(report.failed_combinations)}))
         return
     if fmt == "github":
-        for f in report.findings:
-            msg = f"{f.path}: {f.message}" + (f" (value: {f.value!r})" if f.value is not None else "") + (
-                f" - fix: {f.fix}" if f.fix else "")
-            print(annotation("error", f.file, f.line, msg, column=f.column))
+        for kind, items in (("error", report.findings), ("notice", report.notes)):
+            for f in items:
+                msg = f"{f.path}: {f.message}" + (f" (value: {f.value!r})" if f.value is not None else "") + (
+                    f" - fix: {f.fix}" if f.fix else "")
+                print(annotation(kind, f.file, f.line, msg, column=f.column))
         return
+    for f in report.notes:
+        print(f"{f.file}:{f.line}:{f.column}: note: {f.path}: {f.message}" + (f"; fix: {f.fix}" if f.fix else ""))
     if report.failed_combinations:
         for label, findings in report.failed_combinations.items():
             print(f"FAIL {label}")
@@ -354,8 +397,11 @@ def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
             print(f"{f.file}:{f.line}:{f.column}: {f.path or '<file>'}: {f.message}"
                   + (f" (value: {f.value!r})" if f.value is not None else "") + (f"; fix: {f.fix}" if f.fix else ""))
     bad = len(report.failed_combinations) if what == "combinations" else len(report.findings)
-    print(f"kvconf validate: {report.checked} {what} checked, "
-          + (f"{bad} invalid" if report.findings else "all valid") + f" ({seconds:.2f} s)")
+    verdict = f"{bad} invalid" if report.findings else "all valid"
+    if report.notes:
+        verdict = (f"{bad} invalid" if report.findings else "none invalid") + (
+            f", {len(report.notes)} not fully checked (see the notes)")
+    print(f"kvconf validate: {report.checked} {what} checked, {verdict} ({seconds:.2f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +437,7 @@ def _run(p: UsageParser, args: Any) -> int:
             p.error(f"{f}: no such file")
     for f in args.files:
         report.checked += 1
-        report.findings += validate_file(f, args.group)
+        report.findings += validate_file(f, args.group, report.notes)
     _emit(report, args.format, "files", time.perf_counter() - t0)
     return 1 if report.findings else 0
 

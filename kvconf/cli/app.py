@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +190,15 @@ def _flush() -> None:
         _stdout_closed()
 
 
-def _store_help(full: bool) -> None:
+def _store_help(full: bool, argv: Sequence[str] = ()) -> None:
+    """``--help``'s text; with ``connector.module_path=M connector.name=C`` in ``argv``, the
+    settings listed are that class's (its module imported), not the built-in connectors'."""
     from .help import help_template  # --help alone reads the models' docstrings
 
-    store_help(template=help_template(SUBCOMMANDS) if full else "",
+    given = dict(a.split("=", 1) for a in argv if a.startswith(("connector.module_path=", "connector.name=")))
+    module_path = given.get("connector.module_path")
+    own = (module_path, given.get("connector.name")) if module_path else None
+    store_help(template=help_template(SUBCOMMANDS, own) if full else "",
                header=f"kvconf {__version__}: declare, validate and start KV-cache connectors.",
                footer="Powered by Hydra (https://hydra.cc). Use --hydra-help for Hydra's own flags.")
 
@@ -344,7 +350,7 @@ def _main(argv: list[str]) -> None:
     if any(a in INFO_FLAGS or a.split("=", 1)[0] in INFO_FLAGS for a in argv):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head`: end as any Unix tool does
     if "--help" in argv or "-h" in argv:
-        _store_help(full=True)
+        _store_help(full=True, argv=argv)
     sys.argv = [sys.argv[0], *argv]  # Hydra's main reads the overrides as kvconf made them composable
     try:
         _app()

@@ -40,21 +40,50 @@ def describe(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) ->
             default = ""
         required = " (required)" if f.is_required() else ""
         lines.append(f"  {prefix}{name}: {_type_name(f.annotation)}{default}{required}")
-        for doc_line in (f.description or "").split("\n"):
+        for doc_line in f.description.split("\n") if f.description else ():
             lines.append(f"      {doc_line.strip()}")
     return lines
 
 
-def help_template(subcommands: dict[str, tuple[str, str]]) -> str:
+def _own_connector(module_path: str, name: str | None) -> tuple[str, Any, list[str]]:
+    """(title, extra model or None, lines instead of the model's) of a ``connector.module_path``
+    class: its module is imported, as ``python -m kvconf`` with that override imports it."""
+    from kvconf.contract.registry import resolve
+    from kvconf.errors import KVConfError
+
+    title = f"== connector.extra.* of connector.module_path={module_path} connector.name={name} =="
+    if not name:
+        return title, None, ["  (give connector.name=CLASS too: the class in that module whose settings to list)"]
+    try:
+        cls = resolve(name, module_path).target
+    except KVConfError as exc:
+        return title, None, [f"  unknown: {p.path}: {p.message}" for p in exc.problems]
+    model = getattr(cls, "extra_config", None)
+    if model is None:
+        return title, None, [f"  {name} has no extra_config: connector.extra is free-form, passed as a dict"]
+    return title, model, []
+
+
+def help_template(subcommands: dict[str, tuple[str, str]], own: tuple[str, str | None] | None = None) -> str:
     """Hydra's help template for kvconf ($APP_CONFIG_GROUPS and $CONFIG are Hydra's):
     every key, each built-in connector's ``connector.extra.*`` and the ``subcommands``
-    (name -> (module, what it does))."""
+    (name -> (module, what it does)). ``own``: (module_path, class name) of a connector of one's
+    own, whose settings are listed instead of the built-in connectors'."""
     from kvconf.config.fielddocs import document
     from kvconf.config.layout import FullAttentionGroup, KVCacheLayout, MambaGroup, MLAGroup, SlidingWindowGroup
     from kvconf.config.models import BenchConfig, ConnectorConfig, KVConfConfig, SelfTestConfig
     from kvconf.contract.registry import builtin_extra_models
 
-    extras = builtin_extra_models()
+    own_part: list[str] = []
+    if own is not None:
+        title, model, lines = _own_connector(*own)
+        extras = {}
+        if model is not None:
+            document(model)
+            lines = describe(model, "connector.extra.")
+        own_part = [title, *lines, ""]
+    else:
+        extras = builtin_extra_models()
     document(KVConfConfig, FullAttentionGroup, SlidingWindowGroup, MLAGroup, MambaGroup, *extras.values())
 
     parts = [
@@ -90,6 +119,7 @@ def help_template(subcommands: dict[str, tuple[str, str]]) -> str:
     ]
     for name, model in extras.items():
         parts += [f"== connector.extra.* of connector={name} ==", *describe(model, "connector.extra."), ""]
+    parts += own_part
     parts += [
         "== kv_cache.* (compact form) ==",
         *describe(KVCacheLayout, "kv_cache."),

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from kvconf.errors import ConfigError
+from kvconf.errors import ConfigError, Problem
 from kvconf.units import PositiveByteSize
 
 from .base import StrictModel
@@ -256,16 +256,45 @@ def validate(data: dict[str, Any]) -> KVConfConfig:
 
 
 def validate_extra(model: type[BaseModel] | None, extra: Any) -> Any:
-    """A connector's ``extra`` settings checked by its own model (an instance of it), or as a plain
-    dict where the connector has none; a :class:`ConfigError` naming each ``connector.extra.*``
-    problem otherwise.
+    """A connector's ``extra`` settings checked by its own model (an instance of it, defaults
+    filled in), or as a plain dict where the connector has none; a :class:`ConfigError` naming
+    each ``connector.extra.*`` problem otherwise. A key the model does not have is refused whether
+    or not the model says ``extra="forbid"`` (pydantic's default, ``"ignore"``, would drop a
+    misspelt setting silently); only a model that says ``extra="allow"`` takes keys of its own.
 
     >>> validate_extra(None, {"anything": 1})
     {'anything': 1}
+    >>> from pydantic import BaseModel
+    >>> class Settings(BaseModel):
+    ...     max_entries: int = 8
+    >>> validate_extra(Settings, {"max_entries": 2})
+    Settings(max_entries=2)
+    >>> try:
+    ...     validate_extra(Settings, {"max_entrie": 2})
+    ... except ConfigError as exc:
+    ...     print(exc.problems[0].path, "->", exc.problems[0].suggestion())
+    connector.extra.max_entrie -> max_entries
     """
     if model is None:
         return dict(extra or {})
+    data = extra or {}
+    problems = _unknown_keys(model, data)
     try:
-        return model.model_validate(extra or {})
+        value = model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems_from_validation_error(exc, model, extra, prefix="connector.extra")) from None
+        problems += problems_from_validation_error(exc, model, extra, prefix="connector.extra")
+    if problems:
+        raise ConfigError(problems) from None
+    return value
+
+
+def _unknown_keys(model: type[BaseModel], data: Any) -> list[Problem]:
+    """``connector.extra.KEY`` problems for keys a model that ignores unknown keys would drop."""
+    if not isinstance(data, dict) or model.model_config.get("extra") in ("forbid", "allow"):
+        return []
+    known = set(model.model_fields)
+    known |= {f.alias for f in model.model_fields.values() if isinstance(f.alias, str)}
+    known |= {f.validation_alias for f in model.model_fields.values() if isinstance(f.validation_alias, str)}
+    return [Problem(f"connector.extra.{k}", f"unknown key {k!r}", value=v, allowed=sorted(model.model_fields),
+                    typo=k, fix="remove it or correct its spelling")
+            for k, v in data.items() if str(k) not in known]

@@ -135,7 +135,7 @@ def layout_from_model(argv: list[str]) -> list[str]:
     if not any(a.startswith("kv_cache.model=") for a in argv) or any(
             a.lstrip("+~").startswith("kv_cache=") or a == "~kv_cache" for a in argv):
         return argv
-    return ["~kv_cache", *("+" + a if a.startswith("kv_cache.") else a for a in argv)]
+    return _before_overrides(["~kv_cache"], ["+" + a if a.startswith("kv_cache.") else a for a in argv])
 
 
 def external_connector(argv: list[str]) -> list[str]:
@@ -145,8 +145,20 @@ def external_connector(argv: list[str]) -> list[str]:
     if not any(a.startswith("connector.module_path=") for a in argv) or any(
             a.lstrip("+~").startswith(("connector=", "connector.extra=")) for a in argv):
         return argv
-    return ["~connector.extra", "+connector.extra={}",
-            *("+" + a if a.startswith("connector.extra.") else a for a in argv)]
+    return _before_overrides(["~connector.extra", "+connector.extra={}"],
+                             ["+" + a if a.startswith("connector.extra.") else a for a in argv])
+
+
+def _before_overrides(new: list[str], argv: list[str]) -> list[str]:
+    """``argv`` with the overrides ``new`` put before its first override, after its flags (Hydra's
+    command line takes flags, then overrides).
+
+    >>> _before_overrides(["~a"], ["-m", "--config-dir", "D", "b=1"])
+    ['-m', '--config-dir', 'D', '~a', 'b=1']
+    """
+    overrides, _ = split_args(argv)
+    at = next((i for i, a in enumerate(argv) if overrides and a == overrides[0]), len(argv))
+    return [*argv[:at], *new, *argv[at:]]
 
 
 def as_composable(argv: list[str], conf_dir: str) -> list[str]:

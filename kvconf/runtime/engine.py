@@ -329,6 +329,16 @@ def run_self_test(worker: KVConnectorBase, kv_caches: Optional[dict[str, torch.T
                 "self_test", f"the self-test failed: {mismatched} block(s) differ from what was saved (first: {where})",
                 fix="the connector's save or load path is wrong"))
         if load_tally.hits == 0 and not recompute_reasons:
+            if saver is not loader:
+                side = "kv_consumer" if loader is worker else "kv_producer"
+                raise ConnectorRuntimeError(Problem(
+                    "connector.kv_role", f"the self-test failed: the connector loaded nothing back. With kv_role={side} "
+                    "one instance saves (kv_producer) and another with the same engine_id loads (kv_consumer), "
+                    "as the two sides of a P/D pair: a consumer never saves, and finds only the blocks it can "
+                    "reach from the producer's saves", value=side,
+                    fix="keep saved blocks where an instance of the same engine_id finds them (a store shared by "
+                        "engine_id, a disk, a peer), or run the self-test with connector.kv_role=kv_both, where one "
+                        "instance saves and loads"))
             raise ConnectorRuntimeError(Problem(
                 "self_test", "the self-test failed: the connector loaded nothing back of what it saved",
                 fix="check the connector's capacity and its scheduler side (get_num_new_matched_tokens)"))
