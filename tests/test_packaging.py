@@ -96,3 +96,11 @@ def test_every_conf_yaml_validates_against_its_group_schema():
 def test_committed_schemas_are_current():
     proc = subprocess.run([sys.executable, "-m", "kvconf.ci.schemas", "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_source_of_a_mapped_package_is_found_without_importing_it():
+    """kvconf validate reads a module_path class from its source; kvconf_connectors is connectors/."""
+    code = ("import sys; from kvconf.contract.static import source_of; "
+            "print(source_of('kvconf_connectors.offloading')); print('kvconf_connectors' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(REPO / "connectors" / "offloading.py"), "False"]

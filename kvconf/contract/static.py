@@ -47,7 +47,31 @@ def source_of(module: str) -> Optional[str]:
         for candidate in (base + ".py", os.path.join(base, "__init__.py")):
             if os.path.isfile(candidate):
                 return candidate
-    return None
+    return _mapped_source(parts)
+
+
+def _mapped_source(parts: list[str]) -> Optional[str]:
+    """The ``.py`` file of a module whose package an import finder maps to another folder (an
+    editable install's ``package-dir``: ``kvconf_connectors`` is ``connectors/``), asking the
+    finders package by package; a finder's ``find_spec`` locates, it does not import."""
+    search: Optional[list[str]] = None
+    spec = None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        spec = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            try:
+                spec = find(name, search) if find is not None else None
+            except (ImportError, ValueError, AttributeError):
+                spec = None
+            if spec is not None:
+                break
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or [])
+    origin = getattr(spec, "origin", None)
+    return origin if isinstance(origin, str) and origin.endswith(".py") and os.path.isfile(origin) else None
 
 
 def _imports(tree: ast.Module, module: str) -> dict[str, str]:
