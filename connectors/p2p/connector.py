@@ -50,7 +50,7 @@ from . import protocol as sc
 from .consumer import pull_loop
 from .endpoint import Recv
 from .producer import Producer
-from .selftest import bare_engine, run_as_consumer, run_as_producer
+from .selftest import bare_engine, run_as_consumer, run_as_producer, stop_bare_peer
 
 __all__ = ["P2PConnector", "P2PExtra", "P2PMetadata", "Recv"]
 
@@ -165,6 +165,8 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._listening: dict[str, dict[str, Any]] = {}
         self._side_channel = 0
         """The port of this process's side channel while it serves (0: none)."""
+        self._bare: Any = None
+        """The producer peer of the bench's raw path, kept for its repetitions (stopped at shutdown)."""
         self._auth: Optional[auth.AuthKey] = None
         """The shared secret this side proves (a consumer without one is refused by producers)."""
         if role is KVConnectorRole.WORKER:
@@ -384,6 +386,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         pull_loop(self)
 
     def shutdown(self) -> None:
+        stop_bare_peer(self)
         self._stop.set()
         self._waker.wake()
         if self._puller is not None:

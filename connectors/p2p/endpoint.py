@@ -55,6 +55,8 @@ class Endpoint(Protocol):
     _ready: set[str]
     _stop: threading.Event
     _side_channel: int
+    _bare: Any
+    """The bare-engine peer a bench keeps (:class:`.selftest.BarePeer`), or None."""
 
     @property
     def config(self) -> ConnectorConfig: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -325,52 +326,82 @@ def run_as_consumer(conn: Endpoint, kv_caches: dict[str, Any], ctx: SelfTestCont
                 log.warning("the producer peer exited with %s", code)
 
 
+@dataclasses.dataclass
+class BarePeer:
+    """The producer peer of :func:`bare_engine`, kept for a whole bench: one is started on the
+    first repetition and serves every later one (a peer's start costs seconds, several times a
+    repetition's transfers), then :func:`stop_bare_peer` ends it (the connector's shutdown)."""
+
+    proc: subprocess.Popen
+    path: str
+    peer: str
+    control: Control
+    hello: Any
+    calls: int = 0
+
+
 def bare_engine(conn: Endpoint, ctx: SelfTestContext) -> dict[str, Any]:
     """The engine alone on the blocks of the self-test's rounds: a producer peer prefills the
     requests; in pull mode this process READs each request's regions with the engine call alone,
     in push mode the producer WRITEs them and reports the engine's own time. Rounds repeat until
     the engine has run ``bench.min_seconds`` (one round of small blocks takes milliseconds: too
-    short to time)."""
-    conn._auth = conn._auth or auth.AuthKey.generate()
-    proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"), conn._auth)
-    control: Optional[Control] = None
-    try:
-        peer = wait_serving(proc, ctx.settings.timeout)
-        control = Control(conn, peer)
+    short to time). The peer is kept on the connector for the next call (the bench's next
+    repetition)."""
+    bare = conn._bare
+    if bare is not None and bare.proc.poll() is not None:
+        stop_bare_peer(conn)
+        bare = None
+    if bare is None:
+        conn._auth = conn._auth or auth.AuthKey.generate()
+        proc, path = start_peer(peer_config(ctx, "kv_producer", "serve"), conn._auth)
+        try:
+            peer = wait_serving(proc, ctx.settings.timeout)
+            control = Control(conn, peer)
+        except BaseException:
+            stop_peer(proc, path)
+            raise
+        bare = conn._bare = BarePeer(proc, path, peer, control, None)
+    bare.calls += 1
+    proc, peer, control = bare.proc, bare.peer, bare.control
 
-        def ask(msg: Any) -> Any:
-            assert control is not None
-            try:
-                return control.ask(msg, conn.extra.transfer_timeout)
-            except TimeoutError:
-                state = "it exited with " + str(proc.returncode) if proc.poll() is not None else "it still runs"
-                raise ConnectorRuntimeError(Problem(
-                    "bench", f"the producer at {peer} stopped answering ({state})",
-                    details=tuple(peer_log(proc)[-6:]))) from None
+    def ask(msg: Any) -> Any:
+        try:
+            return control.ask(msg, conn.extra.transfer_timeout)
+        except TimeoutError:
+            state = "it exited with " + str(proc.returncode) if proc.poll() is not None else "it still runs"
+            stop_bare_peer(conn)
+            raise ConnectorRuntimeError(Problem(
+                "bench", f"the producer at {peer} stopped answering ({state})",
+                details=tuple(peer_log(proc)[-6:]))) from None
 
-        hello = ask(sc.Hello(engine_id=str(conn.config.engine_id)))
-        cfg = conn.kv_cache_config
-        n_groups = len(cfg.kv_cache_groups)
-        requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks // n_groups))
-        room = cfg.num_blocks // (requests * n_groups)
-        per = min(ctx.prompt_blocks or room, room) or 1
-        moved, seconds, rounds = 0, 0.0, 0
-        deadline = time.monotonic() + ctx.settings.timeout
-        while not rounds or (seconds < ctx.min_seconds and rounds < MAX_ROUNDS and time.monotonic() < deadline):
-            rounds += 1
-            moved, seconds = _bare_round(conn, ask, control, hello, requests, per, n_groups, rounds, moved,
-                                         seconds)
-        return {"path": f"the bare engine ({'READ by the consumer' if conn.pull else 'write by the producer'}), "
-                        "same blocks, two processes", "bytes": moved, "rounds": rounds,
-                "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
-    finally:
-        if control is not None:
-            control.close()
-        stop_peer(proc, path)
+    if bare.hello is None:
+        bare.hello = ask(sc.Hello(engine_id=str(conn.config.engine_id)))
+    cfg = conn.kv_cache_config
+    n_groups = len(cfg.kv_cache_groups)
+    requests = max(1, min(int(ctx.concurrency or ctx.settings.requests), cfg.num_blocks // n_groups))
+    room = cfg.num_blocks // (requests * n_groups)
+    per = min(ctx.prompt_blocks or room, room) or 1
+    moved, seconds, rounds = 0, 0.0, 0
+    deadline = time.monotonic() + ctx.settings.timeout
+    while not rounds or (seconds < ctx.min_seconds and rounds < MAX_ROUNDS and time.monotonic() < deadline):
+        rounds += 1
+        moved, seconds = _bare_round(conn, ask, control, bare.hello, requests, per, n_groups,
+                                     f"{bare.calls}-{rounds}", moved, seconds)
+    return {"path": f"the bare engine ({'READ by the consumer' if conn.pull else 'write by the producer'}), "
+                    "same blocks, two processes", "bytes": moved, "rounds": rounds,
+            "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
+
+
+def stop_bare_peer(conn: Endpoint) -> None:
+    """Ends the peer :func:`bare_engine` keeps, if one runs."""
+    bare, conn._bare = conn._bare, None
+    if bare is not None:
+        bare.control.close()
+        stop_peer(bare.proc, bare.path)
 
 
 def _bare_round(conn: Endpoint, ask: Any, control: Control, hello: Any, requests: int, per: int,
-                n_groups: int, rnd: int, moved: int, seconds: float) -> tuple[int, float]:
+                n_groups: int, rnd: str, moved: int, seconds: float) -> tuple[int, float]:
     """One round of :func:`bare_engine`: every request prefilled, then each moved by the engine
     alone, in the order of the connector's rounds (reading a request right after its prefill would
     find part of it still in the CPU's cache, which the connector's reads never do)."""
