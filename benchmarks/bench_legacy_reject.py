@@ -60,8 +60,8 @@ def compare(what: str, overrides: list[str], runs: int, expect: int = 0, says: s
                     "hydra.callbacks.summary._target_=hydra.experimental.callback.Callback"]
         # kvconf's bytecode, as an installed copy has it (pip compiles on install; an editable
         # install under PYTHONDONTWRITEBYTECODE=1 would compile every module on every run)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "kvconf"), str(REPO / "kvconf_connectors"),
-                        str(REPO / "tests" / "zoo")], check=True, capture_output=True)
+        folders = [REPO / "kvconf", REPO / "conf", REPO / "connectors", REPO / "tests" / "zoo"]
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *map(str, folders)], check=True, capture_output=True)
         for _ in range(2):  # warm the page cache and .pyc files
             timed(kvconf_cmd, env, cwd, expect, says)
             timed(bare_cmd, env, cwd, 0)

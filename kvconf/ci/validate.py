@@ -132,7 +132,7 @@ def _findings(file: str, text: str, problems: Iterable[Problem], strip: str = ""
 # ---- one file --------------------------------------------------------------------------------------
 
 
-def _group_problems(group: str, data: Any, notes: list[Problem]) -> list[Problem]:
+def _group_problems(group: str, data: Any, notes: list[Problem] | None = None) -> list[Problem]:
     """Problems of one config group's content (as the group file holds it); what could not be
     checked goes into ``notes``."""
     from pydantic import ValidationError
@@ -147,7 +147,7 @@ def _group_problems(group: str, data: Any, notes: list[Problem]) -> list[Problem
             problems += problems_from_validation_error(exc, ConnectorConfig, data, prefix="connector")
         problems += _extra_problems(data)
         if not problems:
-            problems += _class_problems(data, notes)
+            problems += _class_problems(data, [] if notes is None else notes)
         return problems
     if group == "kv_cache":
         try:
