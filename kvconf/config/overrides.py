@@ -176,16 +176,17 @@ def as_composable(argv: list[str], conf_dir: str) -> list[str]:
         return argv
     files = _chosen(parsed, [conf_dir, *user_dirs])
     keys = schema_keys()
+    written = {f: _file_keys(f) for group in files.values() for f in group}  # each file read once
     missing: set[str] = set()
     for o in parsed:
         if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
             continue
         parts = o.key_or_group.split(".")
         if len(parts) == 2 and parts[0] in files and parts[1] in keys[parts[0]]:
-            if any(parts[1] not in _file_keys(f)[0] for f in files[parts[0]]):
+            if any(parts[1] not in written[f][0] for f in files[parts[0]]):
                 missing.add(o.key_or_group)
         elif len(parts) == 3 and parts[:2] == ["connector", "extra"]:
-            if any(parts[2] not in _file_keys(f)[1] for f in files["connector"]):
+            if any(parts[2] not in written[f][1] for f in files["connector"]):
                 missing.add(o.key_or_group)
     if not missing:
         return argv
