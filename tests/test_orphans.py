@@ -36,16 +36,24 @@ def listening(pid: int, state: str = "0A") -> bool:
 @pytest.mark.mooncake
 def test_sigkill_of_action_run_leaves_no_process_and_no_temporary_file(workdir):
     tmp = Path(os.environ["TMPDIR"])
-    parent = subprocess.Popen([sys.executable, "-m", "kvconf", "connector=mooncake", "self_test.transfer_bytes=4GiB",
-                               "output=json"], cwd=workdir, env=kvconf_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    log = workdir / "parent.log"  # what the job said, for the message where it ended before the kill
+    with log.open("w") as out:
+        parent = subprocess.Popen([sys.executable, "-m", "kvconf", "connector=mooncake", "self_test.transfer_bytes=4GiB",
+                                   "output=json"], cwd=workdir, env=kvconf_env(), stdout=out, stderr=subprocess.STDOUT)
+
+    def said() -> str:
+        return f"the job exited {parent.returncode}: {log.read_text()[-2000:]}"
+
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(listening(p) for p in owned_processes() if p != parent.pid):
+        while (time.monotonic() < deadline and parent.poll() is None
+               and not any(listening(p) for p in owned_processes() if p != parent.pid)):
             time.sleep(0.05)  # until the producer peer serves (its side channel listens)
+        assert parent.poll() is None, said()
         assert any(listening(p) for p in owned_processes() if p != parent.pid), "the producer peer never served"
-        while time.monotonic() < deadline and not listening(parent.pid, "01"):
+        while time.monotonic() < deadline and parent.poll() is None and not listening(parent.pid, "01"):
             time.sleep(0.05)  # until the consumer is connected to it: the transfer is under way
+        assert parent.poll() is None, said()
         time.sleep(0.5)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
