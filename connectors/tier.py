@@ -40,6 +40,14 @@ class TierMetadata(KVConnectorMetadata):
     saves: list[TierOp] = field(default_factory=list)
 
 
+@dataclass
+class _SavePlan:
+    todo: list[tuple[int, bytes]]
+    """(chunk index, key) of the chunks still to save, in order."""
+    groups: tuple[list[int], ...]
+    """The request's block ids so far, per group."""
+
+
 def _slice(groups: tuple[list[int], ...], start: int, stop: int) -> tuple[list[int], ...]:
     return tuple(list(ids[start:stop]) for ids in groups)
 
@@ -60,6 +68,10 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._pending = TierMetadata()
         self._group_of = kv_cache_config.group_of()
         self._unconfirmed: dict[str, list[Chunk]] = {}
+        self._plans: dict[str, _SavePlan] = {}
+        """Saves planned per request, sent to the worker as the engine computes their chunks."""
+        self._computed: dict[str, int] = {}
+        """Tokens the engine had already, per request, as its last lookup was told."""
         self._views: dict[str, Any] = {}
         self._saved_requests: set[str] = set()
         self._load_errors: dict[int, str] = {}
@@ -71,11 +83,16 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         return self.chunk_blocks * self._block_size
 
     def keys(self, request: Request) -> list[bytes]:
-        """Keys of the request's full chunks (the prefix hash of each chunk's last block, kept by
-        the request: never computed twice); the last token is always computed by the engine."""
-        n = (request.num_tokens - 1) // self.chunk_tokens
+        """Keys of the request's full chunks that a load may cover (the prefix hash of each chunk's
+        last block, kept by the request: never computed twice); the last token is always computed
+        by the engine, so a chunk that ends with it is not among them."""
+        return self.save_keys(request)[:(request.num_tokens - 1) // self.chunk_tokens]
+
+    def save_keys(self, request: Request) -> list[bytes]:
+        """Keys of every full chunk of the request's tokens (a prompt of exactly N chunks saves N:
+        a later prompt that extends it loads them all)."""
         k = self.chunk_blocks
-        return request.prefix_hashes(self._block_size)[k - 1::k][:n]
+        return request.prefix_hashes(self._block_size)[k - 1::k][:request.num_tokens // self.chunk_tokens]
 
     # ---- the tier (subclasses) -----------------------------------------------------------------
     def _present(self, keys: list[bytes]) -> int:
@@ -105,35 +122,69 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        """Tokens the tier holds beyond the ``num_computed_tokens`` the engine has already (its own
+        prefix cache). Loads start at a chunk boundary: where the engine's hit ends inside a chunk,
+        the tier offers nothing (it would overwrite blocks the engine shares)."""
         if not self.is_consumer:
+            return 0, False
+        self._computed[request.request_id] = num_computed_tokens  # where the loads begin, for update_state_after_alloc
+        if num_computed_tokens % self.chunk_tokens:
             return 0, False
         hit = self._present(self.keys(request)) * self.chunk_tokens
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """Loads the tier's chunks after the engine's own hit, and plans the saves of every full
+        chunk after those: they go to the worker once the engine has computed them
+        (:meth:`build_connector_meta`)."""
         groups = blocks.get_block_ids()
-        ids = groups[0]
-        keys = self.keys(request)
         k = self.chunk_blocks
+        start = self._computed.pop(request.request_id, 0) // self.chunk_tokens
         n_load = num_external_tokens // self.chunk_tokens
-        loading = keys[:n_load]
+        loading = self.keys(request)[start:start + n_load]
         if loading:
             self._touch(loading)
             places = self._places(loading)
             self._pending.loads.append(TierOp(request.request_id, [
                 Chunk(key, _slice(groups, i * k, (i + 1) * k), place)
-                for i, (key, place) in enumerate(zip(loading, places))]))
-        if self.is_producer and len(keys) > n_load:
-            new = [(i, key) for i, key in enumerate(keys[n_load:], n_load)
-                   if len(ids) >= (i + 1) * k]
-            places = self._reserve([key for _, key in new], loading)
-            chunks = [Chunk(key, _slice(groups, i * k, (i + 1) * k), place)
-                      for (i, key), place in zip(new, places) if place is not False]
-            if chunks:
-                self._pending.saves.append(TierOp(request.request_id, chunks))
-                self._unconfirmed[request.request_id] = chunks
+                for i, (key, place) in enumerate(zip(loading, places), start)]))
+        if self.is_producer:
+            todo = [(i, key) for i, key in enumerate(self.save_keys(request)) if i >= start + n_load]
+            if todo:
+                self._plans[request.request_id] = _SavePlan(todo, tuple(list(ids) for ids in groups))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """The step's loads, and the saves of every planned chunk that is computed by the end of
+        the step (``scheduler_output.num_computed_tokens``; where the engine does not say, every
+        chunk whose blocks are allocated)."""
+        computed = scheduler_output.num_computed_tokens
+        for rid, ids in scheduler_output.new_block_ids.items():
+            plan = self._plans.get(rid)
+            if plan is not None:
+                for have, more in zip(plan.groups, ids):
+                    have.extend(more)
+        pinned = [c.key for op in self._pending.loads for c in op.chunks]
+        k, tokens = self.chunk_blocks, self.chunk_tokens
+        for rid in list(self._plans):
+            plan = self._plans[rid]
+            limit = None if computed is None else computed.get(rid)
+            if computed is not None and limit is None:
+                continue  # not scheduled this step
+            n = 0
+            while (n < len(plan.todo) and len(plan.groups[0]) >= (plan.todo[n][0] + 1) * k
+                   and (limit is None or (plan.todo[n][0] + 1) * tokens <= limit)):
+                n += 1
+            ready, plan.todo = plan.todo[:n], plan.todo[n:]
+            if computed is None or not plan.todo:
+                del self._plans[rid]  # an engine that does not say what it computed: the blocks given are all
+            if not ready:
+                continue
+            places = self._reserve([key for _, key in ready], pinned)
+            chunks = [Chunk(key, _slice(plan.groups, i * k, (i + 1) * k), place)
+                      for (i, key), place in zip(ready, places) if place is not False]
+            if chunks:
+                self._pending.saves.append(TierOp(rid, chunks))
+                self._unconfirmed.setdefault(rid, []).extend(chunks)
         meta, self._pending = self._pending, TierMetadata()
         return meta
 
@@ -150,7 +201,10 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
             self._abandon(chunks)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
-        # its blocks must stay until the worker reports the save finished
+        """Saves planned and not yet sent are dropped (the blocks go); those sent keep the blocks
+        until the worker reports them."""
+        self._plans.pop(request.request_id, None)
+        self._computed.pop(request.request_id, None)
         return request.request_id in self._unconfirmed, None
 
     def request_finished_all_groups(self, request: Request,

@@ -112,6 +112,12 @@ class SchedulerOutput:
 
     scheduled_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)
+    num_computed_tokens: Optional[dict[str, int]] = None
+    """Per scheduled request, the tokens whose KV is in the cache once this step has run (vLLM:
+    the request's computed tokens plus those scheduled now). None: the engine does not say, and
+    every block a request was given is computed in its first step (kvconf's engine)."""
+    new_block_ids: dict[str, tuple[list[int], ...]] = field(default_factory=dict)
+    """Blocks given this step to requests scheduled before (a long prompt's later chunks), per group."""
 
 
 def prefix_digests(hasher: Any, data: bytes, step: int) -> list[bytes]:
