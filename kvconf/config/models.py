@@ -182,6 +182,19 @@ class BenchConfig(StrictModel):
     device; false measures loads from the page cache."""
 
 
+ExportTarget = Literal["vllm", "kvconf"]
+
+
+class ExportConfig(StrictModel):
+    """What ``action=export`` prints."""
+
+    target: ExportTarget = "vllm"
+    """``vllm``: the ``--kv-transfer-config`` of vLLM's own connector of this kind (its registered
+    name and the extra keys it reads). ``kvconf``: the one that runs kvconf's connector itself in
+    vLLM, through kvconf's plug-in (``kv_connector_module_path: kvconf.vllm``), its validated tree
+    in ``kv_connector_extra_config``."""
+
+
 def _kv_cache_form(v: Any) -> str:
     return "explicit" if isinstance(v, dict) and "kv_cache_groups" in v else "compact"
 
@@ -227,6 +240,8 @@ class KVConfConfig(StrictModel):
     """Sizes of the ``action=run`` self-test (and of each ``action=bench`` repetition)."""
     bench: BenchConfig = Field(default_factory=BenchConfig)
     """Repetitions and comparisons of ``action=bench``."""
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    """What ``action=export`` prints."""
 
     @field_validator("device")
     @classmethod

@@ -15,7 +15,21 @@ from kvconf.config.models import ConnectorConfig, validate_extra
 from kvconf.contract.capabilities import ExportsToVLLM
 from kvconf.errors import ConfigError, Problem
 
-__all__ = ["VLLM_FIELDS", "to_vllm"]
+__all__ = ["PLUGIN_CLASS", "PLUGIN_EXTRA_KEYS", "PLUGIN_MODULE", "PLUGIN_TREE_KEY", "VLLM_FIELDS", "to_plugin",
+           "to_vllm"]
+
+PLUGIN_CLASS = "KVConfConnector"
+"""vLLM's ``kv_connector`` for kvconf's plug-in (:mod:`kvconf.vllm`)."""
+PLUGIN_MODULE = "kvconf.vllm"
+"""vLLM's ``kv_connector_module_path`` for kvconf's plug-in."""
+PLUGIN_TREE_KEY = "kvconf_connector"
+"""``kv_connector_extra_config`` key of the plug-in's inline connector tree."""
+PLUGIN_OVERRIDES_KEY = "kvconf_overrides"
+"""``kv_connector_extra_config`` key of the overrides the plug-in composes the tree from."""
+PLUGIN_CONFIG_DIR_KEY = "kvconf_config_dir"
+"""``kv_connector_extra_config`` key of a config directory searched when composing."""
+PLUGIN_EXTRA_KEYS = (PLUGIN_TREE_KEY, PLUGIN_OVERRIDES_KEY, PLUGIN_CONFIG_DIR_KEY)
+"""Every key the plug-in reads from ``kv_connector_extra_config``."""
 
 VLLM_FIELDS = ("kv_connector", "engine_id", "kv_buffer_device", "kv_role", "kv_port",
                "kv_connector_extra_config", "kv_connector_module_path", "enable_permute_local_kv",
@@ -50,5 +64,27 @@ def to_vllm(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:
     plain = extra.model_dump() if hasattr(extra, "model_dump") else dict(extra)
     out["kv_connector_extra_config"] = {**(cls.vllm_extra_config(extra) if exports else plain),
                                         **connector.vllm_extra_config}
+    assert set(out) <= set(VLLM_FIELDS)
+    return out
+
+
+def to_plugin(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:
+    """vLLM's ``--kv-transfer-config`` that runs this kvconf connector in vLLM through kvconf's
+    plug-in: the validated tree (the connector's ``extra`` with its defaults filled in) in
+    ``kv_connector_extra_config``, ``kv_role`` and ``kv_load_failure_policy`` at vLLM's top level
+    too (vLLM acts on those itself). An engine id is written only where the config gave one: each
+    vLLM instance otherwise makes its own."""
+    extra = validate_extra(getattr(cls, "extra_config", None), connector.extra)
+    tree = connector.model_dump(mode="json")
+    tree["extra"] = extra.model_dump(mode="json") if hasattr(extra, "model_dump") else dict(extra)
+    if not connector.engine_id_given:
+        tree["engine_id"] = None
+    out: dict[str, Any] = {"kv_connector": PLUGIN_CLASS, "kv_connector_module_path": PLUGIN_MODULE,
+                           "kv_role": connector.kv_role, "kv_load_failure_policy": connector.kv_load_failure_policy}
+    if connector.engine_id_given:
+        out["engine_id"] = connector.engine_id
+    if connector.kv_buffer_device is not None:
+        out["kv_buffer_device"] = connector.kv_buffer_device
+    out["kv_connector_extra_config"] = {PLUGIN_TREE_KEY: tree}
     assert set(out) <= set(VLLM_FIELDS)
     return out

@@ -205,7 +205,11 @@ def run_job(data: dict[str, Any], actions: Optional[Mapping[str, Action]] = None
     if layout is not None and layout.pipeline_parallel_size > 1:
         report["plan"]["workers"] = [{**w, "layers": len(w["layers"]), "first_layer": w["layers"][0],
                                       "last_layer": w["layers"][-1]} for w in layout.workers(hybrid)]
-    if cfg.action == "export":
+    if cfg.action == "export" and cfg.export.target == "kvconf":
+        from .export import to_plugin
+
+        report["kv_transfer_config"] = to_plugin(cfg.connector, cls)
+    elif cfg.action == "export":
         from .export import to_vllm
 
         report["kv_transfer_config"] = to_vllm(cfg.connector, cls)

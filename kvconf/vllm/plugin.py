@@ -1,0 +1,386 @@
+"""``KVConfConnector``: vLLM's ``KVConnectorBase_V1`` around a kvconf connector.
+
+vLLM constructs it as ``cls(vllm_config, role, kv_cache_config)`` in both roles; it runs kvconf's
+pipeline on the connector tree its ``kv_connector_extra_config`` carries (validate, resolve,
+contract, the connector's checks against vLLM's own plan) and builds the declared connector with
+kvconf's three arguments, fed from vLLM's. Every ``KVConnectorBase_V1`` method vLLM 0.32 calls is
+answered, by the kvconf connector where its API has the method, here where it does not.
+
+How a step's outcome travels, in both of vLLM's process layouts (one process, or the scheduler in
+the engine core and the worker in a worker process): the worker's saves that finished and those
+that failed go back to the scheduler each step as worker metadata (vLLM's
+``build_connector_worker_meta``), where the connector records them in its index; a request whose
+blocks the scheduler kept at its end (``request_finished`` returned True) is named to the worker in
+the next step's metadata, and the worker reports it finished (``get_finished``) once every save of
+it is done, so vLLM frees exactly the requests it kept. Blocks that failed to load are reported
+with ``get_block_ids_with_load_errors`` (vLLM then recomputes or fails the request by its
+``kv_load_failure_policy``), each with the connector's reason in a log line and in the stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvconf.contract import signature as contract
+from kvconf.contract.api import KVCacheBlocks
+from kvconf.contract.api import KVConnectorMetadata as KVConfMetadata
+from kvconf.contract.api import KVConnectorRole as KVConfRole
+from kvconf.contract.capabilities import ExplainsFailures
+from kvconf.errors import ConfigError, ContractError, KVConfError, Problem
+from kvconf.runtime.pipeline import Job, load
+
+from . import CONFIG_DIR_KEY, EXTRA_KEYS, OVERRIDES_KEY, TREE_KEY
+from .adapt import RequestCache, kv_cache_data, own_plan, page_problems, plan_differences
+from .adapt import scheduler_output as kvconf_step
+
+__all__ = ["KVConfConnector", "KVConfStats", "check_at_resolution", "connector_tree", "check_tree"]
+
+log = logging.getLogger("vllm.kvconf")  # under vLLM's logger: its handler and format
+
+
+# ---- the tree and its checks -----------------------------------------------------------------------
+def connector_tree(extra: Any) -> dict[str, Any]:
+    """The kvconf connector tree that ``kv_connector_extra_config`` carries inline
+    (``kvconf_connector``) or names as overrides to compose (``kvconf_overrides``, with an
+    optional ``kvconf_config_dir``); a :class:`ConfigError` naming the key otherwise."""
+    where = "kv_connector_extra_config"
+    if not isinstance(extra, dict):
+        raise ConfigError(Problem(where, "must be a mapping", value=extra, fix=f"give {{{TREE_KEY!r}: {{...}}}}"))
+    problems = [Problem(f"{where}.{k}", "not a key the kvconf plug-in reads", value=extra[k], allowed=EXTRA_KEYS,
+                        typo=k, fix="give the connector tree as kvconf_connector (python -m kvconf connector=NAME "
+                        "action=export export.target=kvconf writes it), or kvconf_overrides")
+                for k in extra if k not in EXTRA_KEYS]
+    has_tree, has_overrides = TREE_KEY in extra, OVERRIDES_KEY in extra
+    if has_tree == has_overrides:
+        problems.append(Problem(where, f"give the connector as exactly one of {TREE_KEY} (the tree) or "
+                                f"{OVERRIDES_KEY} (overrides to compose it from)", value=sorted(extra),
+                                fix="python -m kvconf connector=NAME action=export export.target=kvconf prints "
+                                    "the whole --kv-transfer-config"))
+    if problems:
+        raise ConfigError(problems)
+    if has_tree:
+        tree = extra[TREE_KEY]
+        if not isinstance(tree, dict):
+            raise ConfigError(Problem(f"{where}.{TREE_KEY}", "must be a mapping: kvconf's connector tree",
+                                      value=tree, fix="python -m kvconf connector=NAME action=export "
+                                      "export.target=kvconf writes it"))
+        return tree
+    return _composed(extra)
+
+
+def _composed(extra: dict[str, Any]) -> dict[str, Any]:
+    from kvconf.conf import CONF_DIR, compose_data
+    from kvconf.config.overrides import as_composable, check_overrides, external_connector, split_args
+    from kvconf.contract.registry import builtin_extra_model
+
+    overrides, config_dir = extra[OVERRIDES_KEY], extra.get(CONFIG_DIR_KEY)
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(Problem(f"kv_connector_extra_config.{OVERRIDES_KEY}", "must be a list of overrides",
+                                  value=overrides, fix='e.g. ["connector=shared_storage", '
+                                  '"connector.extra.capacity=8GiB"]'))
+    if config_dir is not None and not isinstance(config_dir, str):
+        raise ConfigError(Problem(f"kv_connector_extra_config.{CONFIG_DIR_KEY}", "must be a directory path",
+                                  value=config_dir, fix="give the folder you pass as --config-dir"))
+    flags = ["--config-dir", config_dir] if config_dir else []
+    argv = external_connector([*flags, *overrides])
+    check_overrides(argv, CONF_DIR, extra_model=builtin_extra_model)
+    plain, _ = split_args(as_composable(argv, CONF_DIR))
+    data = compose_data(plain, config_dirs=[config_dir] if config_dir else [])
+    return data["connector"]
+
+
+def check_tree(tree: dict[str, Any], role: str, transfer: Any, kv_cache: Optional[dict[str, Any]]) -> Job:
+    """kvconf's pipeline up to construction on ``tree``: validated, resolved, the class's contract
+    checked, and with ``kv_cache`` (vLLM's plan, kvconf's explicit form) the connector's own checks
+    against it. ``transfer`` is vLLM's ``KVTransferConfig``: its ``kv_role`` and
+    ``kv_load_failure_policy`` must be the tree's, which vLLM acts on while the connector reads
+    the tree's. A :class:`ConfigError` or :class:`ContractError` with every problem."""
+    data: dict[str, Any] = {"connector": tree, "role": role, "action": "check", "device": "cpu"}
+    if kv_cache is not None:
+        data["kv_cache"] = kv_cache
+    job = Job(data)
+    problems: list[Problem] = []
+    error: type[KVConfError] = ConfigError
+    try:
+        load(job, environment=False)
+    except KVConfError as exc:
+        problems = [p for p in exc.problems if kv_cache is not None or not p.path.startswith("kv_cache")]
+        error = type(exc) if isinstance(exc, ContractError) else ConfigError
+    for key in ("kv_role", "kv_load_failure_policy"):
+        theirs, ours = getattr(transfer, key, None), tree.get(key)
+        if ours is not None and theirs is not None and theirs != ours:
+            problems.append(Problem(f"connector.{key}", f"the kvconf tree says {ours} and vLLM's --kv-transfer-config "
+                                    f"says {theirs}; vLLM acts on its own and the connector on the tree's",
+                                    value=ours, allowed=[theirs],
+                                    fix=f"set {key} to the same value in both (python -m kvconf ... action=export "
+                                        "export.target=kvconf writes both)"))
+            error = ConfigError
+    if problems:
+        raise error(problems)
+    return job
+
+
+def _transfer_config_in_caller(depth: int = 12) -> Any:
+    """The ``KVTransferConfig`` that vLLM's factory is resolving the class for: a local variable
+    of one of the calling frames (``get_connector_class(kv_transfer_config)``), or None."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        for value in frame.f_locals.values():
+            if type(value).__name__ == "KVTransferConfig" and hasattr(value, "kv_connector_extra_config"):
+                return value
+        frame = frame.f_back
+    return None
+
+
+_CHECKED: dict[str, None] = {}
+"""Trees already checked at resolution (vLLM resolves the class several times)."""
+
+
+def check_at_resolution() -> None:
+    """Runs kvconf's checks on the tree vLLM is resolving the plug-in for, where it can be found;
+    raises kvconf's error (a ``ValueError``) so that vLLM's config validation stops with it."""
+    transfer = _transfer_config_in_caller()
+    if transfer is None:
+        return
+    import json
+
+    try:
+        key = json.dumps(transfer.kv_connector_extra_config, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        key = repr(transfer.kv_connector_extra_config)
+    if key in _CHECKED:
+        return
+    check_tree(connector_tree(transfer.kv_connector_extra_config), "worker", transfer, None)
+    _CHECKED[key] = None
+
+
+# ---- what travels between the two sides ------------------------------------------------------------
+@dataclass
+class PluginMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, each step: the kvconf connector's metadata, and the requests whose
+    blocks the scheduler kept at their end (the worker reports them finished once saved)."""
+
+    inner: KVConfMetadata
+    kept: set[str] = field(default_factory=set)
+
+
+@dataclass
+class PluginWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, each step: requests whose saves finished, and those whose save failed
+    (with the reason)."""
+
+    saved: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, PluginWorkerMetadata)
+        return PluginWorkerMetadata(self.saved | other.saved, {**self.failed, **other.failed})
+
+
+@dataclass
+class KVConfStats(KVConnectorStats):
+    """Counts of one interval: blocks loaded and refused (a failed check), saves that failed."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+# ---- the plug-in -----------------------------------------------------------------------------------
+class KVConfConnector(KVConnectorBase_V1):
+    """A kvconf connector in vLLM: ``kv_connector_extra_config`` carries its tree."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        side = "worker" if role == KVConnectorRole.WORKER else "scheduler"
+        tree = connector_tree(transfer.kv_connector_extra_config)
+        kv = kv_cache_data(kv_cache_config)
+        job = check_tree(tree, side, transfer, kv)
+        assert job.cfg is not None and job.cls is not None and job.resolved is not None
+        self._kvconf_kv_cache = job.cfg.kv_cache_config_for(hybrid=False)
+        problems = page_problems(kv_cache_config, self._kvconf_kv_cache)
+        if problems:
+            raise ConfigError(problems)
+        self.plan_differences = self._compare_plans(vllm_config, kv_cache_config) if side == "scheduler" else []
+        self.inner = job.cls(job.cfg.connector, KVConfRole.from_name(side), self._kvconf_kv_cache)
+        contract.check_received(self.inner, self._kvconf_kv_cache, module=job.resolved.module,
+                                attribute=job.resolved.attribute)
+        self.name = job.cfg.connector.name
+        log.info("kvconf: %s connector (%s) constructed on the %s side", self.name, job.cls.__qualname__, side)
+        # scheduler side
+        self._requests = RequestCache()
+        self._kept: set[str] = set()
+        # worker side
+        self._kept_by_scheduler: set[str] = set()
+        self._had_saves: set[str] = set()
+        self._saved: set[str] = set()
+        self._to_report = PluginWorkerMetadata()
+        self._stats: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
+
+    def _compare_plans(self, vllm_config: Any, kv_cache_config: Any) -> list[str]:
+        cache, model, sched = vllm_config.cache_config, vllm_config.model_config, vllm_config.scheduler_config
+        dtype = self._kvconf_kv_cache.kv_cache_groups[0].kv_cache_spec.model_dump().get("dtype", "bfloat16")
+        budget = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+        ours, why = own_plan(model.model, cache.block_size, dtype, budget, model.max_model_len,
+                             sched.max_num_batched_tokens)
+        if ours is None:
+            log.warning("kvconf: did not plan the KV cache itself to compare with vLLM's: %s", why)
+            return []
+        differences = plan_differences(self._kvconf_kv_cache, ours)
+        if differences:
+            for d in differences:
+                log.warning("kvconf: vLLM's KV-cache plan differs from kvconf's for the same model and budget: %s", d)
+        else:
+            log.info("kvconf: vLLM's KV-cache plan equals kvconf's for the same model and budget (num_blocks=%d, "
+                     "%d group(s), %d tensor(s))", ours.num_blocks, len(ours.kv_cache_groups),
+                     len(ours.kv_cache_tensors))
+        return differences
+
+    # ---- worker side ---------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self.inner.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, PluginMetadata)
+        self._kept_by_scheduler |= connector_metadata.kept
+        self.inner.bind_connector_metadata(connector_metadata.inner)
+        for op in getattr(connector_metadata.inner, "saves", ()):
+            self._had_saves.add(op.request_id)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self.inner.clear_connector_metadata()
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self.inner.start_load_kv(forward_context, **kwargs)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.inner.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        self.inner.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
+
+    def wait_for_save(self) -> None:
+        self.inner.wait_for_save()
+        meta = self._connector_metadata
+        saves = getattr(meta.inner, "saves", ()) if isinstance(meta, PluginMetadata) else ()
+        if saves:
+            self._count("saved_blocks", sum(len(c.block_ids[0]) for op in saves for c in op.chunks))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        sending, recving = self.inner.get_finished(finished_req_ids)
+        failed = self.inner.get_save_errors() if isinstance(self.inner, ExplainsFailures) else {}
+        for rid, why in failed.items():
+            log.warning("kvconf: %s could not save request %s: %s", self.name, rid, why)
+            self._count("failed_saves", 1)
+        done = set(sending or ()) | set(failed)
+        self._to_report.saved |= set(sending or ()) - set(failed)
+        self._to_report.failed.update(failed)
+        self._saved |= done
+        finished = {rid for rid in self._kept_by_scheduler if rid in self._saved or rid not in self._had_saves}
+        self._kept_by_scheduler -= finished
+        self._saved -= finished
+        self._had_saves -= finished
+        for rid in finished_req_ids:  # ended without being kept: nothing more is reported for them
+            if rid not in self._kept_by_scheduler:
+                self._saved.discard(rid)
+                self._had_saves.discard(rid)
+        return finished or None, set(recving) if recving else None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        bad = set(self.inner.get_block_ids_with_load_errors())
+        if isinstance(self.inner, ExplainsFailures):
+            reasons = self.inner.get_load_error_reasons()
+            for why in sorted(set(reasons.values())):
+                blocks = sorted(b for b, w in reasons.items() if w == why)
+                log.warning("kvconf: %s refused %d block(s) %s: %s", self.name, len(blocks), blocks[:8], why)
+            bad |= set(reasons)
+        if bad:
+            self._count("refused_blocks", len(bad))
+        return bad
+
+    def build_connector_worker_meta(self) -> Optional[KVConnectorWorkerMetadata]:
+        if not self._to_report.saved and not self._to_report.failed:
+            return None
+        out, self._to_report = self._to_report, PluginWorkerMetadata()
+        return out
+
+    def get_kv_connector_stats(self) -> Optional[KVConnectorStats]:
+        if not any(self._stats.values()):
+            return None
+        out, self._stats = KVConfStats(data=self._stats), {}
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None) -> Optional[KVConnectorStats]:
+        return KVConfStats(data=dict(data or {}))
+
+    def _count(self, key: str, n: int) -> None:
+        self._stats[key] = self._stats.get(key, 0) + n
+        self.totals[key] = self.totals.get(key, 0) + n
+
+    def shutdown(self) -> None:
+        if self.totals:
+            log.info("kvconf: %s totals: %s", self.name, ", ".join(f"{k}={v}" for k, v in sorted(self.totals.items())))
+        self.inner.shutdown()
+
+    # ---- scheduler side ------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        n, is_async = self.inner.get_num_new_matched_tokens(self._requests(request), num_computed_tokens)
+        if n is None:
+            return None, False
+        n = min(n, request.num_tokens - 1 - num_computed_tokens)  # vLLM computes the last token itself
+        return (n, is_async) if n > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        ids = tuple(list(g) for g in blocks.get_block_ids())
+        self.inner.update_state_after_alloc(self._requests(request), KVCacheBlocks(ids), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = PluginMetadata(self.inner.build_connector_meta(kvconf_step(scheduler_output)), self._kept)
+        self._kept = set()
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, PluginWorkerMetadata):
+            for rid in meta.failed:
+                if isinstance(self.inner, ExplainsFailures):
+                    self.inner.report_save_failed(rid)
+            self.inner.update_connector_output(meta.saved, set())
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        delay, params = self.inner.request_finished(self._requests(request), block_ids)
+        self._requests.forget(request.request_id)
+        if delay:
+            self._kept.add(request.request_id)
+        return delay, params
+
+    def shutdown_scheduler(self) -> None:  # pragma: no cover - vLLM calls shutdown on both sides
+        self.shutdown()

@@ -1,0 +1,99 @@
+"""What the real-vLLM tests share: a tiny random model made on the spot (no hub), and one vLLM
+run in a process of its own (:mod:`vllm_runner`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TESTS, kvconf_env
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (bash scripts/setup.sh installs it)")
+
+BLOCK = 32
+"""vLLM's block size in these tests (the CPU attention backend takes multiples of 32)."""
+
+MODEL_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    # initializer_range 0.2: varied greedy tokens (0.02 repeats one token), which a tokens-identical check needs
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=64, vocab_size=512, initializer_range=0.2,
+                      max_position_embeddings=2048, torch_dtype="float32")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
+''')
+
+
+def build_model(folder: Path) -> Path:
+    """A random two-layer Llama (hidden 128, 2 KV heads of 64, vocab 512) and a byte-level BPE
+    tokenizer in ``folder``, seeded: the same bytes every time."""
+    if not (folder / "config.json").is_file():
+        proc = subprocess.run([sys.executable, "-c", MODEL_SCRIPT, str(folder)], capture_output=True, text=True,
+                              env=kvconf_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """``n`` token ids (2..501), different for each ``seed``."""
+    return [(seed * 7919 + j * 31 + (j * j) % 13) % 500 + 2 for j in range(n)]
+
+
+class Run:
+    """One vLLM process's outcome: ``batches`` (per batch, per prompt: ``tokens``, ``cached``,
+    ``finish``), its exit code, its log (stderr) and, where vLLM did not start, ``error``."""
+
+    def __init__(self, proc: subprocess.CompletedProcess) -> None:
+        self.code = proc.returncode
+        self.log = proc.stderr
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        data: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+        self.batches: list[list[dict[str, Any]]] = data.get("batches", [])
+        self.error: str | None = data.get("error")
+
+    def tokens(self, batch: int = 0) -> list[list[int]]:
+        return [r["tokens"] for r in self.batches[batch]]
+
+    def cached(self, batch: int = 0) -> list[int]:
+        return [r["cached"] for r in self.batches[batch]]
+
+    def __repr__(self) -> str:
+        return f"Run(code={self.code}, error={self.error!r}, log=...{self.log[-3000:]})"
+
+
+def run_vllm(spec_dir: Path, model: Path, batches: list[list[list[int]]], kv_transfer_config: Any = None,
+             timeout: float = 300, env: dict[str, str] | None = None, **options: Any) -> Run:
+    """Runs :mod:`vllm_runner` in a process of its own, with a fresh engine."""
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = spec_dir / f"spec-{len(list(spec_dir.glob('spec-*.json')))}.json"
+    spec.write_text(json.dumps({"model": str(model), "batches": batches,
+                                "kv_transfer_config": kv_transfer_config, **options}))
+    proc = subprocess.run([sys.executable, str(TESTS / "vllm_runner.py"), str(spec)], capture_output=True,
+                          text=True, env=kvconf_env(**(env or {})), timeout=timeout, cwd=spec_dir)
+    return Run(proc)
+
+
+def export(*overrides: str, cwd: Path) -> dict[str, Any]:
+    """``python -m kvconf ... action=export export.target=kvconf``'s JSON."""
+    proc = subprocess.run([sys.executable, "-m", "kvconf", *overrides, "action=export", "export.target=kvconf"],
+                          capture_output=True, text=True, env=kvconf_env(), cwd=cwd, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
