@@ -59,11 +59,11 @@ def prompt(seed: int, n: int) -> list[int]:
 
 class Run:
     """One vLLM process's outcome: ``batches`` (per batch, per prompt: ``tokens``, ``cached``,
-    ``finish``), its exit code, its log (stderr) and, where vLLM did not start, ``error``."""
+    ``finish``), its exit code, its log (what it printed) and, where vLLM did not start, ``error``."""
 
     def __init__(self, proc: subprocess.CompletedProcess) -> None:
         self.code = proc.returncode
-        self.log = proc.stderr
+        self.log = proc.stdout + proc.stderr  # vLLM logs to stdout
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         data: dict[str, Any] = json.loads(lines[-1]) if lines else {}
         self.batches: list[list[dict[str, Any]]] = data.get("batches", [])

@@ -116,7 +116,8 @@ def check_tree(tree: dict[str, Any], role: str, transfer: Any, kv_cache: Optiona
         load(job, environment=False)
     except KVConfError as exc:
         problems = [p for p in exc.problems if kv_cache is not None or not p.path.startswith("kv_cache")]
-        error = type(exc) if isinstance(exc, ContractError) else ConfigError
+        if problems and all(p.path.startswith(("connector.name", "connector.module_path")) for p in problems):
+            error = ContractError  # as python -m kvconf tells a class that cannot be resolved or constructed
     for key in ("kv_role", "kv_load_failure_policy"):
         theirs, ours = getattr(transfer, key, None), tree.get(key)
         if ours is not None and theirs is not None and theirs != ours:
@@ -165,6 +166,15 @@ def check_at_resolution() -> None:
         return
     check_tree(connector_tree(transfer.kv_connector_extra_config), "worker", transfer, None)
     _CHECKED[key] = None
+
+
+def _saving(meta: Any) -> set[str]:
+    """The requests a kvconf connector's step metadata saves: its ``saves`` ops (the tiers, the
+    example connector), a multi connector's children's."""
+    out = {op.request_id for op in getattr(meta, "saves", ())}
+    for child in getattr(meta, "children", ()):
+        out |= _saving(child)
+    return out
 
 
 # ---- what travels between the two sides ------------------------------------------------------------
@@ -218,6 +228,10 @@ class KVConfConnector(KVConnectorBase_V1):
         transfer = vllm_config.kv_transfer_config
         side = "worker" if role == KVConnectorRole.WORKER else "scheduler"
         tree = connector_tree(transfer.kv_connector_extra_config)
+        if tree.get("engine_id") is None and transfer.engine_id:
+            # one id for both sides of this vLLM instance (vLLM's, made once per instance): a
+            # connector whose scheduler and worker meet through it finds itself
+            tree = {**tree, "engine_id": transfer.engine_id}
         kv = kv_cache_data(kv_cache_config)
         job = check_tree(tree, side, transfer, kv)
         assert job.cfg is not None and job.cls is not None and job.resolved is not None
@@ -270,8 +284,7 @@ class KVConfConnector(KVConnectorBase_V1):
         assert isinstance(connector_metadata, PluginMetadata)
         self._kept_by_scheduler |= connector_metadata.kept
         self.inner.bind_connector_metadata(connector_metadata.inner)
-        for op in getattr(connector_metadata.inner, "saves", ()):
-            self._had_saves.add(op.request_id)
+        self._had_saves |= _saving(connector_metadata.inner)
 
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
@@ -288,10 +301,6 @@ class KVConfConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         self.inner.wait_for_save()
-        meta = self._connector_metadata
-        saves = getattr(meta.inner, "saves", ()) if isinstance(meta, PluginMetadata) else ()
-        if saves:
-            self._count("saved_blocks", sum(len(c.block_ids[0]) for op in saves for c in op.chunks))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
         sending, recving = self.inner.get_finished(finished_req_ids)
@@ -300,6 +309,8 @@ class KVConfConnector(KVConnectorBase_V1):
             log.warning("kvconf: %s could not save request %s: %s", self.name, rid, why)
             self._count("failed_saves", 1)
         done = set(sending or ()) | set(failed)
+        if set(sending or ()) - set(failed):
+            self._count("saved_requests", len(set(sending or ()) - set(failed)))
         self._to_report.saved |= set(sending or ()) - set(failed)
         self._to_report.failed.update(failed)
         self._saved |= done
