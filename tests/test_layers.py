@@ -19,6 +19,7 @@ LAYERS = [
     ("kvconf.contract",),
     ("kvconf.runtime",),
     ("kvconf_connectors",),
+    ("kvconf.vllm",),
     ("kvconf.bench",),
     ("kvconf.ci",),
     ("kvconf.cli",),

@@ -148,7 +148,7 @@ def scheduler_output(so: Any) -> SchedulerOutput:
     for new in so.scheduled_new_reqs:
         computed[new.req_id] = new.num_computed_tokens + scheduled.get(new.req_id, 0)
     cached = so.scheduled_cached_reqs
-    resumed = getattr(cached, "resumed_req_ids", set()) or set()
+    resumed: set[str] = set(getattr(cached, "resumed_req_ids", None) or ())
     added: dict[str, tuple[list[int], ...]] = {}
     for i, rid in enumerate(cached.req_ids):
         computed[rid] = cached.num_computed_tokens[i] + scheduled.get(rid, 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -38,9 +39,12 @@ from kvconf.contract.api import KVConnectorMetadata as KVConfMetadata
 from kvconf.contract.api import KVConnectorRole as KVConfRole
 from kvconf.contract.capabilities import ExplainsFailures
 from kvconf.errors import ConfigError, ContractError, KVConfError, Problem
+from kvconf.runtime.export import PLUGIN_CONFIG_DIR_KEY as CONFIG_DIR_KEY
+from kvconf.runtime.export import PLUGIN_EXTRA_KEYS as EXTRA_KEYS
+from kvconf.runtime.export import PLUGIN_OVERRIDES_KEY as OVERRIDES_KEY
+from kvconf.runtime.export import PLUGIN_TREE_KEY as TREE_KEY
 from kvconf.runtime.pipeline import Job, load
 
-from . import CONFIG_DIR_KEY, EXTRA_KEYS, OVERRIDES_KEY, TREE_KEY
 from .adapt import RequestCache, kv_cache_data, own_plan, page_problems, plan_differences
 from .adapt import scheduler_output as kvconf_step
 
@@ -135,7 +139,7 @@ def check_tree(tree: dict[str, Any], role: str, transfer: Any, kv_cache: Optiona
 def _transfer_config_in_caller(depth: int = 12) -> Any:
     """The ``KVTransferConfig`` that vLLM's factory is resolving the class for: a local variable
     of one of the calling frames (``get_connector_class(kv_transfer_config)``), or None."""
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return None
