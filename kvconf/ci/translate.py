@@ -61,7 +61,16 @@ def extra_problems(vllm_name: str, extra: dict[str, Any]) -> list[tuple[str, str
 
 
 def translate(ktc: dict[str, Any]) -> dict[str, Any]:
-    """kvconf's connector node for vLLM's KVTransferConfig ``ktc`` (a linted one)."""
+    """kvconf's connector node for vLLM's KVTransferConfig ``ktc`` (a linted one). kvconf's plug-in
+    carries kvconf's own tree: that tree is the node."""
+    from kvconf.runtime.export import PLUGIN_CLASS, PLUGIN_MODULE, PLUGIN_TREE_KEY
+
+    if ktc.get("kv_connector") == PLUGIN_CLASS and ktc.get("kv_connector_module_path") == PLUGIN_MODULE:
+        tree = (ktc.get("kv_connector_extra_config") or {}).get(PLUGIN_TREE_KEY)
+        if not isinstance(tree, dict):
+            raise ImportFailure("kvconf's plug-in composes its connector from overrides here (kvconf_overrides): "
+                                "there is no tree to import; run python -m kvconf with those overrides instead")
+        return dict(tree)
     name = ktc.get("kv_connector")
     module_path = ktc.get("kv_connector_module_path")
     extra_in = dict(ktc.get("kv_connector_extra_config") or {})
