@@ -66,7 +66,9 @@ def test_shared_storage_saves_then_a_fresh_vllm_loads_every_stored_prefix_with_i
     config = export("connector=shared_storage", f"connector.extra.shared_storage_path={tmp_path / 'kv'}",
                     "connector.kv_load_failure_policy=recompute", cwd=tmp_path)
     assert config["kv_connector_module_path"] == "kvconf.vllm"
-    first = run_vllm(tmp_path / "first", model, [SAVED], config)
+    # the first process computes each prompt in steps of 64 tokens (chunked prefill): a block is
+    # saved only once a step has computed it
+    first = run_vllm(tmp_path / "first", model, [SAVED], config, max_num_batched_tokens=64)
     assert first.code == 0, first
     assert first.tokens() == tokens_of(reference, SAVED)
     assert first.cached() == [0] * len(SAVED)
