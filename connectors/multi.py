@@ -167,6 +167,12 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
         return children(connector, kv_cache_config)[1]
 
     @classmethod
+    def child_classes(cls, connector: dict[str, Any]) -> list[tuple[str, type]]:
+        """Each child's name and class (resolved, not constructed)."""
+        found, _ = children(connector)
+        return [(cfg.name, c) for cfg, c in found]
+
+    @classmethod
     def supports_hma_config(cls, connector: dict[str, Any]) -> bool:
         found, _ = children(connector)
         return bool(found) and all(

@@ -96,3 +96,13 @@ def test_the_plugin_reads_a_tree_inline_or_composed_from_overrides():
         check_tree({"name": "example", "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}, "worker",
                    transfer, None)
     assert "connector.kv_load_failure_policy" in str(policy.value) and "vLLM's --kv-transfer-config" in str(policy.value)
+
+
+@pytest.mark.parametrize("overrides, path", [
+    (("connector=mooncake",), "connector.name"),
+    (("connector=multi",), "connector.extra.connectors.0.name"),  # the shipped multi: nixl first
+])
+def test_peer_to_peer_connectors_are_refused_for_the_plugin_until_it_carries_their_protocol(overrides, path, workdir):
+    out = kvconf(*overrides, "action=export", "export.target=kvconf", cwd=workdir)
+    assert out.returncode == 2 and path in out.stderr and "kv_transfer_params" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

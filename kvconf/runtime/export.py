@@ -9,13 +9,13 @@ external connector keeps its class name and module path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from kvconf.config.models import ConnectorConfig, validate_extra
 from kvconf.contract.capabilities import ExportsToVLLM
 from kvconf.errors import ConfigError, Problem
 
-__all__ = ["PLUGIN_CLASS", "PLUGIN_EXTRA_KEYS", "PLUGIN_MODULE", "PLUGIN_TREE_KEY", "VLLM_FIELDS", "to_plugin",
+__all__ = ["PLUGIN_CLASS", "plugin_refuses", "PLUGIN_EXTRA_KEYS", "PLUGIN_MODULE", "PLUGIN_TREE_KEY", "VLLM_FIELDS", "to_plugin",
            "to_vllm"]
 
 PLUGIN_CLASS = "KVConfConnector"
@@ -68,12 +68,37 @@ def to_vllm(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:
     return out
 
 
+def plugin_refuses(cls: Any, name: Any, connector: Optional[dict[str, Any]] = None,
+                   path: str = "connector") -> Optional[Problem]:
+    """Why the plug-in does not run connector class ``cls`` (or one of a multi connector's
+    children, given its ``connector`` node) in vLLM, or None: the peer-to-peer connectors speak
+    kvconf's own prefill/decode protocol, not vLLM's ``kv_transfer_params``."""
+    from kvconf.contract.capabilities import SupportsServe
+
+    kids = getattr(cls, "child_classes", None)
+    if connector is not None and callable(kids):
+        for i, (child, child_cls) in enumerate(kids(connector)):
+            found = plugin_refuses(child_cls, child, None, f"{path}.extra.connectors.{i}")
+            if found is not None:
+                return found
+    if not (isinstance(cls, type) and issubclass(cls, SupportsServe)):
+        return None
+    return Problem(f"{path}.name", f"the {name} connector moves KV between a prefill and a decode instance with "
+                   "kvconf's own protocol, which the plug-in does not carry in vLLM yet (vLLM's kv_transfer_params)",
+                   value=name, allowed=["example", "offloading", "shared_storage", "multi of those"],
+                   fix="run it under kvconf (python -m kvconf connector=NAME), or export vLLM's own connector "
+                       "(action=export export.target=vllm)")
+
+
 def to_plugin(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:
     """vLLM's ``--kv-transfer-config`` that runs this kvconf connector in vLLM through kvconf's
     plug-in: the validated tree (the connector's ``extra`` with its defaults filled in) in
     ``kv_connector_extra_config``, ``kv_role`` and ``kv_load_failure_policy`` at vLLM's top level
     too (vLLM acts on those itself). An engine id is written only where the config gave one: each
     vLLM instance otherwise makes its own."""
+    refused = plugin_refuses(cls, connector.name, connector.model_dump())
+    if refused is not None:
+        raise ConfigError(refused)
     extra = validate_extra(getattr(cls, "extra_config", None), connector.extra)
     tree = connector.model_dump(mode="json")
     tree["extra"] = extra.model_dump(mode="json") if hasattr(extra, "model_dump") else dict(extra)

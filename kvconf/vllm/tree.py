@@ -12,6 +12,7 @@ from kvconf.runtime.export import PLUGIN_CONFIG_DIR_KEY as CONFIG_DIR_KEY
 from kvconf.runtime.export import PLUGIN_EXTRA_KEYS as EXTRA_KEYS
 from kvconf.runtime.export import PLUGIN_OVERRIDES_KEY as OVERRIDES_KEY
 from kvconf.runtime.export import PLUGIN_TREE_KEY as TREE_KEY
+from kvconf.runtime.export import plugin_refuses
 from kvconf.runtime.pipeline import Job, load
 
 __all__ = ["check_tree", "connector_tree"]
@@ -94,6 +95,10 @@ def check_tree(tree: dict[str, Any], role: str, transfer: Any, kv_cache: Optiona
                                     fix=f"set {key} to the same value in both (python -m kvconf ... action=export "
                                         "export.target=kvconf writes both)"))
             error = ConfigError
+    refused = plugin_refuses(job.cls, tree.get("name"), tree)
+    if refused is not None:
+        problems.append(refused)
+        error = ConfigError
     if problems:
         raise error(problems)
     return job
