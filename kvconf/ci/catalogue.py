@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from kvconf.config import vllm as V
-from kvconf.errors import MISSING, did_you_mean
+from kvconf.errors import did_you_mean
+
+from .plugin_tree import is_plugin, plugin_findings
 
 __all__ = ["CATALOGUE", "NOTICES", "Entry", "Hit", "Target", "render_path"]
 
@@ -322,47 +324,9 @@ def _multi_duplicate(t: Target) -> Iterable[Hit]:
             seen[key] = i
 
 
-def is_plugin(data: dict[str, Any]) -> bool:
-    """Whether a KVTransferConfig runs a kvconf connector through kvconf's plug-in."""
-    from kvconf.runtime.export import PLUGIN_CLASS, PLUGIN_MODULE
-
-    return data.get("kv_connector") == PLUGIN_CLASS and data.get("kv_connector_module_path") == PLUGIN_MODULE
-
-
 def _plugin_tree(t: Target) -> Iterable[Hit]:
-    """kvconf's checks of the connector tree the plug-in is given (those vLLM's config validation
-    would stop with): the tree validated, its class resolved and its contract checked. A tree
-    naming a module of one's own is read only with ``--import-modules`` (resolving runs its code)."""
-    if not is_plugin(t.data):
-        return
-    from types import SimpleNamespace
-
-    from kvconf.errors import KVConfError
-    from kvconf.runtime.export import PLUGIN_TREE_KEY
-    from kvconf.vllm.tree import check_tree, connector_tree
-
-    extra = t.data.get(EXTRA)
-    try:
-        tree = connector_tree(extra if extra is not None else {})
-        if tree.get("module_path") and not t.import_modules:
-            yield Hit(t.at(EXTRA, PLUGIN_TREE_KEY, "module_path"), tree["module_path"], "the tree's class (module "
-                      f"{tree['module_path']}) was not checked: importing runs the module's code",
-                      "pass --import-modules to check it", severity="note")
-            return
-        transfer = SimpleNamespace(kv_role=t.data.get("kv_role"),
-                                   kv_load_failure_policy=t.data.get("kv_load_failure_policy", "fail"))
-        check_tree(tree, "worker", transfer, None)
-    except KVConfError as exc:
-        for p in exc.problems:
-            parts = p.path.split(".") if p.path else []
-            if parts[:1] == ["connector"]:
-                where = t.at(EXTRA, PLUGIN_TREE_KEY, *parts[1:])
-            elif parts[:1] == [EXTRA]:
-                where = t.at(*parts)
-            else:
-                where = t.at(EXTRA)
-            yield Hit(where, None if p.value is MISSING else p.value, p.message + (
-                f" (did you mean {p.suggestion()}?)" if p.suggestion() else ""), p.fix)
+    for path, value, detail, fix, severity in plugin_findings(t.data, t.path, t.import_modules):
+        yield Hit(path, value, detail, fix, severity)
 
 
 def _external(t: Target) -> Iterable[Hit]:

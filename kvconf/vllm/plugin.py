@@ -207,6 +207,13 @@ class KVConfConnector(KVConnectorBase_V1):
         super().clear_connector_metadata()
         self.inner.clear_connector_metadata()
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """vLLM's hook before preempted requests' blocks are reused: the connector's, where it has
+        one (kvconf's tiers save within the step, so nothing of theirs is in flight then)."""
+        hook = getattr(self.inner, "handle_preemptions", None)
+        if callable(hook) and isinstance(kv_connector_metadata, PluginMetadata):
+            hook(kv_connector_metadata.inner)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self.inner.start_load_kv(forward_context, **kwargs)
 
@@ -302,6 +309,15 @@ class KVConfConnector(KVConnectorBase_V1):
                 if isinstance(self.inner, ExplainsFailures):
                     self.inner.report_save_failed(rid)
             self.inner.update_connector_output(meta.saved, set())
+
+    def on_new_request(self, request: Any) -> None:
+        hook = getattr(self.inner, "on_new_request", None)
+        if callable(hook):
+            hook(self._requests(request))
+
+    def has_pending_push_work(self) -> bool:
+        hook = getattr(self.inner, "has_pending_push_work", None)
+        return bool(hook()) if callable(hook) else False
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         delay, params = self.inner.request_finished(self._requests(request), block_ids)
