@@ -83,6 +83,22 @@ def test_shared_storage_saves_then_a_fresh_vllm_loads_every_stored_prefix_with_i
     assert "refused" not in second.log
 
 
+def test_the_plugin_works_across_vllms_processes_scheduler_in_the_engine_core_worker_apart(model, reference, tmp_path):
+    """vLLM's default layout: the scheduler side in the engine-core process, the worker side in a
+    worker process; what the worker saved reaches the scheduler's index through vLLM's worker
+    metadata, and a fresh process loads it."""
+    config = export("connector=shared_storage", f"connector.extra.shared_storage_path={tmp_path / 'kv'}",
+                    cwd=tmp_path)
+    first = run_vllm(tmp_path / "first", model, [SAVED], config, multiprocess=True)
+    assert first.code == 0, first
+    assert first.tokens() == tokens_of(reference, SAVED)
+    assert "(EngineCore" in first.log and "(Worker" in first.log  # the layout really was three processes
+    second = run_vllm(tmp_path / "second", model, [LOADED], config, multiprocess=True)
+    assert second.code == 0, second
+    assert second.tokens() == tokens_of(reference, LOADED)
+    assert second.cached() == [expected_cached(q, SAVED) for q in LOADED]
+
+
 def test_a_store_of_random_bytes_is_refused_recomputed_or_failed_by_policy_never_decoded(model, reference, tmp_path):
     store = tmp_path / "kv"
     recompute = export("connector=shared_storage", f"connector.extra.shared_storage_path={store}",

@@ -3,7 +3,7 @@ greedy), and prints what it generated as one JSON line: for each batch of prompt
 each prompt's generated token ids, ``num_cached_tokens`` and finish reason. A batch is one
 ``LLM.generate`` call; batches run in order in the same engine.
 
-    python vllm_runner.py SPEC.json
+    python vllm_runner.py SPEC.json [--multiprocess]
 
 SPEC: ``model`` (folder), ``batches`` (list of lists of token-id lists), and optionally
 ``kv_transfer_config`` (vLLM's dict), ``num_gpu_blocks`` (default 64), ``max_tokens`` (8),
@@ -17,7 +17,9 @@ import json
 import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+MULTIPROCESS = "--multiprocess" in sys.argv
+"""vLLM's default layout (the caller, an engine-core process, a worker process) instead of one process."""
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if MULTIPROCESS else "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -31,8 +33,9 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     try:
+        layout = {} if MULTIPROCESS else {"distributed_executor_backend": "uni"}
         llm = LLM(model=spec["model"], dtype="float32", block_size=spec.get("block_size", 32),
-                  max_model_len=spec.get("max_model_len", 1024), distributed_executor_backend="uni",
+                  max_model_len=spec.get("max_model_len", 1024), **layout,
                   num_gpu_blocks_override=spec.get("num_gpu_blocks", 64),
                   kv_transfer_config=spec.get("kv_transfer_config"), seed=0, enforce_eager=True,
                   compilation_config={"mode": 0}, enable_prefix_caching=spec.get("enable_prefix_caching", True),

@@ -80,13 +80,16 @@ class Run:
 
 
 def run_vllm(spec_dir: Path, model: Path, batches: list[list[list[int]]], kv_transfer_config: Any = None,
-             timeout: float = 300, env: dict[str, str] | None = None, **options: Any) -> Run:
-    """Runs :mod:`vllm_runner` in a process of its own, with a fresh engine."""
+             timeout: float = 300, env: dict[str, str] | None = None, multiprocess: bool = False,
+             **options: Any) -> Run:
+    """Runs :mod:`vllm_runner` in a process of its own, with a fresh engine (``multiprocess``:
+    in vLLM's default layout of three processes)."""
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = spec_dir / f"spec-{len(list(spec_dir.glob('spec-*.json')))}.json"
     spec.write_text(json.dumps({"model": str(model), "batches": batches,
                                 "kv_transfer_config": kv_transfer_config, **options}))
-    proc = subprocess.run([sys.executable, str(TESTS / "vllm_runner.py"), str(spec)], capture_output=True,
+    flags = ["--multiprocess"] if multiprocess else []
+    proc = subprocess.run([sys.executable, str(TESTS / "vllm_runner.py"), str(spec), *flags], capture_output=True,
                           text=True, env=kvconf_env(**(env or {})), timeout=timeout, cwd=spec_dir)
     return Run(proc)
 
