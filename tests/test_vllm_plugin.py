@@ -131,18 +131,33 @@ def test_a_store_of_random_bytes_is_refused_recomputed_or_failed_by_policy_never
     assert "kvconf: shared_storage refused" in failed.log
 
 
-@pytest.mark.parametrize("connector", ["offloading", "example"])
-def test_a_host_tier_brings_back_prefixes_that_vllm_evicted(connector, model, reference, tmp_path):
-    size = "connector.extra.cpu_bytes_to_use=16MiB" if connector == "offloading" else "connector.extra.capacity=16MiB"
-    config = export(f"connector={connector}", size, cwd=tmp_path)
-    plain = run_vllm(tmp_path / "plain", model, [FIRST, SECOND, FIRST], **SMALL)
+@pytest.fixture(scope="session")
+def evicted(model, tmp_path_factory):
+    """vLLM alone on the evicting batches: what its own prefix cache still gives the first batch."""
+    plain = run_vllm(tmp_path_factory.mktemp("plain"), model, [FIRST, SECOND, FIRST], **SMALL)
     assert plain.code == 0, plain
     assert max(plain.cached(2)) < 96, "vLLM's own cache still held the first batch: nothing to prove"
+    return plain
+
+
+COMPOSED = {"kv_connector": "KVConfConnector", "kv_connector_module_path": "kvconf.vllm", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"kvconf_overrides": ["connector=offloading",
+                                                               "connector.extra.cpu_bytes_to_use=16MiB"]}}
+"""The offloading connector composed by the plug-in from overrides, as python -m kvconf composes it."""
+
+
+@pytest.mark.parametrize("connector", ["offloading", "example", "offloading-composed"])
+def test_a_host_tier_brings_back_prefixes_that_vllm_evicted(connector, model, reference, evicted, tmp_path):
+    if connector == "offloading-composed":
+        config = COMPOSED
+    else:
+        size = "cpu_bytes_to_use" if connector == "offloading" else "capacity"
+        config = export(f"connector={connector}", f"connector.extra.{size}=16MiB", cwd=tmp_path)
     tier = run_vllm(tmp_path / "tier", model, [FIRST, SECOND, FIRST], config, **SMALL)
     assert tier.code == 0, tier
     for b, batch in enumerate([FIRST, SECOND, FIRST]):
         assert tier.tokens(b) == tokens_of(reference, batch)
-    assert tier.cached(2) == [96] * len(FIRST)  # 3 full blocks each, from the host tier
+    assert tier.cached(2) == [96] * len(FIRST) and evicted.cached(2) != tier.cached(2)  # from the host tier
 
 
 def test_multi_hits_from_either_child_with_identical_tokens(model, reference, tmp_path):
