@@ -84,7 +84,7 @@ fi
 # torchvision, torchaudio and torchcodec builds that cannot load beside the CPU torch, and
 # transformers imports them when present (then `import vllm.config` crashes): they go.
 if ! "$PY" -c "import vllm" 2>/dev/null; then
-  torch_now="$("$PY" -c 'import torch; print(torch.__version__)')"
+  torch_now="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
   constraint="$(mktemp)"; echo "torch==$torch_now" > "$constraint"
   if gpu; then
     say "installing vLLM 0.32.0 (keeping torch $torch_now)"
