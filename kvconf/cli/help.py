@@ -10,7 +10,7 @@ from pydantic_core import PydanticUndefined
 
 __all__ = ["describe", "help_template"]
 
-_SHOWN_ELSEWHERE = ("connector", "kv_cache", "self_test", "bench")
+_SHOWN_ELSEWHERE = ("connector", "kv_cache", "self_test", "bench", "export")
 """Top-level keys whose fields get a section of their own."""
 
 
@@ -71,7 +71,7 @@ def help_template(subcommands: dict[str, tuple[str, str]], own: tuple[str, str |
     own, whose settings are listed instead of the built-in connectors'."""
     from kvconf.config.fielddocs import document
     from kvconf.config.layout import FullAttentionGroup, KVCacheLayout, MambaGroup, MLAGroup, SlidingWindowGroup
-    from kvconf.config.models import BenchConfig, ConnectorConfig, KVConfConfig, SelfTestConfig
+    from kvconf.config.models import BenchConfig, ConnectorConfig, ExportConfig, KVConfConfig, SelfTestConfig
     from kvconf.contract.registry import builtin_extra_models
 
     own_part: list[str] = []
@@ -112,6 +112,9 @@ def help_template(subcommands: dict[str, tuple[str, str]], own: tuple[str, str |
         "",
         "== bench.* (action=bench) ==",
         *describe(BenchConfig, "bench."),
+        "",
+        "== export.* (action=export) ==",
+        *describe(ExportConfig, "export."),
         "",
         "== connector.* ==",
         *describe(ConnectorConfig, "connector."),
