@@ -24,7 +24,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 # modules for the tests to import by path, some broken on purpose
-collect_ignore = ["zoo", "fake_mooncake", "fake_nixl", "fake_vllm", "no_vllm"]
+collect_ignore = ["zoo", "fake_mooncake", "fake_nixl", "fake_vllm", "no_vllm", "vllm_runner.py"]
 REPO = TESTS.parent
 CONF = REPO / "conf"
 OWNER = "KVCONF_TEST_OWNER"

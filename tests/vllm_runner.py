@@ -17,23 +17,20 @@ import json
 import os
 import sys
 
-MULTIPROCESS = "--multiprocess" in sys.argv
-"""vLLM's default layout (the caller, an engine-core process, a worker process) instead of one process."""
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if MULTIPROCESS else "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
 
 def main() -> None:
+    # Set here, not at import: pytest imports this file for its doctests, and the environment it
+    # would change is what every later test's processes inherit.
+    multiprocess = "--multiprocess" in sys.argv  # vLLM's default layout: caller, engine core, worker
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    for key, value in {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
+        os.environ.setdefault(key, value)
     spec = json.loads(open(sys.argv[1]).read())
     from vllm import LLM, SamplingParams
 
     try:
-        layout = {} if MULTIPROCESS else {"distributed_executor_backend": "uni"}
+        layout = {} if multiprocess else {"distributed_executor_backend": "uni"}
         llm = LLM(model=spec["model"], dtype="float32", block_size=spec.get("block_size", 32),
                   max_model_len=spec.get("max_model_len", 1024), **layout,
                   num_gpu_blocks_override=spec.get("num_gpu_blocks", 64),
