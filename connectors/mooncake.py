@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import uuid
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from kvconf.errors import ConnectorRuntimeError, ContractError, Problem
 from kvconf_connectors.p2p.connector import P2PConnector, P2PExtra
@@ -99,7 +99,7 @@ def _quiet_fd2(fn: Any) -> Any:
 
 
 class MooncakeConnector(P2PConnector):
-    """Prefill-to-decode transfer over the Mooncake Transfer Engine (P2P handshake), push mode."""
+    """Prefill-to-decode transfer over the Mooncake Transfer Engine (P2P handshake): the decode reads."""
 
     extra_config = MooncakeExtra
     vllm_name = "MooncakeConnector"
@@ -141,14 +141,14 @@ class MooncakeConnector(P2PConnector):
         self.transport, self.transport_reason = choose_transport(self.extra.protocol)
         self._engine = self._new_engine()
         self._engines: list[tuple[Any, dict[str, bytes]]] = [(self._engine, {})]
-        """The engines a producer writes with, each with the consumer sessions it has written to
-        (and their regions): see :meth:`_engine_for`."""
+        """The engines a consumer reads with, each with the producer sessions it has read from
+        (and their engine's name): see :meth:`_engine_for`."""
         self._engines_lock = threading.Lock()
         self._registered: list[int] = []
         self._registered_lens: list[int] = []
         self._session = f"{self.extra.side_channel_host}:{self._engine.get_rpc_port()}"
         self._engine_meta = f"mooncake-engine:{uuid.uuid4().hex}".encode()
-        """Sent with each transfer request: which engine instance the session belongs to."""
+        """Sent in the producer's HelloAck: which engine instance the session belongs to."""
 
     def _engine_register(self, ptrs: list[int], lens: list[int], engine: Any = None) -> None:
         rc = (engine or self._engine).batch_register_memory(ptrs, lens)
@@ -157,34 +157,38 @@ class MooncakeConnector(P2PConnector):
                                                 fix="check the device and protocol settings"))
         self._registered, self._registered_lens = ptrs, lens
 
-    def _engine_for(self, msg: Any) -> Any:
-        """The engine to write to ``msg``'s consumer with. A session is ``HOST:RPC_PORT``, and an
-        engine keeps what it learnt of a session for good: a new consumer that drew the RPC port of
-        one that is gone (measured: 12 of 300 consumers on one host) would be written with the old
-        one's ports and memory map and fail. Each consumer's engine names itself in the request's
-        ``meta``; a consumer on a session another engine had is written by an engine that never saw
-        that session (made, with the same memory registered, when none is left): rare, and correct."""
-        regions = msg.meta or b",".join(str(r.base).encode() for r in msg.layers)
-        with self._engines_lock:  # sender threads push at once
+    def _engine_for(self, session: str, meta: bytes) -> Any:
+        """The engine to read from ``session`` with. A session is ``HOST:RPC_PORT``, and an engine
+        keeps what it learnt of a session for good: a producer that drew the RPC port of one that
+        is gone (measured: 12 of 300 peers on one host) would be read with the old one's ports and
+        memory map and fail. Each producer's engine names itself in its ``HelloAck.meta``; a
+        producer on a session another engine had is read by an engine that never saw that session
+        (made, with the same memory registered, when none is left): rare, and correct."""
+        with self._engines_lock:
             for engine, seen in self._engines:
-                if seen.setdefault(msg.session, regions) == regions:
+                if seen.setdefault(session, meta) == meta:
                     return engine
             engine = self._new_engine()
             self._engine_register(self._registered, self._registered_lens, engine)
-            self._engines.append((engine, {msg.session: regions}))
-        log.info("a new consumer took the RPC port of an earlier one (%s): writing to it with engine %d",
-                 msg.session, len(self._engines))
+            self._engines.append((engine, {session: meta}))
+        log.info("a new producer took the RPC port of an earlier one (%s): reading from it with engine %d",
+                 session, len(self._engines))
         return engine
 
-    def _engine_push(self, msg: Any, src: list[int], dst: list[int], lens: list[int]) -> Optional[str]:
-        engine = self._engine_for(msg)
+    def _engine_read(self, peer: Any, src: list[int], dst: list[int], lens: list[int]) -> Any:
+        """Reads synchronously (the engine's batch read); the handle is the outcome."""
+        engine = self._engine_for(peer.session, peer.meta)
         for i in range(0, len(src), MAX_BATCH):
-            rc = engine.batch_transfer_sync_write(msg.session, src[i:i + MAX_BATCH], dst[i:i + MAX_BATCH],
-                                                  lens[i:i + MAX_BATCH])
+            rc = engine.batch_transfer_sync_read(peer.session, dst[i:i + MAX_BATCH], src[i:i + MAX_BATCH],
+                                                 lens[i:i + MAX_BATCH])
             if rc != 0:
-                return (f"the transfer engine returned {rc} writing to {msg.session} (the consumer is gone, "
-                        "or the addresses are outside its registered memory)")
-        return None
+                log.warning("the Mooncake Transfer Engine returned %s reading from %s (the producer is gone, or "
+                            "the addresses are outside its registered memory)", rc, peer.session)
+                return "ERR"
+        return "DONE"
+
+    def _engine_poll(self, handle: Any) -> str:
+        return str(handle)
 
     def _engine_stop(self) -> None:
         if self._engine is not None:

@@ -2,10 +2,10 @@
 behind vLLM's NixlConnector.
 
 A NIXL agent registers the KV-cache memory once; peers exchange agent metadata and block regions
-over the same typed side channel as the mooncake connector (:mod:`kvconf_connectors.p2p`). Two
-modes, as vLLM's NixlPullConnector and NixlPushConnector: ``pull`` (the consumer READs from the
-producer; the default, as in vLLM) and ``push`` (the producer WRITEs). A transfer in state ``ERR``
-fails its requests; no block is reported loaded unless its transfer completed.
+over the same typed side channel as the mooncake connector (:mod:`kvconf_connectors.p2p`). The
+consumer READs a request's blocks from the producer, as vLLM's NixlConnector (pull mode) does. A
+transfer in state ``ERR`` fails its request; no block is reported loaded unless its transfer
+completed.
 
 NIXL's traps, handled: every process that created a UCX agent segfaults at interpreter exit inside
 a bundled library, so kvconf's processes end with ``os._exit`` after a clean shutdown
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from kvconf.errors import ConnectorRuntimeError, ContractError, Problem
 from kvconf.runtime.process import request_hard_exit
@@ -32,11 +31,10 @@ INSTALL = ("pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1 on top of the CPU
            "or bash scripts/setup.sh")
 
 Pull = Literal["pull"]
-Push = Literal["push"]
 Backend = Literal["UCX", "UCX_MO", "GDS", "GDS_MT", "POSIX", "OBJ", "HF3FS", "Mooncake", "LIBFABRIC", "UCCL",
                   "GPUNETIO", "GUSLI", "AZURE_BLOB"]
 """The backend plugins NIXL 1.5 ships (``nixl_agent.get_plugin_list()`` lists what this install has)."""
-Mode = Literal[Pull, Push]
+Mode = Pull
 
 
 class NixlExtra(P2PExtra):
@@ -47,12 +45,11 @@ class NixlExtra(P2PExtra):
     num_threads: int = Field(0, ge=0)
     """Worker threads of the UCX backend (vLLM's ``num_threads``; 0: NIXL's default)."""
     mode: Mode = "pull"
-    """``pull``: the consumer reads from the producer (vLLM's NixlConnector); ``push``: the producer writes."""
+    """``pull``: the consumer reads from the producer (vLLM's NixlConnector). The one mode: a
+    producer writing (vLLM's push mode) needs a per-request exchange before the write."""
     progress_thread: bool = False
     """NIXL's own progress thread. It busy-polls a core per agent (on a 2-core machine, two agents
     take both cores); off, the side that waits drives progress itself."""
-    num_workers: PositiveInt = 4
-    """Sender threads of a producer in push mode."""
 
 
 def nixl_api() -> tuple[Any, Any]:
@@ -69,7 +66,7 @@ def nixl_api() -> tuple[Any, Any]:
 
 
 class NixlConnector(P2PConnector):
-    """Prefill-to-decode transfer over NIXL (UCX), pull or push."""
+    """Prefill-to-decode transfer over NIXL (UCX): the decode reads."""
 
     extra_config = NixlExtra
     vllm_name = "NixlConnector"
@@ -77,7 +74,6 @@ class NixlConnector(P2PConnector):
 
     def __init__(self, config, role, kv_cache_config) -> None:
         super().__init__(config, role, kv_cache_config)
-        self.pull = self.extra.mode == "pull"
         self.needs_progress = not self.extra.progress_thread
 
     _engine_import = staticmethod(nixl_api)
@@ -115,14 +111,15 @@ class NixlConnector(P2PConnector):
                 value=list(self.extra.backends), fix="use backends [UCX]")) from exc
         request_hard_exit()  # a UCX agent crashes the interpreter's exit: end with os._exit instead
         self._lock_agent = threading.Lock()
-        """One thread at a time in the agent: the side-channel loop drives progress while a sender
-        thread polls its transfer, and a UCX worker is not to be driven from two threads at once."""
+        """One thread at a time in the agent: a producer's side-channel thread drives progress while
+        the vLLM worker's consumer loop reads, and a UCX worker is not to be driven from two threads
+        at once."""
         self._remotes: dict[bytes, str] = {}
         self._reg: Any = None
         self._session = name
         self.transport = "nixl-" + "+".join(self.extra.backends).lower()
         tls = os.environ.get("UCX_TLS")
-        self.transport_reason = (f"NIXL {', '.join(self.extra.backends)} backend, {self.extra.mode} mode; UCX picks the "
+        self.transport_reason = (f"NIXL {', '.join(self.extra.backends)} backend, the decode reads; UCX picks the "
                                  "transport (cma on one host, else tcp or rdma)" + (f"; UCX_TLS={tls}" if tls else ""))
 
     def _mem_type(self) -> str:
@@ -154,32 +151,14 @@ class NixlConnector(P2PConnector):
                 raise RuntimeError(f"NIXL refused the {op}")
         return handle
 
-    def _engine_push(self, msg: Any, src: list[int], dst: list[int], lens: list[int]) -> Optional[str]:
-        try:
-            handle = self._xfer("WRITE", msg.meta, src, dst, lens)
-        except Exception as exc:
-            return f"NIXL WRITE to {msg.session} could not start: {exc}"
-        deadline = time.monotonic() + self.extra.transfer_timeout
-        while True:
-            state = self._engine_poll(handle)
-            if state == "DONE":
-                return None
-            if state == "ERR":
-                return f"NIXL WRITE to {msg.session} ended in state ERR (the consumer is gone?)"
-            if time.monotonic() > deadline:
-                with self._lock_agent:
-                    self._agent.release_xfer_handle(handle)
-                return f"NIXL WRITE to {msg.session} took over {self.extra.transfer_timeout:g} s"
-            time.sleep(0.00005)
-
-    def _engine_connect(self, peer_meta: bytes) -> None:
+    def _engine_connect(self, peer: Any) -> None:
         # vLLM's NixlConnector adds the remote agent at its handshake too; UCX then wires the
         # endpoint up (a first read otherwise took 15-20 ms instead of 6 at 64 MiB, measured)
         with self._lock_agent:
-            self._agent.make_connection(self._remote(peer_meta))
+            self._agent.make_connection(self._remote(peer.meta))
 
-    def _engine_read(self, peer_meta: bytes, src: list[int], dst: list[int], lens: list[int]) -> Any:
-        return self._xfer("READ", peer_meta, dst, src, lens)
+    def _engine_read(self, peer: Any, src: list[int], dst: list[int], lens: list[int]) -> Any:
+        return self._xfer("READ", peer.meta, dst, src, lens)
 
     def _engine_poll(self, handle: Any) -> str:
         with self._lock_agent:

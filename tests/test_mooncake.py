@@ -178,7 +178,7 @@ def test_producer_keeps_serving_after_garbage_on_the_side_channel(workdir, produ
         raw.sendall(os.urandom(4096))
     s = side_channel(p.address, p.key_file)  # garbage from a peer that holds the key
     for junk in (b"\xff\x00garbage", msgpack.packb({"v": 99, "type": "hello"}),
-                 msgpack.packb({"v": 1, "type": "transfer", "request_id": "x"}), msgpack.packb([1, 2, 3]),
+                 msgpack.packb({"v": 2, "type": "release", "request_id": "x"}), msgpack.packb([1, 2, 3]),
                  b"x" * (5 * MiB)):
         s.send(junk)
     replies = []
@@ -296,7 +296,7 @@ from conftest import side_channel
 s = side_channel(sys.argv[1], sys.argv[2])
 tag, n = sys.argv[3], 32
 def ask(msg):
-    s.send(msgpack.packb({"v": 1, **msg}))
+    s.send(msgpack.packb({"v": 2, **msg}))
     assert s.poll(30000), msg["type"]
     return msgpack.unpackb(s.recv())
 ack = ask({"type": "hello", "engine_id": tag})
@@ -304,34 +304,32 @@ pre = ask({"type": "prefill", "request_id": tag, "seed": 1, "num_blocks": n})
 if not pre["ok"]:
     print("refused: " + pre["reason"], flush=True)
     sys.exit(0)
-layers = [{"v": 1, "type": "layer", "name": f"model.layers.{i}.self_attn.attn", "base": 0, "block_stride": 8192,
-           "page": 8192} for i in range(4)]
-ans = ask({"type": "transfer", "request_id": tag, "session": tag, "layout": ack["layout"], "layers": layers,
-           "block_ids": list(range(n)), "mode": "pull"})
-print(ans["type"], flush=True)
-time.sleep(3600)  # reading, until it is killed: never a Release
+print("held " + ",".join(map(str, pre["params"]["remote_block_ids"][0])), flush=True)
+time.sleep(3600)  # its decode never comes, until it is killed: never a Release
 """
-"""A consumer that pins 32 of a producer's blocks in a pull lease (Hello, Prefill, Transfer(pull))
-and never releases them: argv ADDRESS KEY_FILE TAG TESTS."""
+"""A consumer that has 32 of a producer's blocks prefilled and held for it (Hello, Prefill) and
+never reads nor releases them: argv ADDRESS KEY_FILE TAG TESTS."""
 
 
 def pinning_consumer(p: Producer, tag: str) -> tuple[subprocess.Popen, str]:
-    """A :data:`PINNER` process against ``p``, and the producer's answer to its transfer request."""
+    """A :data:`PINNER` process against ``p``, and the producer's answer to its prefill."""
     proc = subprocess.Popen([sys.executable, "-c", PINNER, p.address, p.key_file, tag, str(TESTS)],
                             env=kvconf_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     return proc, line or proc.stderr.read()
 
 
-def test_consumers_killed_mid_transfer_do_not_pin_the_producer(workdir, producer):
-    # the tiny layout: 128 blocks of 4 layers x 8 KiB; four pinning consumers hold all of them
-    p = producer("connector.extra.transfer_timeout=600")  # no lease ends by its timeout in this test
+def test_consumers_killed_holding_blocks_do_not_pin_the_producer(workdir, producer):
+    # the tiny layout: 128 blocks of 4 layers x 8 KiB; four consumers hold all of them
+    p = producer("connector.extra.lease_seconds=600")  # no hold ends by its lease in this test
     pinners = [pinning_consumer(p, f"gone-{i}") for i in range(5)]
     try:
-        assert [answer for _, answer in pinners[:4]] == ["pull_source"] * 4
-        assert pinners[4][1].startswith("refused: no free blocks")  # pinned, while they live
+        held = [answer for _, answer in pinners[:4]]
+        assert all(h.startswith("held ") for h in held), held
+        assert sorted(int(b) for h in held for b in h[5:].split(",")) == list(range(128))  # every block, once
+        assert pinners[4][1].startswith("refused: no free blocks")  # held, while they live
         for proc, _ in pinners:
-            proc.kill()  # SIGKILL, mid-transfer: no Release ever comes
+            proc.kill()  # SIGKILL: no Release ever comes
             proc.wait()
     finally:
         for proc, _ in pinners:
@@ -343,17 +341,17 @@ def test_consumers_killed_mid_transfer_do_not_pin_the_producer(workdir, producer
     st = json_out(consumer)["self_test"]
     assert st["failed_requests"] == 0 and st["blocks_per_request"] == 64  # two requests in flight: all 128 blocks
     code, out, err = p.stop()
-    assert code == 0 and "gone-0" in err and "disconnected while reading" in err
+    assert code == 0 and "gone-0" in err and "disconnected holding 1 request(s)" in err
     serve = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["serve"]
     assert serve["disconnected_consumers"] == 4 and serve["expired_leases"] == 0
 
 
-def test_a_lease_that_is_never_released_expires_at_the_transfer_timeout(workdir, producer):
-    p = producer("connector.extra.transfer_timeout=2")
+def test_a_hold_no_decode_releases_ends_with_its_lease(workdir, producer):
+    p = producer("connector.extra.lease_seconds=2")
     pinners = [pinning_consumer(p, f"stuck-{i}") for i in range(4)]  # alive, connected, never releasing
     try:
-        assert [answer for _, answer in pinners] == ["pull_source"] * 4
-        time.sleep(2.5)  # past the producer's transfer_timeout
+        assert all(answer.startswith("held ") for _, answer in pinners), pinners
+        time.sleep(2.5)  # past the producer's lease
         consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", *p.peer_args,
                               "self_test.requests=2", cwd=workdir)
         assert consumer.returncode == 0, consumer.stderr
@@ -388,8 +386,11 @@ for i in range(first, first + count):  # each a consumer of its own: its own eng
     conn.register_kv_caches(layer_views(cfg, buffers))
     control = Control(conn, address)
     control.ask(sc.Hello(engine_id=f"c{i}"), 30)
-    if control.ask(sc.Prefill(request_id=f"r{i}", seed=i, num_blocks=4), 30).ok:
-        conn.bind_connector_metadata(P2PMetadata([Recv(f"r{i}", [0, 1, 2, 3], address)]))
+    ack = control.ask(sc.Prefill(request_id=f"r{i}", seed=i, num_blocks=4), 30)
+    if ack.ok:
+        remote = sc.read_params(ack.params, 1)
+        conn.bind_connector_metadata(P2PMetadata([Recv(f"r{i}", [[0, 1, 2, 3]], remote.peer, remote.request_id,
+                                                       remote.block_ids, remote.engine_id)]))
         conn.start_load_kv(None)
         conn.clear_connector_metadata()
         deadline = time.monotonic() + 60
@@ -454,10 +455,17 @@ views = conn._views  # each layer's blocks as rows of bytes
 control = Control(conn, address)
 control.ask(sc.Hello(engine_id="batch"), 30)
 wanted = {f"r{i}": (i, list(range(8 * i, 8 * i + 8))) for i in range(6)}
+params = {}
 for rid, (seed, _) in wanted.items():
-    assert control.ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=8), 30).ok
-recvs = [Recv(rid, ids, address) for rid, (_, ids) in wanted.items()]
-recvs.insert(3, Recv("never", list(range(100, 108)), address))  # never prefilled: among the others
+    ack = control.ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=8), 30)
+    assert ack.ok
+    params[rid] = sc.read_params(ack.params, 1)
+recvs = [Recv(rid, [ids], address, rid, params[rid].block_ids, params[rid].engine_id)
+         for rid, (_, ids) in wanted.items()]
+before = {name: v[100:108].clone() for name, v in views.items()}
+# among the others: remote blocks past the producer's 128, and an engine id that is not the producer's
+recvs.insert(3, Recv("out-of-range", [list(range(100, 108))], address, "r0", [list(range(125, 133))], ""))
+recvs.insert(5, Recv("stale", [list(range(100, 108))], address, "r1", params["r1"].block_ids, "another-engine"))
 conn.bind_connector_metadata(P2PMetadata(recvs))  # one step: the transfer requests leave together
 conn.start_load_kv(None)
 conn.clear_connector_metadata()
@@ -469,22 +477,26 @@ failed = conn.take_failures()  # a failed load is finished too (vLLM's meaning),
 loaded = sorted(done - set(failed))
 wrong = [rid for rid in loaded for li, name in enumerate(views) for j, b in enumerate(wanted[rid][1])
          if not torch.equal(views[name][b], block_pattern(wanted[rid][0], li, j, views[name].shape[1]))]
-print(json.dumps({"loaded": loaded, "failed": failed, "wrong": wrong}), flush=True)
+untouched = all(torch.equal(v[100:108], before[name]) for name, v in views.items())
+print(json.dumps({"loaded": loaded, "failed": failed, "wrong": wrong, "untouched": untouched}), flush=True)
 control.close()
 conn.shutdown()
 """
-"""One consumer asks for seven requests in one step, one of them never prefilled: argv ADDRESS KEY_FILE."""
+"""One consumer reads eight requests in one step, two of them with params it must refuse: argv
+ADDRESS KEY_FILE."""
 
 
-def test_requests_of_one_step_are_pushed_together_and_a_bad_one_fails_alone(workdir, producer):
-    # the producer pushes what queued meanwhile in one engine call; a request it cannot serve
-    # fails with its reason and the others arrive, each block where its own request put it
+def test_requests_of_one_step_are_read_and_bad_params_fail_alone_with_nothing_read(workdir, producer):
+    # requests whose params name blocks out of the producer's range, or another engine, fail with
+    # their reason before anything is read; the others arrive, each block where its own request put it
     p = producer()
     proc = subprocess.run([sys.executable, "-c", BATCH, p.address, p.key_file], env=kvconf_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["loaded"] == [f"r{i}" for i in range(6)] and out["wrong"] == []
-    assert list(out["failed"]) == ["never"] and "never prefilled" in out["failed"]["never"]
+    assert sorted(out["failed"]) == ["out-of-range", "stale"]
+    assert "out of range, the producer at" in out["failed"]["out-of-range"]
+    assert "remote_engine_id" in out["failed"]["stale"] and out["untouched"]
     code, _, err = p.stop()
     assert code == 0 and err.count("served r") == 6

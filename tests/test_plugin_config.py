@@ -98,11 +98,18 @@ def test_the_plugin_reads_a_tree_inline_or_composed_from_overrides():
     assert "connector.kv_load_failure_policy" in str(policy.value) and "vLLM's --kv-transfer-config" in str(policy.value)
 
 
-@pytest.mark.parametrize("overrides, path", [
-    (("connector=mooncake",), "connector.name"),
-    (("connector=multi",), "connector.extra.connectors.0.name"),  # the shipped multi: nixl first
-])
-def test_peer_to_peer_connectors_are_refused_for_the_plugin_until_it_carries_their_protocol(overrides, path, workdir):
-    out = kvconf(*overrides, "action=export", "export.target=kvconf", cwd=workdir)
-    assert out.returncode == 2 and path in out.stderr and "kv_transfer_params" in out.stderr, out.stderr
+@pytest.mark.parametrize("name", ["mooncake", "nixl"])
+def test_peer_to_peer_connectors_export_for_the_plugin_with_their_timeouts_and_lease(name, workdir):
+    out = kvconf(f"connector={name}", "connector.kv_role=kv_producer", "connector.extra.lease_seconds=7",
+                 "action=export", "export.target=kvconf", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    tree = config["kv_connector_extra_config"]["kvconf_connector"]
+    assert config["kv_role"] == "kv_producer" and tree["name"] == name and tree["extra"]["lease_seconds"] == 7
+
+
+def test_a_peer_to_peer_connector_inside_a_multi_connector_is_refused_for_the_plugin(workdir):
+    out = kvconf("connector=multi", "action=export", "export.target=kvconf", cwd=workdir)  # the shipped multi: nixl first
+    assert out.returncode == 2 and "connector.extra.connectors.0.name" in out.stderr, out.stderr
+    assert "not inside a multi connector" in out.stderr
     assert "Traceback" not in out.stderr

@@ -2,12 +2,18 @@
 consumer's request loop, and the worker's registered regions; the engines differ only in the
 ``_engine_*`` methods.
 
-A consumer (decode) asks a producer (prefill) for a request's blocks over the typed side channel
-(:mod:`kvconf_connectors.p2p.protocol`), naming its block ids and registered regions. In push mode
-the producer (:mod:`kvconf_connectors.p2p.producer`) writes the blocks into the consumer's memory
-and answers done or failed; in pull mode it answers with where the blocks lie, the consumer reads
-them and releases them. A request whose answer does not come within ``transfer_timeout`` fails; no
-block is reported loaded unless all its bytes arrived.
+vLLM's prefill/decode protocol, in vLLM and under kvconf's engine simulator alike. The producer
+(prefill) side keeps a request's blocks at ``request_finished`` when it asked for remote decode
+(``kv_transfer_params.do_remote_decode``) and returns ``kv_transfer_params`` naming them (vLLM's
+names, :func:`~kvconf_connectors.p2p.protocol.transfer_params`): its engine id, the request id, the
+block ids group by group, its side channel's host and port, the lease. Its worker serves the side
+channel (:mod:`kvconf_connectors.p2p.producer`), holds the blocks until the decode says it read
+them or the lease ends, then reports the request finished (``get_finished``): vLLM frees them.
+The consumer (decode) side reads those params in ``get_num_new_matched_tokens`` and loads
+asynchronously: its worker reads the blocks straight from the producer's memory with the transfer
+engine (:mod:`kvconf_connectors.p2p.consumer`), then notifies the producer. A read that fails,
+fails a check or overruns ``transfer_timeout`` reports its blocks through
+``get_block_ids_with_load_errors``: the request is recomputed, never decoded on garbage.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from kvconf.contract.capabilities import (
     SupportsSelfTest,
     SupportsServe,
 )
-from kvconf.errors import ContractError, Problem
+from kvconf.errors import ConfigError, ContractError, Problem
 from kvconf.runtime.engine import drive
 from kvconf.runtime.listeners import interface_of, is_loopback, listening
 from kvconf.runtime.views import byte_views
@@ -73,11 +79,15 @@ class P2PExtra(StrictModel):
     side_channel_port: int = Field(0, ge=0, le=65535)
     """Port of a producer's side channel; 0 picks a free one."""
     num_workers: PositiveInt = 10
-    """Sender threads of a producer (vLLM's ``num_workers``)."""
+    """vLLM's ``num_workers`` (exported with vLLM's own connector; kvconf's decode reads on one thread)."""
     handshake_timeout: PositiveFloat = Field(10.0, allow_inf_nan=False)
     """Seconds to wait for a producer's side channel to answer the first message (finite)."""
     transfer_timeout: PositiveFloat = Field(30.0, allow_inf_nan=False)
-    """Seconds a request's blocks may take to arrive before the request fails (finite)."""
+    """Seconds a request's blocks may take to arrive before the request fails and is recomputed (finite)."""
+    lease_seconds: PositiveFloat = Field(60.0, allow_inf_nan=False)
+    """Seconds a producer keeps a finished request's blocks for its decode (vLLM's NIXL lease,
+    ``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``): freed when the decode has read them, or after this when
+    none came (finite)."""
     peer: Optional[str] = Field(None, json_schema_extra={"pattern": HOST_PORT.pattern})
     """``HOST:PORT`` of a serving producer (what it printed as ``serving on HOST:PORT``), for a
     consumer started separately; unset, ``action=run`` starts its own peer process."""
@@ -108,7 +118,11 @@ class P2PExtra(StrictModel):
 
 @dataclass
 class P2PMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, each step: the requests to read (decode), and the finished requests
+    whose blocks to hold for their decode (prefill: id, block ids group by group)."""
+
     recv: list[Recv] = field(default_factory=list)
+    hold: list[tuple[str, list[list[int]]]] = field(default_factory=list)
 
 
 def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -130,13 +144,14 @@ def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
 
 class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest,
                    SupportsServe, SupportsRawPath, ReportsListeners):
-    """A producer (prefill) pushes, or lets a consumer (decode) read, a request's blocks on the
-    consumer's request over the side channel. Subclasses give the engine: ``_engine_start``,
-    ``_engine_register``, ``_engine_push``, ``_engine_read``/``_engine_poll`` (pull mode),
-    ``_engine_progress`` and ``_engine_stop``."""
+    """A producer (prefill) holds a finished request's blocks; a consumer (decode) given the
+    request's ``kv_transfer_params`` reads them from the producer's memory and releases them.
+    Subclasses give the engine: ``_engine_start``, ``_engine_register``, ``_engine_read``,
+    ``_engine_poll``, ``_engine_connect``, ``_engine_progress`` and ``_engine_stop``."""
 
-    pull = False
-    """True: the consumer reads from the producer (NIXL's default); False: the producer writes."""
+    holds_finished_requests = True
+    """Requests whose blocks ``request_finished`` kept are reported finished by ``get_finished``
+    (their decode read them, or the lease ended), not at once."""
     needs_progress = False
     """True when a waiting side must drive the engine's progress itself (NIXL without its thread)."""
 
@@ -146,6 +161,15 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._engine_meta = b""
         """This side's engine metadata for the peer (a NIXL agent's; empty where the engine needs none)."""
         self._recv_pending: list[Recv] = []
+        self._hold_pending: list[tuple[str, list[list[int]]]] = []
+        self._loading: dict[str, tuple[int, sc.RemoteBlocks]] = {}
+        """Scheduler, decode: requests whose remote blocks vLLM was told of (tokens computed here then)."""
+        self._address: Optional[str] = None
+        """Scheduler, prefill: the worker's side channel (vLLM's handshake metadata)."""
+        self._server: Optional[Producer] = None
+        """Worker, prefill in vLLM: the side-channel server holding finished requests' blocks."""
+        self._server_stop = threading.Event()
+        self._server_thread: Optional[threading.Thread] = None
         self._engine: Any = None
         self._session = ""
         self._regions: dict[str, tuple[int, int, int]] = {}
@@ -154,6 +178,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._done: set[str] = set()
         self._failed: dict[str, str] = {}
         self._error_blocks: set[int] = set()
+        self._unheld: set[str] = set()
         self._lock = threading.Lock()
         self._outbox: queue.Queue[Recv] = queue.Queue()
         self._waker = sc.Waker()
@@ -212,18 +237,15 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         """Registers the KV cache's memory regions once."""
         raise NotImplementedError
 
-    def _engine_push(self, msg: Any, src: list[int], dst: list[int], lens: list[int]) -> Optional[str]:
-        """Producer: writes local ``src`` regions into the consumer's ``dst``; None, or why it failed."""
+    def _engine_read(self, peer: Any, src: list[int], dst: list[int], lens: list[int]) -> Any:
+        """Consumer: starts reading the producer's ``src`` into local ``dst`` (``peer``: the
+        producer's :class:`~kvconf_connectors.p2p.protocol.HelloAck`); a handle."""
         raise NotImplementedError
 
-    def _engine_read(self, peer_meta: bytes, src: list[int], dst: list[int], lens: list[int]) -> Any:
-        """Consumer, pull mode: starts reading the producer's ``src`` into local ``dst``; a handle."""
-        raise NotImplementedError
-
-    def _engine_connect(self, peer_meta: bytes) -> None:
-        """Consumer, pull mode: opens the engine's connection to a producer whose metadata just
-        arrived (the handshake), so that its first read pays no connection set-up. Optional: an
-        engine that connects on the first transfer leaves it a no-op."""
+    def _engine_connect(self, peer: Any) -> None:
+        """Consumer: opens the engine's connection to a producer whose handshake just arrived, so
+        that its first read pays no connection set-up. Optional: an engine that connects on the
+        first transfer leaves it a no-op."""
 
     def _engine_poll(self, handle: Any) -> str:
         """``"DONE"``, ``"ERR"`` or ``"PROC"`` for a read started by ``_engine_read``."""
@@ -246,29 +268,85 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
-        params = request.kv_transfer_params or {}
-        if self.is_consumer and params.get("do_remote_prefill"):
-            return max(0, request.num_tokens - num_computed_tokens), True
-        return 0, False
+        """Decode: the prompt's tokens the params' remote blocks hold, beyond those computed here,
+        loaded asynchronously. Params a decode cannot read are logged and the request is computed."""
+        params = request.kv_transfer_params
+        if not (self.is_consumer and isinstance(params, dict) and params.get("do_remote_prefill")):
+            return 0, False
+        groups = self.kv_cache_config.kv_cache_groups
+        remote = sc.read_params(params, len(groups))
+        if isinstance(remote, str):
+            log.warning("request %s is computed here, nothing is read: %s", request.request_id, remote)
+            params["do_remote_prefill"] = False
+            return 0, False
+        bs = groups[0].kv_cache_spec.block_size
+        avail = len(remote.block_ids[0]) * bs
+        if remote.num_tokens:
+            avail = min(avail, remote.num_tokens)
+        n = min(request.num_tokens, avail) - num_computed_tokens
+        if n <= 0:
+            return 0, False
+        self._loading[request.request_id] = (num_computed_tokens, remote)
+        return n, True
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        params = request.kv_transfer_params or {}
-        if num_external_tokens > 0 and params.get("do_remote_prefill"):
-            peer = params.get("remote_address") or self.extra.peer
-            # every group's ids, group after group (a hybrid model's groups share the memory)
-            block_ids = [b for ids in blocks.get_block_ids() for b in ids]
-            self._recv_pending.append(Recv(params.get("remote_request_id", request.request_id), block_ids, peer))
+        """Decode: the request's blocks here paired with the remote ones at the same positions,
+        from the first block not computed here; the params are spent (a failed load is
+        recomputed, never read again)."""
+        entry = self._loading.pop(request.request_id, None)
+        if entry is None or num_external_tokens <= 0:
+            return
+        computed, remote = entry
+        if isinstance(request.kv_transfer_params, dict):
+            request.kv_transfer_params["do_remote_prefill"] = False
+        local: list[list[int]] = []
+        theirs: list[list[int]] = []
+        for g, ids in enumerate(blocks.get_block_ids()):
+            bs = self.kv_cache_config.kv_cache_groups[g].kv_cache_spec.block_size
+            first, last = computed // bs, -(-(computed + num_external_tokens) // bs)
+            local.append(list(ids[first:last]))
+            theirs.append(list(remote.block_ids[g][first:last]))
+        self._recv_pending.append(Recv(request.request_id, local, remote.peer, remote.request_id, theirs,
+                                       remote.engine_id))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta, self._recv_pending = P2PMetadata(self._recv_pending), []
+        meta = P2PMetadata(self._recv_pending, self._hold_pending)
+        self._recv_pending, self._hold_pending = [], []
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
-        return False, None
+        return self._keep_for_decode(request, [list(block_ids)])
 
     def request_finished_all_groups(self, request: Request,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict[str, Any]]]:
-        return False, None
+        return self._keep_for_decode(request, [list(g) for g in block_ids])
+
+    def _keep_for_decode(self, request: Request, block_ids: list[list[int]]) -> tuple[bool, Optional[dict[str, Any]]]:
+        """Prefill: a request that asked for remote decode keeps its blocks for its decode, and
+        its output carries the params naming them."""
+        self._loading.pop(request.request_id, None)
+        params = request.kv_transfer_params
+        if not (isinstance(params, dict) and params.get("do_remote_decode")) or request.aborted:
+            return False, None
+        if not any(block_ids):
+            return False, None
+        if not self.is_producer:
+            log.warning("request %s asks for remote decode, but this instance is a %s: its blocks are not kept",
+                        request.request_id, self.config.kv_role)
+            return False, None
+        if self._address is None:
+            log.warning("request %s asks for remote decode, but no worker serves a side channel: its blocks are "
+                        "not kept", request.request_id)
+            return False, None
+        out = sc.transfer_params(str(self.config.engine_id), request.request_id, block_ids, self._address,
+                                 request.num_computed_tokens or len(request.prompt_token_ids),
+                                 self.extra.lease_seconds)
+        self._hold_pending.append((request.request_id, block_ids))
+        return True, out
+
+    def set_handshake(self, metadata: dict[str, Any]) -> None:
+        """Scheduler: what the worker's :meth:`handshake` returned (vLLM carries it over)."""
+        self._address = metadata.get("address") or None
 
     # ---- worker side -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -317,6 +395,42 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
     def layer_regions(self) -> list[Any]:
         return [sc.LayerRegion(name=n, base=b, block_stride=s, page=p) for n, (b, s, p) in self._regions.items()]
 
+    def handshake(self) -> Optional[dict[str, Any]]:
+        """Worker, in vLLM, once its KV cache is registered: a producer starts serving its side
+        channel and returns its address for the scheduler (vLLM's handshake metadata). Both sides
+        need the shared key: a :class:`ConfigError` where none is set."""
+        if self._auth is None:
+            raise ConfigError(Problem(
+                "connector.extra.auth_key_file", f"the {self.config.name} connector in vLLM needs the shared key "
+                "its prefill and decode instances prove to each other, and none is set",
+                fix="write one key (16+ characters) into a 0600 file, and give it to both instances as "
+                    "connector.extra.auth_key_file or $KVCONF_AUTH_KEY"))
+        if not self.is_producer:
+            return None
+        if self._server is None:
+            server = Producer(self)
+            server.simulated = False
+            address = server.bind(self._auth)
+            self._side_channel = int(address.rsplit(":", 1)[1])
+            self._server = server
+            self._server_thread = threading.Thread(target=server.run, args=(self._server_stop,), daemon=True,
+                                                   name=f"kvconf-{self.config.name}-side-channel")
+            self._server_thread.start()
+            self.note_listeners()
+            log.info("kvconf: %s producer serving its side channel on %s", self.config.name, address)
+            self._address = address
+        return {"address": self._address, "engine_id": str(self.config.engine_id)}
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, P2PMetadata) and connector_metadata.hold:
+            if self._server is None:  # no side channel: nobody can read them; vLLM frees them now
+                with self._lock:
+                    self._unheld.update(rid for rid, _ in connector_metadata.hold)
+            else:
+                for rid, ids in connector_metadata.hold:
+                    self._server.hold(rid, ids, self.extra.lease_seconds)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, P2PMetadata)
@@ -354,16 +468,20 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         return None  # loads are asynchronous: the engine polls get_finished
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        return None  # the producer pushes when a consumer asks
+        return None  # a decode reads the blocks of a finished request
 
     def wait_for_save(self) -> None:
         return None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        """(requests whose held blocks may be freed, requests whose load ended: read or failed)."""
+        sending = self._server.take_ended() if self._server is not None else set()
         with self._lock:
             done = self._done | set(self._failed)
             self._done = set()
-            return None, done
+            sending |= self._unheld
+            self._unheld = set()
+        return sending or None, done
 
     def take_failures(self) -> dict[str, str]:
         """Requests whose load failed since the last call, with the reason (vLLM's failed_recving)."""
@@ -379,7 +497,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
     def _fail(self, recv: Recv, reason: str) -> None:
         with self._lock:
             self._failed[recv.request_id] = reason
-            self._error_blocks.update(recv.block_ids)
+            self._error_blocks.update(b for ids in recv.block_ids for b in ids)
         self._finished.set()
 
     def _pull_loop(self) -> None:
@@ -387,6 +505,13 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
 
     def shutdown(self) -> None:
         stop_bare_peer(self)
+        if self._server is not None:
+            self._server_stop.set()
+            self._server.waker.wake()
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=5)
+            self._server.close()
+            self._server = None
         self._stop.set()
         self._waker.wake()
         if self._puller is not None:
@@ -400,8 +525,9 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
     # ---- producer: action=serve ----------------------------------------------------------------
     def serve(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext,
               stop: Optional[threading.Event] = None, announce: bool = True) -> dict[str, Any]:
-        """Serves consumers until SIGINT or SIGTERM (or ``stop``): prefills requests on demand and
-        pushes their blocks into the consumer's memory."""
+        """Serves consumers until SIGINT or SIGTERM (or ``stop``): the engine simulator's prefill
+        instance, which prefills requests on demand, answers with their ``kv_transfer_params`` and
+        holds their blocks until their decode read them."""
         server = Producer(self)
         server.verbose = announce
         stop = stop or threading.Event()

@@ -1,7 +1,15 @@
 """The consumer's request loop of the peer-to-peer connectors: one thread that owns the DEALER
-sockets to the producers, asks each for the blocks of the requests the scheduler assigned, reads
-them (pull mode) or waits for the producer's write (push mode), and reports every request done or
-failed; nothing is reported loaded unless all its bytes arrived.
+sockets to the producers, reads each request's blocks straight from its producer's memory with
+the block ids its ``kv_transfer_params`` name, tells the producer when it is done (a
+:class:`~.protocol.Release`), and reports every request done or failed; nothing is reported loaded
+unless all its bytes arrived.
+
+The only exchange with a producer before a read is the handshake, once per producer (the shared
+key, then ``Hello``/``HelloAck``: the producer's engine, its layout and where its layers lie).
+A request is checked against that answer before anything is read: the engine id its params name,
+its block ids against the producer's block count, the layers on both sides. A request that fails
+a check, or whose read fails or overruns ``transfer_timeout``, is reported failed with its blocks
+(vLLM recomputes it).
 """
 
 from __future__ import annotations
@@ -10,51 +18,92 @@ import logging
 import queue
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import auth
 from . import protocol as sc
+from .producer import block_runs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint, Recv
 
-__all__ = ["Pending", "pull_loop"]
+__all__ = ["Pending", "plan_read", "pull_loop"]
 
 log = logging.getLogger("kvconf.p2p")
 
 
 @dataclass
 class Pending:
-    """A request asked of a producer: its deadline, and whether its transfer request left."""
+    """A request to read: its deadline, and the read in flight (an engine handle) once started."""
 
     recv: Recv
     deadline: float
-    sent: bool = False
+    handle: Any = None
+    nbytes: int = 0
+
+
+def plan_read(conn: Endpoint, ack: Any, recv: Recv) -> tuple[list[int], list[int], list[int]] | str:
+    """The engine entries ``(remote src, local dst, lens)`` that read ``recv``'s blocks from the
+    producer that answered ``ack``; the reason as a string where the request cannot be read (and
+    nothing is)."""
+    if ack.layout != conn.layout_fingerprint():
+        return f"the producer at {recv.peer} has another KV layout ({ack.layout}, here {conn.layout_fingerprint()})"
+    if recv.remote_engine_id and recv.remote_engine_id != ack.engine_id:
+        return (f"the producer at {recv.peer} is engine {ack.engine_id!r}, the request's kv_transfer_params name "
+                f"{recv.remote_engine_id!r} (remote_engine_id): a stale or foreign request")
+    if len(recv.remote_block_ids) != len(recv.block_ids):
+        return (f"kv_transfer_params.remote_block_ids has {len(recv.remote_block_ids)} KV-cache group(s); this "
+                f"instance has {len(recv.block_ids)}")
+    for g, (local, remote) in enumerate(zip(recv.block_ids, recv.remote_block_ids)):
+        if len(remote) < len(local):
+            return (f"kv_transfer_params.remote_block_ids[{g}] names {len(remote)} block(s); the request loads "
+                    f"{len(local)}")
+        bad = [b for b in remote if not 0 <= b < ack.num_blocks]
+        if bad:
+            return (f"kv_transfer_params.remote_block_ids[{g}] holds {bad[:4]}: out of range, the producer at "
+                    f"{recv.peer} has blocks 0..{ack.num_blocks - 1}")
+    theirs = {r.name: r for r in ack.layers}
+    group_of = conn.kv_cache_config.group_of()
+    src: list[int] = []
+    dst: list[int] = []
+    lens: list[int] = []
+    runs: dict[tuple[int, int, int, int], tuple[list[int], list[int], list[int]]] = {}
+    for name, (base, stride, page) in conn._regions.items():
+        region = theirs.get(name)
+        if region is None or region.page != page:
+            return f"layer {name!r} differs between the peers (the producer at {recv.peer})"
+        g = group_of[name]
+        local = recv.block_ids[g]
+        if not local:
+            continue
+        shape = (g, region.block_stride, stride, page)
+        if shape not in runs:  # the layers of a group share their runs
+            runs[shape] = block_runs(recv.remote_block_ids[g][:len(local)], local, region.block_stride, stride, page)
+        s_off, d_off, run_lens = runs[shape]
+        src.extend([region.base + x for x in s_off])
+        dst.extend([base + x for x in d_off])
+        lens.extend(run_lens)
+    return src, dst, lens
 
 
 def pull_loop(conn: Endpoint) -> None:
-    """Owns the consumer's DEALER sockets: sends transfer requests, collects results, fails a
-    request whose result does not come in time, or at once where the producer refused the key."""
+    """Owns the consumer's DEALER sockets: handshakes, reads, releases; fails a request whose read
+    does not end in time, or at once where the producer refused the key or a check fails."""
     import zmq
 
     ctx: Any = zmq.Context.instance()
     socks: dict[str, Any] = {}
-    acked: dict[str, float] = {}  # peer -> time the handshake was sent (0 once answered)
-    peer_meta: dict[str, bytes] = {}
+    asked: dict[str, float] = {}  # peer -> when its Hello left (until answered)
+    acks: dict[str, Any] = {}  # peer -> its HelloAck
     pending: dict[str, Pending] = {}
-    reading: dict[str, tuple[Any, str]] = {}  # request -> (engine handle, peer), pull mode
     watches: dict[Any, tuple[str, auth.Handshake]] = {}  # monitor socket -> (peer, its handshake)
     poller = zmq.Poller()
     poller.register(conn._waker.r, zmq.POLLIN)
 
-    def refused(peer: str, why: str) -> None:
-        """The producer refused the handshake: every request to it fails now, saying why."""
-        for rid, p in list(pending.items()):
-            if p.recv.peer == peer:
-                conn._fail(p.recv, why)
-                del pending[rid]
+    def close_peer(peer: str) -> None:
         s = socks.pop(peer)
-        acked.pop(peer, None)
+        asked.pop(peer, None)
+        acks.pop(peer, None)
         for mon, (owner, hs) in list(watches.items()):
             if owner == peer:
                 poller.unregister(mon)
@@ -62,28 +111,53 @@ def pull_loop(conn: Endpoint) -> None:
                 del watches[mon]
         poller.unregister(s)
         s.close(linger=0)
-    def settle(rid: str, now: float) -> None:
-        """A read in flight: once it ended (or overran its deadline), released at the producer and
-        reported done or failed."""
-        handle, peer = reading[rid]
-        state = conn._engine_poll(handle)
-        waiting = pending.get(rid)
-        if state == "PROC" and waiting is not None and now <= waiting.deadline:
-            return
-        del reading[rid]
-        ok = state == "DONE"
-        socks[peer].send(sc.encode(sc.Release(request_id=rid, ok=ok)))
-        if waiting is None:
-            return
-        del pending[rid]
+
+    def refused(peer: str, why: str) -> None:
+        """The producer refused the handshake: every request to it fails now, saying why."""
+        for rid, p in list(pending.items()):
+            if p.recv.peer == peer:
+                conn._fail(p.recv, why)
+                del pending[rid]
+        close_peer(peer)
+
+    def finish(rid: str, ok: bool, why: str = "", release: Optional[bool] = None) -> None:
+        p = pending.pop(rid)
+        if release is not None and p.recv.peer in socks:
+            socks[p.recv.peer].send(sc.encode(sc.Release(request_id=p.recv.remote_request_id, ok=release)))
         if ok:
             with conn._lock:
                 conn._done.add(rid)
             conn._finished.set()
         else:
-            conn._fail(waiting.recv, f"reading from the producer at {peer} failed (state {state})"
-                       if state != "PROC" else f"reading from {peer} took over "
-                       f"{conn.extra.transfer_timeout:g} s (transfer_timeout)")
+            conn._fail(p.recv, why)
+
+    def start(rid: str, p: Pending) -> None:
+        plan = plan_read(conn, acks[p.recv.peer], p.recv)
+        if isinstance(plan, str):
+            log.warning("request %s is recomputed, nothing was read: %s", rid, plan)
+            finish(rid, False, plan)
+            return
+        src, dst, lens = plan
+        try:
+            p.handle = conn._engine_read(acks[p.recv.peer], src, dst, lens)
+        except Exception as exc:  # the engine refused: the request fails
+            finish(rid, False, f"reading from {p.recv.peer} could not start: {exc}", release=False)
+            return
+        p.nbytes = sum(lens)
+        settle(rid, p, time.monotonic())  # a read often ends as it starts
+
+    def settle(rid: str, p: Pending, now: float) -> None:
+        """A read in flight: once it ended (or overran its deadline), released at the producer
+        and reported done or failed."""
+        state = conn._engine_poll(p.handle)
+        if state == "PROC" and now <= p.deadline:
+            return
+        if state == "DONE":
+            finish(rid, True, release=True)
+        else:
+            finish(rid, False, f"reading from the producer at {p.recv.peer} failed (state {state})"
+                   if state != "PROC" else f"reading from {p.recv.peer} took over "
+                   f"{conn.extra.transfer_timeout:g} s (transfer_timeout)", release=False)
 
     try:
         while not conn._stop.is_set():
@@ -94,7 +168,8 @@ def pull_loop(conn: Endpoint) -> None:
                 except queue.Empty:
                     break
                 if not r.peer:
-                    conn._fail(r, "no producer address: set connector.extra.peer=HOST:PORT")
+                    conn._fail(r, "no producer address: the request's kv_transfer_params name none "
+                                  "(remote_host, remote_port)")
                     continue
                 if r.peer not in socks:
                     try:
@@ -111,7 +186,7 @@ def pull_loop(conn: Endpoint) -> None:
                     s.connect(f"tcp://{host}:{port}")
                     s.send(sc.encode(sc.Hello(engine_id=str(conn.config.engine_id))))
                     socks[r.peer] = s
-                    acked[r.peer] = time.monotonic()
+                    asked[r.peer] = time.monotonic()
                     poller.register(s, zmq.POLLIN)
                 if not r.request_id:  # connect only (P2PConnector.connect)
                     continue
@@ -119,25 +194,22 @@ def pull_loop(conn: Endpoint) -> None:
             now = time.monotonic()
             for rid, p in list(pending.items()):
                 peer = p.recv.peer
-                if acked.get(peer, 0) and now - acked[peer] > conn.extra.handshake_timeout:
-                    conn._fail(p.recv, f"the producer at {peer} did not answer within "
+                if p.handle is not None:
+                    settle(rid, p, now)
+                elif peer in acks:
+                    start(rid, p)
+                elif now - asked.get(peer, now) > conn.extra.handshake_timeout:
+                    finish(rid, False, f"the producer at {peer} did not answer within "
                                        f"{conn.extra.handshake_timeout:g} s (handshake_timeout)")
-                    del pending[rid]
-                elif not acked.get(peer, 0) and not p.sent:
-                    socks[peer].send(sc.encode(sc.Transfer(
-                        request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
-                        layers=conn.layer_regions(), block_ids=p.recv.block_ids,
-                        mode="pull" if conn.pull else "push", meta=conn._engine_meta)))
-                    p.sent = True
                 elif now > p.deadline:
-                    conn._fail(p.recv, f"no transfer result from {peer} within "
-                                       f"{conn.extra.transfer_timeout:g} s (transfer_timeout)")
-                    del pending[rid]
+                    finish(rid, False, f"nothing from {peer} within {conn.extra.transfer_timeout:g} s "
+                                       "(transfer_timeout)")
+            for peer in [x for x, t in asked.items() if x not in acks and now - t > conn.extra.handshake_timeout]:
+                if not any(p.recv.peer == peer for p in pending.values()):
+                    close_peer(peer)  # a later request asks again (the producer may have restarted)
             conn._engine_progress()
-            for rid in list(reading):
-                settle(rid, now)
             timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
-            if reading or conn.needs_progress:
+            if any(p.handle is not None for p in pending.values()) or conn.needs_progress:
                 timeout = min(timeout, 0.001)
             for sock, _ in poller.poll(timeout=max(1, min(int(timeout * 1000) + 1, 500))):
                 if sock == conn._waker.r:
@@ -163,46 +235,18 @@ def pull_loop(conn: Endpoint) -> None:
                         log.warning("ignored a bad side-channel message from %s: %s", peer, exc)
                         continue
                     if isinstance(msg, sc.HelloAck):
-                        if msg.layout != conn.layout_fingerprint():
-                            for rid, p in list(pending.items()):
-                                if p.recv.peer == peer:
-                                    conn._fail(p.recv, f"the producer at {peer} has another KV layout "
-                                                       f"({msg.layout}, here {conn.layout_fingerprint()})")
-                                    del pending[rid]
-                        acked[peer] = 0
-                        peer_meta[peer] = msg.meta
-                        if conn.pull:
-                            try:
-                                conn._engine_connect(msg.meta)
-                            except Exception as exc:  # the first read connects, or fails with the reason
-                                log.warning("could not connect the engine to the producer at %s ahead of "
-                                            "the first read: %s", peer, exc)
+                        acks[peer] = msg
+                        asked.pop(peer, None)
+                        try:
+                            conn._engine_connect(msg)
+                        except Exception as exc:  # the first read connects, or fails with the reason
+                            log.warning("could not connect the engine to the producer at %s ahead of "
+                                        "the first read: %s", peer, exc)
                         conn._ready.add(peer)
                         conn._finished.set()
-                    elif isinstance(msg, sc.PullSource):
-                        asked = pending.get(msg.request_id)
-                        if asked is None:
-                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                            continue
-                        try:
-                            reading[msg.request_id] = (conn._engine_read(peer_meta.get(peer, b""), msg.src, msg.dst,
-                                                                         msg.lens), peer)
-                        except Exception as exc:  # the engine refused: the request fails
-                            del pending[msg.request_id]
-                            sock.send(sc.encode(sc.Release(request_id=msg.request_id, ok=False)))
-                            conn._fail(asked.recv, f"reading from {peer} could not start: {exc}")
-                            continue
-                        settle(msg.request_id, time.monotonic())  # a read often ends as it starts
-                    elif isinstance(msg, sc.TransferResult):
-                        result_for = pending.pop(msg.request_id, None)
-                        if result_for is None:
-                            continue
-                        if msg.status == "done":
-                            with conn._lock:
-                                conn._done.add(msg.request_id)
-                            conn._finished.set()
-                        else:
-                            conn._fail(result_for.recv, f"the producer at {peer} failed the transfer: {msg.reason}")
+                        for rid, p in list(pending.items()):
+                            if p.recv.peer == peer and p.handle is None:
+                                start(rid, p)
                     elif isinstance(msg, sc.Rejected):
                         log.warning("the producer at %s rejected a message: %s", peer, msg.reason)
     finally:
@@ -210,4 +254,3 @@ def pull_loop(conn: Endpoint) -> None:
             hs.close()
         for s in socks.values():
             s.close(linger=0)
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,11 +26,17 @@ __all__ = ["Endpoint", "Recv"]
 
 @dataclass
 class Recv:
-    """A request whose blocks a consumer fetches: its ids here, and its producer's address."""
+    """A request whose blocks a consumer reads: its ids here (group by group), its producer's
+    address, and what the request's ``kv_transfer_params`` name there. An empty ``request_id``
+    only opens the connection to ``peer``."""
 
     request_id: str
-    block_ids: list[int]
+    block_ids: list[list[int]]
     peer: str
+    remote_request_id: str = ""
+    remote_block_ids: list[list[int]] = field(default_factory=list)
+    remote_engine_id: str = ""
+    """The producer's engine id the params name ("": any)."""
 
 
 class Endpoint(Protocol):
@@ -38,7 +44,6 @@ class Endpoint(Protocol):
     its registered memory, its transfer engine (the ``_engine_*`` hooks a subclass gives) and the
     state a request's load goes through."""
 
-    pull: bool
     needs_progress: bool
     transport: str
     transport_reason: str
@@ -79,8 +84,7 @@ class Endpoint(Protocol):
     def clear_connector_metadata(self) -> None: ...
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None: ...
     def _fail(self, recv: Recv, reason: str) -> None: ...
-    def _engine_push(self, msg: Any, src: list[int], dst: list[int], lens: list[int]) -> Optional[str]: ...
-    def _engine_read(self, peer_meta: bytes, src: list[int], dst: list[int], lens: list[int]) -> Any: ...
-    def _engine_connect(self, peer_meta: bytes) -> None: ...
+    def _engine_read(self, peer: Any, src: list[int], dst: list[int], lens: list[int]) -> Any: ...
+    def _engine_connect(self, peer: Any) -> None: ...
     def _engine_poll(self, handle: Any) -> str: ...
     def _engine_progress(self) -> None: ...

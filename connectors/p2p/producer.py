@@ -1,13 +1,18 @@
-"""The producer (prefill) side of the peer-to-peer connectors: the side-channel server that
-prefills requests on demand and pushes their blocks into a consumer's memory (push mode), or tells
-the consumer where they lie and frees them once read (pull mode).
+"""The producer (prefill) side of the peer-to-peer connectors: the side-channel server that holds
+finished requests' blocks for the decodes that read them.
+
+A held request (a hold) names its block ids, group by group, and its lease. Holds come from the
+vLLM worker (the blocks vLLM kept at ``request_finished``, :meth:`Producer.hold`) or, under
+kvconf's engine simulator, from a :class:`~.protocol.Prefill` message that computes a request's
+KV first (the simulator's proxy part; its answer carries the request's ``kv_transfer_params``).
+A decode reads the blocks itself, straight from this process's memory, then sends
+:class:`~.protocol.Release`; the hold ends then, or when its lease runs out, or (a hold a
+simulator consumer asked for) when that consumer's connection closes. Ended holds are reported to
+the connector (:meth:`Producer.take_ended`): vLLM frees their blocks then.
 
 Only peers that hold the shared key get through the socket's handshake
 (:mod:`kvconf_connectors.p2p.auth`). An admitted peer says ``Hello`` (its engine id) before anything
-else, and may only name the requests it prefilled: a request belongs to the engine id that asked for
-it. A pull lease (blocks pinned while a consumer reads them) ends when its consumer releases it, when
-the consumer's connection closes (it died, or gave up), or at ``transfer_timeout``, whichever comes
-first.
+else; a hold a consumer asked for is that consumer's alone.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import queue
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 from kvconf.runtime.pattern import block_pattern
 
@@ -29,47 +35,59 @@ from . import protocol as sc
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
 
-__all__ = ["Producer", "block_runs"]
+__all__ = ["Hold", "Producer", "block_runs"]
 
 log = logging.getLogger("kvconf.p2p")
 
+EARLY_RELEASES = 10000
+"""Releases remembered for holds not known yet (a decode can read before the vLLM worker learns of
+the hold, a step later); the oldest are forgotten first."""
+
+
+@dataclass
+class Hold:
+    """A finished request's blocks kept for a decode: ids group by group, until ``expires``
+    (``time.monotonic()``)."""
+
+    request_id: str
+    block_ids: list[list[int]]
+    expires: float
+    owner: Optional[str] = None
+    """The engine id of the simulator consumer that asked for the prefill (None: anyone with the key)."""
+    created: float = 0.0
+
 
 class Producer:
-    """The producer's side-channel server and sender pool."""
+    """The producer's side-channel server and its holds."""
 
     def __init__(self, conn: Endpoint) -> None:
         self.conn = conn
         self.num_blocks = conn.kv_cache_config.num_blocks
         self.groups = len(conn.kv_cache_config.kv_cache_groups)
-        """A request holds ``num_blocks`` ids in each group, group after group (a hybrid model's
-        groups share one allocation, so each takes ids of its own)."""
+        """A request holds ids in each group (a hybrid model's groups share one allocation, so each
+        takes ids of its own)."""
         self.group_of = conn.kv_cache_config.group_of()
         self.free = collections.deque(range(self.num_blocks))
-        self.prefilled: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
-        self.senders: list[tuple[queue.Queue[Any], threading.Thread]] = []
-        self.sender_of: dict[str, int] = {}
-        self.results: queue.Queue[tuple[bytes, bytes, str]] = queue.Queue()
+        """Blocks the simulator's prefills may use (vLLM's own pool in vLLM)."""
+        self.holds: collections.OrderedDict[str, Hold] = collections.OrderedDict()
+        self.early: collections.OrderedDict[str, tuple[float, bool]] = collections.OrderedDict()
+        self.incoming: queue.Queue[Hold] = queue.Queue()
+        self.ended: set[str] = set()
+        self.ended_lock = threading.Lock()
+        self.simulated = True
+        """The simulator's prefills own the blocks they hold (freed here when the hold ends)."""
         self.waker = sc.Waker()
         self.sock: Any = None
         self.served = self.failed = self.bytes = self.rejected = self.expired = 0
-        self.busy: set[str] = set()
-        self.pulling: dict[str, tuple[float, int, str, bytes]] = {}
-        """Pull mode: requests whose blocks a consumer is reading (started, bytes, session, peer)."""
         self.key: Optional[auth.AuthKey] = None
         self.monitor: Any = None
         self.peers: dict[bytes, str] = {}
         """Admitted peers (their socket identity) that said Hello: their engine id."""
-        self.owner: dict[str, str] = {}
-        """Prefilled requests: the engine id that asked for each."""
         self.on_fd: dict[int, set[bytes]] = {}
-        """The peers whose messages came on each connection: a closed connection ends their leases."""
+        """The peers whose messages came on each connection: a closed connection ends their holds."""
         self.accepted: dict[int, str] = {}
         self.unattributed = 0
         self.refused = self.disconnected = 0
-        """One sender thread per consumer session (up to ``num_workers``; more sessions share them):
-        pushes to one consumer go one at a time, as concurrent batches to the same peer contend for
-        its lanes (measured: 4 at once gave a third of one's throughput), and threads that only wait
-        for the same peer cost GIL hand-offs (10 threads cost 15% at 16 KiB blocks against 1)."""
         self.verbose = False
         """One line on stderr per request served (``action=serve``)."""
 
@@ -91,14 +109,9 @@ class Producer:
             self.sock.bind(f"tcp://{host}:{port}")
         else:
             port = self.sock.bind_to_random_port(f"tcp://{host}")
-        return f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def close(self) -> None:
-        for q, _ in self.senders:
-            q.put(None)
-        for _, t in self.senders:
-            t.join()
-        self.senders = []
         if self.sock is not None:
             self.sock.disable_monitor()
             self.monitor.close(linger=0)
@@ -107,19 +120,82 @@ class Producer:
             self.waker.close()
             auth.release_server()
 
+    # ---- holds -----------------------------------------------------------------------------------
+    def hold(self, request_id: str, block_ids: list[list[int]], lease: float) -> None:
+        """Keeps a request's blocks for a decode for ``lease`` seconds (any thread: the vLLM
+        worker's step hands them over)."""
+        now = time.monotonic()
+        self.incoming.put(Hold(request_id, [list(g) for g in block_ids], now + lease, None, now))
+        self.waker.wake()
+
+    def take_ended(self) -> set[str]:
+        """The requests whose holds ended since the last call (read, expired or given up)."""
+        with self.ended_lock:
+            out, self.ended = self.ended, set()
+        return out
+
+    def _admit_holds(self) -> None:
+        while True:
+            try:
+                h = self.incoming.get_nowait()
+            except queue.Empty:
+                return
+            self.holds[h.request_id] = h
+            early = self.early.pop(h.request_id, None)
+            if early is not None:
+                self.end(h.request_id, early[1])
+
+    def end(self, request_id: str, ok: bool) -> None:
+        """Ends a hold: its blocks are free again (here, or in vLLM once reported)."""
+        h = self.holds.pop(request_id, None)
+        if h is None:
+            return
+        if self.simulated:
+            self.free.extend(b for g in h.block_ids for b in g)
+        nbytes = sum(len(g) for g in h.block_ids) * self.bytes_per_block()
+        if ok:
+            self.served += 1
+            self.bytes += nbytes
+            if self.verbose:
+                print(f"served {request_id}: {nbytes} B read in {(time.monotonic() - h.created) * 1000:.1f} ms "
+                      "after its prefill", file=sys.stderr, flush=True)
+        else:
+            self.failed += 1
+        with self.ended_lock:
+            self.ended.add(request_id)
+        self.conn._finished.set()
+
+    def bytes_per_block(self) -> int:
+        regions = self.conn._regions
+        return sum(page for _, _, page in regions.values()) // max(1, self.groups)
+
+    def expire_leases(self) -> None:
+        """A hold no decode released within its lease (none came, or one died reading) ends: its
+        blocks are free again; later decodes of it fail their read and recompute."""
+        now = time.monotonic()
+        while self.holds:
+            oldest = min(self.holds.values(), key=lambda x: x.expires)
+            if oldest.expires > now:
+                return
+            rid = oldest.request_id
+            log.warning("the lease of %s expired after %g s: no decode released it; its blocks are free again",
+                        rid, oldest.expires - oldest.created)
+            self.expired += 1
+            self.end(rid, False)
+
+    # ---- the server ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         import zmq
-
 
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.waker.r, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
-        wait = 1 if self.conn.needs_progress else 100
         while not stop.is_set():
-            self.send_results()
+            self._admit_holds()
             self.expire_leases()
             self.conn._engine_progress()
+            wait = 1 if self.conn.needs_progress else 100
             ready = dict(poller.poll(timeout=wait))
             if self.waker.r in ready:
                 self.waker.drain()
@@ -133,8 +209,6 @@ class Producer:
                 except zmq.Again:
                     break
                 self.receive(frames)
-                self.send_results()  # an answer leaves at once, not after the rest of the burst
-        self.send_results()
 
     def receive(self, frames: list[Any]) -> None:
         """One message off the socket: checked, decoded and handled (or rejected, saying why)."""
@@ -147,7 +221,7 @@ class Producer:
         ident, raw = frames[0].bytes, frames[1].bytes
         try:
             fd = frames[1].get(zmq.SRCFD)
-        except zmq.ZMQError:  # pragma: no cover - a libzmq without it: leases end at their timeout
+        except zmq.ZMQError:  # pragma: no cover - a libzmq without it: holds end at their lease
             fd = -1
         self.on_fd.setdefault(fd, set()).add(ident)
         try:
@@ -160,7 +234,7 @@ class Producer:
         self.handle(ident, msg)
 
     def watch(self) -> None:
-        """The socket's monitor: refused handshakes, and closed connections (their leases end)."""
+        """The socket's monitor: refused handshakes, and closed connections (their holds end)."""
         import socket
 
         import zmq
@@ -191,125 +265,48 @@ class Producer:
                 self.unattributed += 1
 
     def gone(self, ident: bytes, address: str) -> None:
-        """A peer's connection closed: the blocks it was reading are free again."""
+        """A peer's connection closed: the holds it asked for are free again, unless another
+        connection of the same engine is still open (the simulator's consumer asks on one socket
+        and reads on another)."""
         engine = self.peers.pop(ident, None)
-        held = [rid for rid, lease in self.pulling.items() if lease[3] == ident]
-        if held:
+        if engine is None or engine in self.peers.values():
+            return
+        owned = [rid for rid, h in self.holds.items() if h.owner == engine]
+        if owned:
             self.disconnected += 1
-            log.warning("the consumer %s at %s disconnected while reading %d request(s); their blocks are free "
-                        "again", engine, address, len(held))
-        for rid in held:
-            self.release(sc.Release(request_id=rid, ok=False))
-
-    def sender(self, session: str) -> queue.Queue[Any]:
-        """The queue of the thread that pushes to ``session``."""
-        i = self.sender_of.get(session)
-        if i is None:
-            if len(self.senders) < self.conn.extra.num_workers:
-                q: queue.Queue[Any] = queue.Queue()
-                t = threading.Thread(target=self._send_loop, args=(q,), daemon=True,
-                                     name=f"kvconf-{self.conn.config.name}-send-{len(self.senders)}")
-                t.start()
-                self.senders.append((q, t))
-            i = self.sender_of[session] = len(self.sender_of) % len(self.senders)
-        return self.senders[i][0]
-
-    def _send_loop(self, q: queue.Queue[Any]) -> None:
-        """Pushes what the queue holds until its ``None``: the requests that queued while one was
-        pushed go together (64 at most; a request named twice waits for the next batch)."""
-        item = q.get()
-        while item is not None:
-            batch, names = [item], {item[1].request_id}
-            while len(batch) < 64:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    item = q
-                    break
-                if item is None or item[1].request_id in names:
-                    break
-                batch.append(item)
-                names.add(item[1].request_id)
-            else:
-                item = q
-            self.push(batch)
-            if item is q:
-                item = q.get()
-
-    def expire_leases(self) -> None:
-        """Pull mode: a consumer that never releases what it read (it died between the answer and
-        its release, or never meant to) holds the blocks for ``transfer_timeout`` at most: by then
-        it has given up on them too. Later consumers are never refused because of it."""
-        if not self.pulling:
-            return
-        limit = self.conn.extra.transfer_timeout
-        now = time.perf_counter()
-        for rid, (started, _, session, _) in list(self.pulling.items()):
-            if now - started > limit:
-                log.warning("the lease of %s expired after %g s: %s never released it; its blocks are free again",
-                            rid, limit, session)
-                self.expired += 1
-                self.release(sc.Release(request_id=rid, ok=False))
-
-    def release(self, msg: Any) -> None:
-        """Pull mode: the consumer finished reading (or gave up); the blocks are free again."""
-        started, nbytes, session, _ = self.pulling.pop(msg.request_id, (None, 0, "", b""))
-        if started is None:
-            return
-        self.busy.discard(msg.request_id)
-        self.owner.pop(msg.request_id, None)
-        self.free.extend(self.prefilled.pop(msg.request_id, []))
-        if msg.ok:
-            self.served += 1
-            self.bytes += nbytes
-            if self.verbose:
-                print(f"served {msg.request_id}: {nbytes} B read in {(time.perf_counter() - started) * 1000:.1f} ms "
-                      f"by {session}", file=sys.stderr, flush=True)
-        else:
-            self.failed += 1
-
-    def send_results(self) -> None:
-        """Answers finished transfers (only this thread touches the socket); in ``action=serve``
-        logs one line per request once its answer is on its way."""
-        while not self.results.empty():
-            ident, payload, note = self.results.get()
-            self.sock.send_multipart([ident, payload])
-            if note and self.verbose:
-                print(note, file=sys.stderr, flush=True)
+            log.warning("the consumer %s at %s disconnected holding %d request(s); their blocks are free again",
+                        engine, address, len(owned))
+        for rid in owned:
+            self.end(rid, False)
 
     def handle(self, ident: bytes, msg: Any) -> None:
-
         conn = self.conn
         engine = self.peers.get(ident)
         if isinstance(msg, sc.Hello):
             self.peers[ident] = msg.engine_id
             reply: Any = sc.HelloAck(engine_id=str(conn.config.engine_id), session=conn._session,
                                      layout=conn.layout_fingerprint(), transport=conn.transport,
-                                     meta=conn._engine_meta)
+                                     meta=conn._engine_meta, num_blocks=self.num_blocks, layers=conn.layer_regions())
         elif engine is None:
             self.rejected += 1
             reply = sc.Rejected(reason=f"say hello first: a {msg.type!r} message before the peer's hello")
         elif isinstance(msg, sc.Prefill):
             reply = self.prefill(msg, engine)
-        elif isinstance(msg, (sc.Transfer, sc.Release)) and self.owner.get(msg.request_id, engine) != engine:
-            self.rejected += 1
-            log.warning("refused %s of %s from %s: another consumer asked for that request", msg.type,
-                        msg.request_id, engine)
-            reason = f"request {msg.request_id!r} is not yours: another consumer prefilled it"
-            reply = (sc.TransferResult(request_id=msg.request_id, status="failed", reason=reason)
-                     if isinstance(msg, sc.Transfer) else sc.Rejected(reason=reason))
-        elif isinstance(msg, sc.Transfer):
-            if msg.mode == "pull":  # nothing moves here: answered from this thread, without a hand-off
-                self.push([(ident, msg)])
-            else:
-                self.sender(msg.session).put((ident, msg))
-            return
         elif isinstance(msg, sc.Release):
-            if msg.request_id in self.pulling and self.pulling[msg.request_id][3] != ident:
+            self._admit_holds()
+            h = self.holds.get(msg.request_id)
+            if h is not None and h.owner not in (None, engine):
                 self.rejected += 1
-                reply = sc.Rejected(reason=f"request {msg.request_id!r} is being read on another connection")
+                log.warning("refused the release of %s from %s: another consumer asked for that request",
+                            msg.request_id, engine)
+                reply = sc.Rejected(reason=f"request {msg.request_id!r} is not yours: another consumer prefilled it")
+            elif h is None:  # the hold comes a step later (vLLM), or it ended already
+                self.early[msg.request_id] = (time.monotonic(), msg.ok)
+                while len(self.early) > EARLY_RELEASES:
+                    self.early.popitem(last=False)
+                return
             else:
-                self.release(msg)
+                self.end(msg.request_id, msg.ok)
                 return
         else:
             self.rejected += 1
@@ -317,121 +314,36 @@ class Producer:
         self.sock.send_multipart([ident, sc.encode(reply)])
 
     def prefill(self, msg: Any, engine: str) -> Any:
-        """Computes a request's KV into free blocks (the pattern of (seed, layer, block)) for the
-        consumer ``engine``; the request is that consumer's alone."""
-        held = self.owner.get(msg.request_id)
-        if held is not None and held != engine:
+        """The simulator: computes a request's KV into free blocks (the pattern of (seed, layer,
+        block)) for the consumer ``engine`` and holds them for it; answers with the request's
+        ``kv_transfer_params``."""
+        held = self.holds.get(msg.request_id)
+        if held is not None and held.owner != engine:
             return sc.PrefillAck(request_id=msg.request_id, ok=False,
                                  reason=f"request {msg.request_id!r} belongs to another consumer")
-
         need = msg.num_blocks * self.groups
         if need > self.num_blocks:
             return sc.PrefillAck(request_id=msg.request_id, ok=False,
                                  reason=f"the request needs {need} blocks; this producer has {self.num_blocks}")
-        while len(self.free) < need and self.prefilled:
-            stale = next((r for r in self.prefilled if r not in self.busy), None)
-            if stale is None:
-                break
-            self.free.extend(self.prefilled.pop(stale))  # never fetched: the oldest goes first
-            self.owner.pop(stale, None)
+        if held is not None:
+            self.free.extend(b for g in self.holds.pop(msg.request_id).block_ids for b in g)
         if len(self.free) < need:
-            return sc.PrefillAck(request_id=msg.request_id, ok=False, reason="no free blocks: transfers in flight")
-        if msg.request_id in self.prefilled:
-            self.free.extend(self.prefilled.pop(msg.request_id))
-        ids = [self.free.popleft() for _ in range(need)]
+            return sc.PrefillAck(request_id=msg.request_id, ok=False,
+                                 reason=f"no free blocks: {len(self.holds)} request(s) wait for their decode")
         n = msg.num_blocks
+        ids = [[self.free.popleft() for _ in range(n)] for _ in range(self.groups)]
         for li, (name, view) in enumerate(self.conn._views.items()):
-            g = self.group_of[name]
-            for j, b in enumerate(ids[g * n:(g + 1) * n]):
+            for j, b in enumerate(ids[self.group_of[name]]):
                 view[b].copy_(block_pattern(msg.seed, li, j, view.shape[1]))
-        self.prefilled[msg.request_id] = ids
-        self.owner[msg.request_id] = engine
-        return sc.PrefillAck(request_id=msg.request_id, ok=True)
-
-    def push(self, batch: list[tuple[bytes, Any]]) -> None:
-        """Pushes the blocks of a batch of transfer requests into their consumers' memory, the
-        requests of one consumer in one engine call (at 8 KiB pages a request's transfer is short
-        and the engine's per-call cost dominates); answers each done or failed."""
-        t0 = time.perf_counter()
-        planned: dict[tuple[str, Any], list[tuple[bytes, Any, list[int], list[int], list[int]]]] = {}
-        for ident, msg in batch:
-            try:
-                plan = self.plan(ident, msg)
-            except Exception as exc:  # a sender thread must always answer
-                plan = f"{type(exc).__name__}: {exc}"
-            if isinstance(plan, str):
-                self.answer(ident, msg, plan, 0, t0)
-            elif plan is not None:
-                planned.setdefault((msg.session, msg.meta), []).append((ident, msg, *plan))
-        for items in planned.values():
-            src = [a for item in items for a in item[2]]
-            dst = [a for item in items for a in item[3]]
-            lens = [n for item in items for n in item[4]]
-            try:
-                error = self.conn._engine_push(items[0][1], src, dst, lens)
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            for ident, msg, _, _, item_lens in items:
-                self.answer(ident, msg, error or "", 0 if error else sum(item_lens), t0)
-
-    def plan(self, ident: bytes, msg: Any) -> Any:
-        """A transfer request's engine entries ``(src, dst, lens)``; None when it is a pull (its
-        answer is on its way); the reason as a string when it cannot be served."""
-        conn = self.conn
-        src_ids = self.prefilled.get(msg.request_id)
-        if src_ids is None:
-            return f"unknown request {msg.request_id!r}: it was never prefilled here"
-        if msg.layout != conn.layout_fingerprint():
-            return f"layout mismatch: consumer {msg.layout}, producer {conn.layout_fingerprint()}"
-        if len(msg.block_ids) != len(src_ids):
-            return f"the consumer asks for {len(msg.block_ids)} blocks; the request has {len(src_ids)}"
-        self.busy.add(msg.request_id)
-        src: list[int] = []
-        dst: list[int] = []
-        lens: list[int] = []
-        runs: dict[tuple[int, int, int, int], tuple[list[int], list[int], list[int]]] = {}
-        n = len(src_ids) // self.groups
-        for region in msg.layers:
-            local = conn._regions.get(region.name)
-            if local is None or local[2] != region.page:
-                return f"layer {region.name!r} differs between the peers"
-            base, stride, page = local
-            g = self.group_of[region.name]
-            shape = (g, stride, region.block_stride, page)
-            if shape not in runs:  # the layers of a group share their runs
-                runs[shape] = block_runs(src_ids[g * n:(g + 1) * n], msg.block_ids[g * n:(g + 1) * n], stride,
-                                         region.block_stride, page)
-            s_off, d_off, run_lens = runs[shape]
-            src.extend([base + x for x in s_off])
-            dst.extend([region.base + x for x in d_off])
-            lens.extend(run_lens)
-        if msg.mode == "pull":  # the consumer reads: tell it where; the blocks stay until released
-            self.pulling[msg.request_id] = (time.perf_counter(), sum(lens), msg.session, ident)
-            self.results.put((ident, sc.encode(sc.PullSource(request_id=msg.request_id, src=src, dst=dst,
-                                                             lens=lens)), ""))
-            self.waker.wake()
-            return None
-        return src, dst, lens
-
-    def answer(self, ident: bytes, msg: Any, reason: str, nbytes: int, t0: float) -> None:
-        """Ends a pushed request: done (its blocks are free again) or failed with ``reason``."""
-        self.busy.discard(msg.request_id)
-        status: Literal["done", "failed"] = "failed" if reason else "done"
-        if status == "done":
-            self.owner.pop(msg.request_id, None)
-            self.free.extend(self.prefilled.pop(msg.request_id, []))
-            self.served += 1
-            self.bytes += nbytes
-            note = (f"served {msg.request_id}: {nbytes} B in {(time.perf_counter() - t0) * 1000:.1f} ms "
-                    f"to {msg.session}")
-        else:
-            self.failed += 1
-            note = ""
-            log.warning("transfer of %s failed: %s", msg.request_id, reason)
-        result = sc.TransferResult(request_id=msg.request_id, status=status, reason=reason, bytes=nbytes,
-                                   seconds=time.perf_counter() - t0)
-        self.results.put((ident, sc.encode(result), note))
-        self.waker.wake()
+        lease = self.conn.extra.lease_seconds
+        now = time.monotonic()
+        self.holds[msg.request_id] = Hold(msg.request_id, ids, now + lease, engine, now)
+        self.early.pop(msg.request_id, None)
+        spec = self.conn.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        address = f"{self.conn.extra.side_channel_host}:{self.conn._side_channel}"
+        params = sc.transfer_params(str(self.conn.config.engine_id), msg.request_id, ids, address,
+                                    n * spec.block_size, lease)
+        return sc.PrefillAck(request_id=msg.request_id, ok=True, params=params)
 
 
 def block_runs(sids: list[int], dids: list[int], sstride: int, dstride: int,

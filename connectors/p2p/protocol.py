@@ -1,13 +1,19 @@
 """The side channel of the peer-to-peer connectors: typed, versioned messages over pyzmq.
 
 A producer (prefill side) binds a ROUTER socket; a consumer (decode side) connects a DEALER.
+The protocol is vLLM's: a prefill keeps a finished request's blocks under a lease and returns
+``kv_transfer_params`` naming them (:func:`transfer_params`); a decode given those params reads the
+blocks straight from the producer's memory with its transfer engine (where each layer lies comes
+once per producer, in :class:`HelloAck`), then sends :class:`Release`, on which the producer frees
+them. No message travels per request before the read.
+
 Every message is one msgpack map with ``v`` (the protocol version) and ``type``; :func:`decode`
 checks both, the size, and the fields of the type, so a malformed, foreign or oversized message is
 rejected with a reason (and the server goes on serving) instead of reaching the data path.
 
 >>> raw = encode(Hello(engine_id="e1"))
 >>> decode(raw)
-Hello(v=1, type='hello', engine_id='e1')
+Hello(v=2, type='hello', engine_id='e1')
 >>> decode(b"garbage")
 Traceback (most recent call last):
 ...
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Annotated, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -35,19 +42,19 @@ __all__ = [
     "Message",
     "Prefill",
     "PrefillAck",
-    "PullSource",
     "Rejected",
     "Release",
-    "Transfer",
-    "TransferResult",
+    "RemoteBlocks",
     "Waker",
     "decode",
     "encode",
     "free_port",
     "parse_address",
+    "read_params",
+    "transfer_params",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 4 << 20
 """Largest message accepted: a transfer request of 100k blocks is about 1 MiB. A larger one is
 rejected with a reason (and logged by the server)."""
@@ -56,7 +63,7 @@ MAX_SOCKET_BYTES = 16 * MAX_MESSAGE_BYTES
 
 
 class _Msg(StrictModel):
-    v: Literal[1] = 1
+    v: Literal[2] = 2
 
 
 class Hello(_Msg):
@@ -77,7 +84,9 @@ class LayerRegion(_Msg):
 
 
 class HelloAck(_Msg):
-    """Producer -> consumer: its engine, its transfer-engine session and its layout."""
+    """Producer -> consumer: its engine, its transfer-engine session, its layout and where each
+    layer's blocks lie in its memory (a consumer reads a request's blocks from there with the
+    block ids of the request's ``kv_transfer_params``, asking nothing more)."""
 
     type: Literal["hello_ack"] = "hello_ack"
     engine_id: str
@@ -87,10 +96,15 @@ class HelloAck(_Msg):
     transport: str
     meta: bytes = b""
     """The producer's engine metadata (a NIXL agent's), for a consumer that reads from it."""
+    num_blocks: int = Field(0, ge=0)
+    """Blocks in each of the producer's layers: remote block ids at or past it are refused."""
+    layers: list[LayerRegion] = Field(default_factory=list)
 
 
 class Prefill(_Msg):
-    """The proxy's part: asks the producer to compute a request's KV (the pattern of ``seed``)."""
+    """The simulator's proxy part: asks the producer to compute a request's KV (the pattern of
+    ``seed``); the answer carries the request's ``kv_transfer_params``, as vLLM's prefill
+    instance returns them."""
 
     type: Literal["prefill"] = "prefill"
     request_id: str = Field(min_length=1, max_length=256)
@@ -103,51 +117,17 @@ class PrefillAck(_Msg):
     request_id: str
     ok: bool
     reason: str = ""
-
-
-class Transfer(_Msg):
-    """Consumer -> producer: push request ``request_id``'s blocks into these blocks of mine."""
-
-    type: Literal["transfer"] = "transfer"
-    request_id: str = Field(min_length=1, max_length=256)
-    session: str
-    """The consumer's transfer-engine session (``host:rpc_port``)."""
-    layout: str
-    layers: list[LayerRegion] = Field(min_length=1)
-    block_ids: list[int] = Field(min_length=1)
-    mode: Literal["push", "pull"] = "push"
-    """``push``: the producer writes and answers done; ``pull``: it answers with a :class:`PullSource`."""
-    meta: bytes = b""
-    """The consumer's engine metadata (a NIXL agent's), for a producer that writes to it."""
-
-
-class PullSource(_Msg):
-    """Producer -> consumer (pull mode): read these regions of mine into these of yours, then release."""
-
-    type: Literal["pull_source"] = "pull_source"
-    request_id: str
-    src: list[int]
-    dst: list[int]
-    lens: list[int]
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The request's ``kv_transfer_params`` (vLLM's names; :func:`transfer_params`)."""
 
 
 class Release(_Msg):
-    """Consumer -> producer (pull mode): I am done reading the request's blocks."""
+    """Consumer -> producer: I have read request ``request_id``'s blocks (``ok``), or gave up on
+    them; either way the producer may free them. No answer."""
 
     type: Literal["release"] = "release"
     request_id: str = Field(min_length=1, max_length=256)
     ok: bool
-
-
-class TransferResult(_Msg):
-    """Producer -> consumer: the request's blocks all arrived (``done``), or why not."""
-
-    type: Literal["transfer_result"] = "transfer_result"
-    request_id: str
-    status: Literal["done", "failed"]
-    reason: str = ""
-    bytes: int = 0
-    seconds: float = 0.0
 
 
 class Rejected(_Msg):
@@ -157,8 +137,7 @@ class Rejected(_Msg):
     reason: str
 
 
-Message = Annotated[Union[Hello, HelloAck, Prefill, PrefillAck, PullSource, Rejected, Release, Transfer,
-                          TransferResult],
+Message = Annotated[Union[Hello, HelloAck, Prefill, PrefillAck, Rejected, Release],
                     Field(discriminator="type")]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
 
@@ -193,6 +172,74 @@ def decode(raw: bytes) -> _Msg:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BadMessage(f"invalid {data.get('type')!r} message: {where}: {first['msg']}") from None
+
+
+PARAMS_REQUIRED = ("remote_engine_id", "remote_request_id", "remote_block_ids", "remote_host", "remote_port")
+"""The ``kv_transfer_params`` a decode needs to read a prefilled request (vLLM's names)."""
+
+
+def transfer_params(engine_id: str, request_id: str, block_ids: list[list[int]], address: str, num_tokens: int,
+                    lease_seconds: float) -> dict[str, Any]:
+    """The ``kv_transfer_params`` a prefill returns for a request whose blocks it holds: vLLM's
+    names and meanings (its NixlConnector returns the same keys), ``remote_block_ids`` one list per
+    KV-cache group, ``remote_blocks_expiry_time`` in seconds since the epoch (when the lease ends),
+    ``kvconf_protocol`` beside them.
+
+    >>> p = transfer_params("e1", "r1", [[4, 5]], "127.0.0.1:5000", 40, 30.0)
+    >>> p["do_remote_prefill"], p["remote_block_ids"], p["remote_host"], p["remote_port"]
+    (True, [[4, 5]], '127.0.0.1', 5000)
+    """
+    import time
+
+    host, port = parse_address(address)
+    return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": engine_id,
+            "remote_request_id": request_id, "remote_block_ids": [list(g) for g in block_ids],
+            "remote_host": host, "remote_port": port, "tp_size": 1, "remote_num_tokens": num_tokens,
+            "remote_blocks_expiry_time": round(time.time() + lease_seconds, 3),
+            "kvconf_protocol": PROTOCOL_VERSION}
+
+
+@dataclass
+class RemoteBlocks:
+    """What a decode reads for a request, from its ``kv_transfer_params`` (:func:`read_params`)."""
+
+    engine_id: str
+    request_id: str
+    block_ids: list[list[int]]
+    peer: str
+    num_tokens: Optional[int]
+
+
+def read_params(params: Any, groups: int) -> RemoteBlocks | str:
+    """The remote blocks ``params`` name, or why they name none a decode can read (a reason a
+    log line and the recompute carry).
+
+    >>> read_params(transfer_params("e1", "r1", [[4, 5]], "127.0.0.1:5000", 40, 30.0), 1).peer
+    '127.0.0.1:5000'
+    >>> read_params({"do_remote_prefill": True, "remote_engine_id": "e1"}, 1)
+    'kv_transfer_params lack remote_request_id, remote_block_ids, remote_host, remote_port'
+    >>> read_params({**transfer_params("e", "r", [[1]], "h:1", 8, 1.0), "remote_block_ids": [[-1]]}, 1)
+    'kv_transfer_params.remote_block_ids: expected one list of block ids (integers >= 0) per KV-cache group (1), got [[-1]]'
+    """
+    if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        return "no remote prefill asked (kv_transfer_params.do_remote_prefill is not true)"
+    missing = [k for k in PARAMS_REQUIRED if k not in params]
+    if missing:
+        return f"kv_transfer_params lack {', '.join(missing)}"
+    ids = params["remote_block_ids"]
+    if (not isinstance(ids, list) or len(ids) != groups
+            or not all(isinstance(g, list) and all(type(b) is int and b >= 0 for b in g) for g in ids)):
+        return (f"kv_transfer_params.remote_block_ids: expected one list of block ids (integers >= 0) per "
+                f"KV-cache group ({groups}), got {str(ids)[:80]}")
+    host, port, rid, eid = (params["remote_host"], params["remote_port"], params["remote_request_id"],
+                            params["remote_engine_id"])
+    if not isinstance(host, str) or not host or type(port) is not int or not 0 < port < 65536:
+        return f"kv_transfer_params.remote_host/remote_port: expected a host and a port, got {host!r}, {port!r}"
+    if not isinstance(rid, str) or not 0 < len(rid) <= 256 or not isinstance(eid, str):
+        return "kv_transfer_params.remote_request_id/remote_engine_id: expected strings"
+    n = params.get("remote_num_tokens")
+    host = f"[{host}]" if ":" in host else host
+    return RemoteBlocks(eid, rid, ids, f"{host}:{port}", n if type(n) is int and n > 0 else None)
 
 
 def parse_address(text: str) -> tuple[str, int]:

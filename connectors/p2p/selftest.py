@@ -31,6 +31,8 @@ from kvconf.units import parse_bytes
 
 from . import auth
 from . import protocol as sc
+from .consumer import plan_read
+from .endpoint import Recv
 from .producer import Producer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -251,7 +253,7 @@ def run_as_consumer(conn: Endpoint, kv_caches: dict[str, Any], ctx: SelfTestCont
                     failed += 1
                     continue
                 reqs.append((Request(rid, [seed] * (per_req * cfg.kv_cache_groups[0].kv_cache_spec.block_size),
-                                     {"do_remote_prefill": True, "remote_address": peer}), ids, seed))
+                                     dict(pack.params)), ids, seed))
             if not reqs:
                 if failures:
                     break
@@ -342,8 +344,7 @@ class BarePeer:
 
 def bare_engine(conn: Endpoint, ctx: SelfTestContext) -> dict[str, Any]:
     """The engine alone on the blocks of the self-test's rounds: a producer peer prefills the
-    requests; in pull mode this process READs each request's regions with the engine call alone,
-    in push mode the producer WRITEs them and reports the engine's own time. Rounds repeat until
+    requests; this process READs each request's regions with the engine call alone (timed). Rounds repeat until
     the engine has run ``bench.min_seconds`` (one round of small blocks takes milliseconds: too
     short to time). The peer is kept on the connector for the next call (the bench's next
     repetition)."""
@@ -387,8 +388,7 @@ def bare_engine(conn: Endpoint, ctx: SelfTestContext) -> dict[str, Any]:
         rounds += 1
         moved, seconds = _bare_round(conn, ask, control, bare.hello, requests, per, n_groups,
                                      f"{bare.calls}-{rounds}", moved, seconds)
-    return {"path": f"the bare engine ({'READ by the consumer' if conn.pull else 'write by the producer'}), "
-                    "same blocks, two processes", "bytes": moved, "rounds": rounds,
+    return {"path": "the bare engine (READ by the consumer), same blocks, two processes", "bytes": moved, "rounds": rounds,
             "gbps": round(moved / seconds / 1e9, 3) if seconds else None}
 
 
@@ -402,28 +402,31 @@ def stop_bare_peer(conn: Endpoint) -> None:
 
 def _bare_round(conn: Endpoint, ask: Any, control: Control, hello: Any, requests: int, per: int,
                 n_groups: int, rnd: str, moved: int, seconds: float) -> tuple[int, float]:
-    """One round of :func:`bare_engine`: every request prefilled, then each moved by the engine
-    alone, in the order of the connector's rounds (reading a request right after its prefill would
-    find part of it still in the CPU's cache, which the connector's reads never do)."""
+    """One round of :func:`bare_engine`: every request prefilled, then each read by the engine
+    alone from the blocks its ``kv_transfer_params`` name, in the order of the connector's rounds
+    (reading a request right after its prefill would find part of it still in the CPU's cache,
+    which the connector's reads never do), and released."""
+    params = []
     for r in range(requests):
-        ask(sc.Prefill(request_id=f"bare-{rnd}-{r}", seed=r, num_blocks=per))
+        ack = ask(sc.Prefill(request_id=f"bare-{rnd}-{r}", seed=r, num_blocks=per))
+        if not getattr(ack, "ok", False):
+            raise ConnectorRuntimeError(Problem("bench", f"the producer did not prefill: {getattr(ack, 'reason', ack)}"))
+        params.append(ack.params)
     for r in range(requests):
         rid = f"bare-{rnd}-{r}"
-        ids = [(g * requests + r) * per + j for g in range(n_groups) for j in range(per)]
-        reply = ask(sc.Transfer(request_id=rid, session=conn._session, layout=conn.layout_fingerprint(),
-                                layers=conn.layer_regions(), block_ids=ids, mode="pull" if conn.pull else "push",
-                                meta=conn._engine_meta))
-        if isinstance(reply, sc.PullSource):
-            t0 = time.perf_counter()
-            handle = conn._engine_read(hello.meta, reply.src, reply.dst, reply.lens)
-            while (state := conn._engine_poll(handle)) == "PROC":
-                pass
-            seconds += time.perf_counter() - t0
-            control.send(sc.Release(request_id=rid, ok=state == "DONE"))
-            moved += sum(reply.lens) if state == "DONE" else 0
-        elif isinstance(reply, sc.TransferResult) and reply.status == "done":
-            moved += reply.bytes
-            seconds += reply.seconds
+        local = [[(g * requests + r) * per + j for j in range(per)] for g in range(n_groups)]
+        recv = Recv(rid, local, control.peer, rid, params[r]["remote_block_ids"], params[r]["remote_engine_id"])
+        plan = plan_read(conn, hello, recv)
+        if isinstance(plan, str):
+            raise ConnectorRuntimeError(Problem("bench", plan))
+        src, dst, lens = plan
+        t0 = time.perf_counter()
+        handle = conn._engine_read(hello, src, dst, lens)
+        while (state := conn._engine_poll(handle)) == "PROC":
+            pass
+        seconds += time.perf_counter() - t0
+        control.send(sc.Release(request_id=rid, ok=state == "DONE"))
+        moved += sum(lens) if state == "DONE" else 0
     return moved, seconds
 
 

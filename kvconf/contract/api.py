@@ -62,6 +62,11 @@ class Request:
     kv_transfer_params: Optional[dict[str, Any]] = None
     output_token_ids: list[int] = field(default_factory=list)
     """Tokens generated so far (decode)."""
+    num_computed_tokens: int = 0
+    """Tokens whose KV is computed (the engine's count; set at ``request_finished``)."""
+    aborted: bool = False
+    """At ``request_finished``: the request was aborted (vLLM's FINISHED_ABORTED and the like), not
+    stopped or capped: its blocks are freed, never kept for a decode."""
     hashed_blocks: int = field(default=0, init=False, compare=False)
     """Blocks hashed so far, for every block size asked: each full block once."""
     _tokens: Optional[list[int]] = field(default=None, init=False, repr=False, compare=False)

@@ -70,24 +70,22 @@ def to_vllm(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:
 
 def plugin_refuses(cls: Any, name: Any, connector: Optional[dict[str, Any]] = None,
                    path: str = "connector") -> Optional[Problem]:
-    """Why the plug-in does not run connector class ``cls`` (or one of a multi connector's
-    children, given its ``connector`` node) in vLLM, or None: the peer-to-peer connectors speak
-    kvconf's own prefill/decode protocol, not vLLM's ``kv_transfer_params``."""
+    """Why the plug-in does not run connector class ``cls`` in vLLM, or None: a peer-to-peer
+    connector (mooncake, nixl) runs alone, not as a child of a multi connector (its
+    ``kv_transfer_params`` and held blocks are not merged with another child's)."""
     from kvconf.contract.capabilities import SupportsServe
 
     kids = getattr(cls, "child_classes", None)
     if connector is not None and callable(kids):
         for i, (child, child_cls) in enumerate(kids(connector)):
-            found = plugin_refuses(child_cls, child, None, f"{path}.extra.connectors.{i}")
-            if found is not None:
-                return found
-    if not (isinstance(cls, type) and issubclass(cls, SupportsServe)):
-        return None
-    return Problem(f"{path}.name", f"the {name} connector moves KV between a prefill and a decode instance with "
-                   "kvconf's own protocol, which the plug-in does not carry in vLLM yet (vLLM's kv_transfer_params)",
-                   value=name, allowed=["example", "offloading", "shared_storage", "multi of those"],
-                   fix="run it under kvconf (python -m kvconf connector=NAME), or export vLLM's own connector "
-                       "(action=export export.target=vllm)")
+            if isinstance(child_cls, type) and issubclass(child_cls, SupportsServe):
+                where = f"{path}.extra.connectors.{i}"
+                child_name = child.get("name") if isinstance(child, dict) else getattr(child, "name", child_cls)
+                return Problem(f"{where}.name", f"the {child_name} connector moves KV between a prefill and a decode "
+                               "instance; the plug-in runs it alone, not inside a multi connector",
+                               value=child_name, allowed=["example", "offloading", "shared_storage"],
+                               fix=f"run connector={child_name} on its own in vLLM, or drop it from the multi connector")
+    return None
 
 
 def to_plugin(connector: ConnectorConfig, cls: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
@@ -115,6 +116,14 @@ class PluginWorkerMetadata(KVConnectorWorkerMetadata):
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PluginWorkerMetadata)
         return PluginWorkerMetadata(self.saved | other.saved, {**self.failed, **other.failed})
+
+
+@dataclass
+class PluginHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler, once at start-up: what the connector's worker tells its scheduler side
+    (a prefill's side-channel address)."""
+
+    data: dict[str, Any]
 
 
 @dataclass
@@ -238,7 +247,9 @@ class KVConfConnector(KVConnectorBase_V1):
         self._to_report.saved |= set(sending or ()) - set(failed)
         self._to_report.failed.update(failed)
         self._saved |= done
-        finished = {rid for rid in self._kept_by_scheduler if rid in self._saved or rid not in self._had_saves}
+        holds = getattr(self.inner, "holds_finished_requests", False)  # reports its kept requests itself
+        finished = {rid for rid in self._kept_by_scheduler
+                    if rid in self._saved or (rid not in self._had_saves and not holds)}
         self._kept_by_scheduler -= finished
         self._saved -= finished
         self._had_saves -= finished
@@ -315,12 +326,31 @@ class KVConfConnector(KVConnectorBase_V1):
         if callable(hook):
             hook(self._requests(request))
 
+    def get_handshake_metadata(self) -> Optional[KVConnectorHandshakeMetadata]:
+        """Worker, once: what the connector's scheduler side needs of it (a prefill's side-channel
+        address), carried by vLLM to :meth:`set_xfer_handshake_metadata`."""
+        hook = getattr(self.inner, "handshake", None)
+        found = hook() if callable(hook) else None
+        return PluginHandshake(found) if found else None
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        hook = getattr(self.inner, "set_handshake", None)
+        for rank in sorted(metadata):
+            item = metadata[rank]
+            if callable(hook) and isinstance(item, PluginHandshake):
+                hook(item.data)
+                return
+
     def has_pending_push_work(self) -> bool:
         hook = getattr(self.inner, "has_pending_push_work", None)
         return bool(hook()) if callable(hook) else False
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
-        delay, params = self.inner.request_finished(self._requests(request), block_ids)
+        mine = self._requests(request)
+        mine.num_computed_tokens = request.num_computed_tokens
+        mine.aborted = str(getattr(request.status, "name", request.status)) not in (
+            "FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
+        delay, params = self.inner.request_finished(mine, block_ids)
         self._requests.forget(request.request_id)
         if delay:
             self._kept.add(request.request_id)
