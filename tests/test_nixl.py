@@ -40,7 +40,8 @@ def test_a_producer_started_by_run_starts_and_verifies_a_consumer(workdir):
 
 def test_serve_workflow_and_sigterm(workdir, producer):  # noqa: F811
     p = producer(connector="nixl")
-    consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", *p.peer_args, "self_test.requests=3", "output=json", cwd=workdir)
+    consumer = run_kvconf("connector=nixl", "connector.kv_role=kv_consumer", *p.peer_args, "self_test.requests=3",
+                          "output=json", cwd=workdir)
     assert consumer.returncode == 0, consumer.stderr
     st = json_out(consumer)["self_test"]
     assert st["verified"] and st["peer"] == p.address
