@@ -67,6 +67,8 @@ HOST = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[?[0-9a-fA-F:]+\]?|"
                   r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
                   r"[A-Za-z0-9])?)*)$")
 """An IPv4 or IPv6 address, or a host name (RFC 1123)."""
+FAILURES_KEPT = 4096
+"""Reasons of failed loads kept for ``take_failures`` (kvconf's self-test asks; vLLM never does)."""
 HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+):(?P<port>[0-9]{1,5})$")
 
 
@@ -176,7 +178,8 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._registered: list[int] = []
         self._views: dict[str, Any] = {}
         self._done: set[str] = set()
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # reasons, until take_failures
+        self._failed_unreported: set[str] = set()  # for get_finished, once each
         self._error_blocks: set[int] = set()
         self._unheld: set[str] = set()
         self._lock = threading.Lock()
@@ -477,8 +480,8 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         """(requests whose held blocks may be freed, requests whose load ended: read or failed)."""
         sending = self._server.take_ended() if self._server is not None else set()
         with self._lock:
-            done = self._done | set(self._failed)
-            self._done = set()
+            done = self._done | self._failed_unreported
+            self._done, self._failed_unreported = set(), set()
             sending |= self._unheld
             self._unheld = set()
         return sending or None, done
@@ -495,8 +498,14 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
             return ids
 
     def _fail(self, recv: Recv, reason: str) -> None:
+        then = ("it is recomputed" if self.config.kv_load_failure_policy == "recompute"
+                else "it fails (connector.kv_load_failure_policy=fail)")
+        log.warning("request %s: nothing was read, %s: %s", recv.request_id, then, reason)
         with self._lock:
             self._failed[recv.request_id] = reason
+            self._failed_unreported.add(recv.request_id)
+            while len(self._failed) > FAILURES_KEPT:  # nobody asks for reasons inside vLLM
+                del self._failed[next(iter(self._failed))]
             self._error_blocks.update(b for ids in recv.block_ids for b in ids)
         self._finished.set()
 

@@ -134,7 +134,6 @@ def pull_loop(conn: Endpoint) -> None:
     def start(rid: str, p: Pending) -> None:
         plan = plan_read(conn, acks[p.recv.peer], p.recv)
         if isinstance(plan, str):
-            log.warning("request %s is recomputed, nothing was read: %s", rid, plan)
             finish(rid, False, plan)
             return
         src, dst, lens = plan

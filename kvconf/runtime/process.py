@@ -3,8 +3,9 @@
 NIXL's UCX backend segfaults in ``_dl_fini`` at interpreter exit in every process that created an
 agent. A connector that loads such an engine calls :func:`request_hard_exit`; kvconf's command
 line, its peer processes and its pytest plugin then end with :func:`hard_exit` (``os._exit``) once
-their output is flushed. A library user who creates such a connector calls ``shutdown()`` and then
-``os._exit`` too.
+their output is flushed. Any other exit of such a process (vLLM's own, a library user's
+``sys.exit``, an uncaught exception) ends with ``_exit`` and its status before the libraries'
+destructors run: :func:`request_hard_exit` registers ``_exit`` with glibc's ``on_exit``.
 
 >>> hard_exit_requested()
 False
@@ -21,9 +22,26 @@ _hard_exit = False
 
 
 def request_hard_exit() -> None:
-    """Says that this process must end with ``os._exit`` once its work is flushed."""
+    """Says that this process must end with ``os._exit`` once its work is flushed. Also makes any
+    other exit of the process (vLLM's, a library user's ``sys.exit``, an uncaught exception) skip
+    the shared libraries' destructors, with the exit status kept: C's ``exit`` calls ``_exit`` with
+    its status before ``_dl_fini`` runs (``on_exit``, installed once; Python has finalized by then)."""
     global _hard_exit
+    if not _hard_exit:
+        _skip_library_destructors()
     _hard_exit = True
+
+
+def _skip_library_destructors() -> bool:
+    """Registers ``_exit`` with glibc's ``on_exit``: it receives ``exit``'s status first, as
+    ``_exit``'s argument. False where there is no such call (not glibc)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.on_exit(ctypes.cast(libc._exit, ctypes.c_void_p), None) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def hard_exit_requested() -> bool:
