@@ -106,9 +106,10 @@ class MooncakeConnector(P2PConnector):
     vllm_extra_keys = {"protocol": "mooncake_protocol", "device_name": "device_name", "num_workers": "num_workers"}
     vllm_differences = (
         "vLLM's MooncakeConnector finds its producer through a bootstrap server (VLLM_MOONCAKE_BOOTSTRAP_PORT, "
-        "or bootstrap_server_address) and a proxy's kv_transfer_params, and the producer pushes; kvconf's "
-        "consumer reads from the side channel named by connector.extra.peer. The side_channel_*, peer and "
-        "timeout settings are kvconf's alone and are not exported.",
+        "or bootstrap_server_address), and the producer pushes; kvconf's consumer reads from the producer that "
+        "the kv_transfer_params name (remote_host, remote_port), as vLLM's NixlConnector does. The "
+        "side_channel_*, peer, lease_seconds and timeout settings are kvconf's alone and are not exported "
+        "(export.target=kvconf runs kvconf's connector in vLLM instead).",
         "protocol=auto is exported as no mooncake_protocol: vLLM then uses rdma (it has no auto); set "
         "connector.extra.protocol=tcp to export tcp.",
     )

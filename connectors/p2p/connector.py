@@ -178,6 +178,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._registered: list[int] = []
         self._views: dict[str, Any] = {}
         self._done: set[str] = set()
+        self._fingerprint: Optional[str] = None  # layout_fingerprint, once
         self._failed: dict[str, str] = {}  # reasons, until take_failures
         self._failed_unreported: set[str] = set()  # for get_finished, once each
         self._error_blocks: set[int] = set()
@@ -263,11 +264,14 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
     # ---- layout ----------------------------------------------------------------------------------
     def layout_fingerprint(self) -> str:
         """Layer names, their groups and page sizes: two peers must agree on it."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         for gi, g in enumerate(self.kv_cache_config.kv_cache_groups):
             for name in g.layer_names:
                 h.update(f"{gi}:{name}:{g.kv_cache_spec.page_size_bytes};".encode())
-        return h.hexdigest()[:16]
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:

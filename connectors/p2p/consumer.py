@@ -62,28 +62,50 @@ def plan_read(conn: Endpoint, ack: Any, recv: Recv) -> tuple[list[int], list[int
         if bad:
             return (f"kv_transfer_params.remote_block_ids[{g}] holds {bad[:4]}: out of range, the producer at "
                     f"{recv.peer} has blocks 0..{ack.num_blocks - 1}")
-    theirs = {r.name: r for r in ack.layers}
-    group_of = conn.kv_cache_config.group_of()
+    pairs = _layer_pairs(conn, ack)
+    if isinstance(pairs, str):
+        return f"{pairs} between the peers (the producer at {recv.peer})"
     src: list[int] = []
     dst: list[int] = []
     lens: list[int] = []
     runs: dict[tuple[int, int, int, int], tuple[list[int], list[int], list[int]]] = {}
-    for name, (base, stride, page) in conn._regions.items():
-        region = theirs.get(name)
-        if region is None or region.page != page:
-            return f"layer {name!r} differs between the peers (the producer at {recv.peer})"
-        g = group_of[name]
+    for g, base, stride, page, their_base, their_stride in pairs:
         local = recv.block_ids[g]
         if not local:
             continue
-        shape = (g, region.block_stride, stride, page)
+        shape = (g, their_stride, stride, page)
         if shape not in runs:  # the layers of a group share their runs
-            runs[shape] = block_runs(recv.remote_block_ids[g][:len(local)], local, region.block_stride, stride, page)
+            runs[shape] = block_runs(recv.remote_block_ids[g][:len(local)], local, their_stride, stride, page)
         s_off, d_off, run_lens = runs[shape]
-        src.extend([region.base + x for x in s_off])
+        src.extend([their_base + x for x in s_off])
         dst.extend([base + x for x in d_off])
         lens.extend(run_lens)
     return src, dst, lens
+
+
+_PAIRS: dict[tuple[int, str, str, str], list[tuple[int, int, int, int, int, int]] | str] = {}
+"""(connector, producer engine, session, layout) -> :func:`_layer_pairs`: once per producer, not per read."""
+
+
+def _layer_pairs(conn: Endpoint, ack: Any) -> list[tuple[int, int, int, int, int, int]] | str:
+    """Each local layer with the producer's region of it: ``(group, base, stride, page, their
+    base, their stride)``; or what differs."""
+    key = (id(conn), ack.engine_id, ack.session, ack.layout)
+    if key not in _PAIRS:
+        if len(_PAIRS) > 256:
+            _PAIRS.clear()
+        theirs = {r.name: r for r in ack.layers}
+        group_of = conn.kv_cache_config.group_of()
+        pairs: list[tuple[int, int, int, int, int, int]] | str = []
+        for name, (base, stride, page) in conn._regions.items():
+            region = theirs.get(name)
+            if region is None or region.page != page:
+                pairs = f"layer {name!r} differs"
+                break
+            assert isinstance(pairs, list)
+            pairs.append((group_of[name], base, stride, page, region.base, region.block_stride))
+        _PAIRS[key] = pairs
+    return _PAIRS[key]
 
 
 def pull_loop(conn: Endpoint) -> None:
@@ -120,16 +142,30 @@ def pull_loop(conn: Endpoint) -> None:
                 del pending[rid]
         close_peer(peer)
 
+    outgoing: list[tuple[str, bytes]] = []  # releases, sent by flush()
+    told = [False]  # a read ended well since the last flush()
+
     def finish(rid: str, ok: bool, why: str = "", release: Optional[bool] = None) -> None:
         p = pending.pop(rid)
-        if release is not None and p.recv.peer in socks:
-            socks[p.recv.peer].send(sc.encode(sc.Release(request_id=p.recv.remote_request_id, ok=release)))
         if ok:
             with conn._lock:
                 conn._done.add(rid)
-            conn._finished.set()
+            told[0] = True
         else:
             conn._fail(p.recv, why)
+        if release is not None:
+            outgoing.append((p.recv.peer, sc.encode(sc.Release(request_id=p.recv.remote_request_id, ok=release))))
+
+    def flush() -> None:
+        """The loads that ended are told at once (one wake-up for all), then the producers are
+        released (encrypted sends: they need not delay the requests)."""
+        if told[0]:
+            told[0] = False
+            conn._finished.set()
+        for peer, raw in outgoing:
+            if peer in socks:
+                socks[peer].send(raw)
+        outgoing.clear()
 
     def start(rid: str, p: Pending) -> None:
         plan = plan_read(conn, acks[p.recv.peer], p.recv)
@@ -143,7 +179,6 @@ def pull_loop(conn: Endpoint) -> None:
             finish(rid, False, f"reading from {p.recv.peer} could not start: {exc}", release=False)
             return
         p.nbytes = sum(lens)
-        settle(rid, p, time.monotonic())  # a read often ends as it starts
 
     def settle(rid: str, p: Pending, now: float) -> None:
         """A read in flight: once it ended (or overran its deadline), released at the producer
@@ -203,14 +238,21 @@ def pull_loop(conn: Endpoint) -> None:
                 elif now > p.deadline:
                     finish(rid, False, f"nothing from {peer} within {conn.extra.transfer_timeout:g} s "
                                        "(transfer_timeout)")
+            for rid, p in list(pending.items()):  # reads started above often ended as they started
+                if p.handle is not None:
+                    settle(rid, p, now)
+            flush()
             for peer in [x for x, t in asked.items() if x not in acks and now - t > conn.extra.handshake_timeout]:
                 if not any(p.recv.peer == peer for p in pending.values()):
                     close_peer(peer)  # a later request asks again (the producer may have restarted)
             conn._engine_progress()
             timeout = min((p.deadline for p in pending.values()), default=now + 0.5) - now
-            if any(p.handle is not None for p in pending.values()) or conn.needs_progress:
-                timeout = min(timeout, 0.001)
-            for sock, _ in poller.poll(timeout=max(1, min(int(timeout * 1000) + 1, 500))):
+            wait_ms = max(1, min(int(timeout * 1000) + 1, 500))
+            if any(p.handle is not None for p in pending.values()):
+                wait_ms = 0  # reads in flight: spin on the engine, as the bare engine's caller does
+            elif conn.needs_progress:
+                wait_ms = 1
+            for sock, _ in poller.poll(timeout=wait_ms):
                 if sock == conn._waker.r:
                     continue
                 if sock in watches:

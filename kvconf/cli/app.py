@@ -86,6 +86,11 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
         except Exception as exc:  # an interpolation that does not resolve
             raise ConfigError(Problem(getattr(exc, "full_key", "") or "", str(exc).splitlines()[0],
                                       fix="fix the interpolation")) from None
+        if isinstance(data, dict) and data.get("action") == "proxy":
+            _proxy(data)
+            state.jobs.append((label, 0))
+            return {"overrides": label, "exit_code": 0, "message": "", "connector": None, "kv_cache": None,
+                    "job_dir": str(job_dir) if job_dir else None, "results": None}
         report = run_job(data, actions={"bench": _bench})
         report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
         report["callbacks"] = list(state.callbacks)
@@ -119,6 +124,19 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
         sys.exit(code)
     return {"overrides": label, "exit_code": code, "message": err_text, "connector": who.get("connector"),
             "kv_cache": who.get("kv_cache"), "job_dir": str(job_dir) if job_dir else None, "results": results}
+
+
+def _proxy(data: dict[str, Any]) -> None:
+    """``action=proxy``: validates the config, serves until SIGINT or SIGTERM, says what it served."""
+    from kvconf.config.models import validate
+    from kvconf.proxy import serve_proxy  # loaded by action=proxy alone
+
+    served = serve_proxy(validate(data).proxy)
+    if data.get("output") == "json":
+        _print(json.dumps({"ok": True, "action": "proxy", "proxy": served}))
+    else:
+        _print(f"kvconf: proxy on {served['address']} stopped: {served['requests']} request(s), "
+               f"{served['completed']} completed, {served['failed']} failed")
 
 
 def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:

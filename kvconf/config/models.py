@@ -64,7 +64,8 @@ Run = Literal["run"]
 Export = Literal["export"]
 Serve = Literal["serve"]
 Bench = Literal["bench"]
-Action = Literal[Check, Run, Export, Serve, Bench]
+Proxy = Literal["proxy"]
+Action = Literal[Check, Run, Export, Serve, Bench, Proxy]
 
 Text = Literal["text"]
 Json = Literal["json"]
@@ -195,6 +196,50 @@ class ExportConfig(StrictModel):
     in ``kv_connector_extra_config``."""
 
 
+def urlsplit_base(url: str) -> str:
+    """``scheme://host:port`` of ``url`` (its path dropped).
+
+    >>> urlsplit_base("http://127.0.0.1:8100/v1/completions")
+    'http://127.0.0.1:8100'
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+_URL = re.compile(r"^https?://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?$")
+
+
+class ProxyConfig(StrictModel):
+    """``action=proxy``: an OpenAI-compatible front for prefill/decode instances (vLLM servers
+    started with kvconf's exported JSON, kv_producer and kv_consumer)."""
+
+    prefill: list[str] = Field(default_factory=list)
+    """Base URLs of the prefill instances (``http://host:port``), taken in turn."""
+    decode: list[str] = Field(default_factory=list)
+    """Base URLs of the decode instances, taken in turn."""
+    host: str = "127.0.0.1"
+    """Where the proxy listens (127.0.0.1: this machine only; 0.0.0.0: every interface)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Its port (0: a free one, printed)."""
+    timeout: float = Field(600.0, gt=0)
+    """Seconds an instance may take to answer (the prefill), or between two pieces of the
+    decode's answer, before the request fails with 504."""
+    connect_timeout: float = Field(5.0, gt=0)
+    """Seconds to connect to an instance before the request fails with 502."""
+
+    @field_validator("prefill", "decode")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not _URL.match(url):
+                fixed = url if "://" in url else f"http://{url}"
+                raise ValueError(f"{url!r} is not an instance's base URL; allowed: http://HOST:PORT, "
+                                 f"https://HOST:PORT (no path); fix: write {urlsplit_base(fixed)}")
+        return [u.rstrip("/") for u in v]
+
+
 def _kv_cache_form(v: Any) -> str:
     return "explicit" if isinstance(v, dict) and "kv_cache_groups" in v else "compact"
 
@@ -231,7 +276,9 @@ class KVConfConfig(StrictModel):
     """What to do: ``check`` (validate, resolve, contract, plan; allocate nothing), ``run``
     (construct, register, self-test, shut down), ``export`` (print vLLM's --kv-transfer-config) or
     ``serve`` (a long-lived producer for consumers started separately, until SIGINT or SIGTERM) or
-    ``bench`` (repetitions of the self-test against the raw path; writes results.json)."""
+    ``bench`` (repetitions of the self-test against the raw path; writes results.json) or ``proxy``
+    (an OpenAI-compatible front for prefill/decode vLLM instances, ``proxy.*``, until SIGINT or
+    SIGTERM)."""
     output: Output = "text"
     """``text`` for people, ``json`` for one JSON object on stdout."""
     debug: bool = False
@@ -242,6 +289,8 @@ class KVConfConfig(StrictModel):
     """Repetitions and comparisons of ``action=bench``."""
     export: ExportConfig = Field(default_factory=ExportConfig)
     """What ``action=export`` prints."""
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    """The instances and the address of ``action=proxy``."""
 
     @field_validator("device")
     @classmethod
