@@ -21,6 +21,7 @@ LAYERS = [
     ("kvconf_connectors",),
     ("kvconf.vllm",),
     ("kvconf.bench",),
+    ("kvconf.proxy",),
     ("kvconf.ci",),
     ("kvconf.cli",),
 ]

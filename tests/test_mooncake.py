@@ -398,7 +398,11 @@ for i in range(first, first + count):  # each a consumer of its own: its own eng
         while not done and time.monotonic() < deadline and not conn._failed:
             done = conn.get_finished(set())[1] or set()
             conn.wait_for_results(0.05)
-        ok += f"r{i}" in done
+        ok += f"r{i}" in done and f"r{i}" not in conn._failed
+        if conn._failed:
+            print(f"r{i} failed: {conn._failed}", file=sys.stderr, flush=True)
+    else:
+        print(f"r{i} was not prefilled: {ack.reason}", file=sys.stderr, flush=True)
     control.close()
     conn.shutdown()
 print("loaded", ok, flush=True)
@@ -419,6 +423,7 @@ def test_a_producer_serves_100_consumers_with_a_flat_descriptor_count(workdir, p
     def loaded(procs: list[subprocess.Popen]) -> int:
         outs = [proc.communicate(timeout=300) for proc in procs]
         assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+        print("\n".join(err for _, err in outs if "failed:" in err or "not prefilled" in err))  # shown where one fails
         return sum(int(out.split("loaded ")[1]) for out, _ in outs)
 
     assert loaded(run(0, 1)) == 1  # the producer's own engine is warm: connections it keeps for good are made

@@ -27,8 +27,18 @@ pytestmark = [needs_vllm, pytest.mark.vllm]
 
 PROMPTS = [prompt(1, 40), prompt(2, 100), prompt(3, 64), prompt(4, 96), prompt(5, 70)]
 """What the prefill computes: a partial block, several blocks, exact blocks."""
-ALTERED = PROMPTS[1][:40] + [(t + 101) % 500 + 2 for t in PROMPTS[1][40:60]] + PROMPTS[1][60:]
-"""PROMPTS[1] with tokens 40..59 changed: the decode sends it with PROMPTS[1]'s params."""
+
+
+def altered(p: list[int]) -> list[int]:
+    """``p`` with tokens 30..49 changed: same length, same last token."""
+    return p[:30] + [(t + 101) % 500 + 2 for t in p[30:50]] + p[50:]
+
+
+ALTERED = altered(PROMPTS[1])
+"""The decode sends it with PROMPTS[1]'s params: read, it continues PROMPTS[1]."""
+UNREAD = [altered(PROMPTS[3]), altered(PROMPTS[4])]
+"""The decode sends them with PROMPTS[3]'s and PROMPTS[4]'s params, made unreadable: they continue
+themselves (computed from their own tokens, nothing read)."""
 LEASE = 10.0
 """connector.extra.lease_seconds of the prefill: blocks no decode released are free after it."""
 
@@ -44,7 +54,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory) -> dict[tuple[int, ...], list[int]]:
-    every = PROMPTS + [ALTERED]
+    every = PROMPTS + [ALTERED, *UNREAD]
     run = run_vllm(tmp_path_factory.mktemp("reference"), model, [every], enable_prefix_caching=False)
     assert run.code == 0, run
     return {tuple(p): t for p, t in zip(every, run.tokens())}
@@ -122,24 +132,25 @@ def tokens_of(reference: dict[tuple[int, ...], list[int]], prompts: list[list[in
 @pytest.mark.parametrize("connector", ["mooncake", "nixl"])
 def test_the_decode_reads_the_prefills_blocks_and_bad_params_are_recomputed(connector, model, reference, tmp_path):
     """Three prompts read with the params the prefill answered (one of them altered in its
-    middle: it generates the original's tokens, which only the read KV cache gives); one sent
-    with another engine's id and one with block ids the prefill does not have: both recomputed,
-    nothing read, tokens identical; the prefill frees what was read at once, the rest after the
-    lease."""
-    assert reference[tuple(ALTERED)] != reference[tuple(PROMPTS[1])], "the altered prompt proves nothing"
+    middle: it generates the original's tokens, which only the read KV cache gives); two altered
+    ones sent with params made unreadable, one naming another engine, one block ids the prefill
+    does not have: both recomputed from their own tokens (nothing read), the reason logged; the
+    prefill frees what was read at once, the rest when the lease ends."""
+    for a, p in ((ALTERED, PROMPTS[1]), (UNREAD[0], PROMPTS[3]), (UNREAD[1], PROMPTS[4])):
+        assert reference[tuple(a)] != reference[tuple(p)], "an altered prompt that proves nothing"
 
     def faulty(params: list[dict[str, Any]]) -> list[Optional[dict[str, Any]]]:
         params[3] = {**params[3], "remote_engine_id": "an-engine-that-is-gone"}
         params[4] = {**params[4], "remote_block_ids": [[1000 + i for i in range(blocks(PROMPTS[4]))]]}
         return list(params)
 
-    decode_prompts = [PROMPTS[0], ALTERED, *PROMPTS[2:]]
+    decode_prompts = [PROMPTS[0], ALTERED, PROMPTS[2], *UNREAD]
     prefill, decode = prefill_decode(tmp_path, model, connector, decode_prompts, faulty)
     assert prefill.code == 0 and decode.code == 0, (prefill, decode)
     params = prefill.out["params"]
     assert [p["remote_block_ids"] and len(p["remote_block_ids"][0]) for p in params] == [blocks(p) for p in PROMPTS]
     assert all(p["do_remote_prefill"] and p["remote_host"] == "127.0.0.1" for p in params)
-    assert decode.out["tokens"] == tokens_of(reference, PROMPTS)
+    assert decode.out["tokens"] == tokens_of(reference, PROMPTS[:3] + UNREAD)
     recomputed = [ln for ln in decode.log.splitlines() if "nothing was read, it is recomputed" in ln]
     assert len(recomputed) == 2, decode.log[-4000:]
     assert any("an-engine-that-is-gone" in ln for ln in recomputed)
@@ -173,4 +184,5 @@ def test_a_prefill_the_decode_cannot_read_from_costs_a_recompute_never_a_hang(co
         assert prefill.code == 0, prefill
         assert "authentication failed" in prefill.log
         assert prefill.log.count("expired after") == len(PROMPTS)
+        assert prefill.out["freed_after"] is not None and prefill.out["freed_after"] >= LEASE - 1, prefill.out
         assert prefill.out["free_end"] == prefill.out["free_before"]

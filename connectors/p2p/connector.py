@@ -21,18 +21,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import re
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
-
-from kvconf.config.base import StrictModel
 from kvconf.contract.api import KVCacheBlocks, KVConnectorMetadata, KVConnectorRole, Request, SchedulerOutput
 from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import (
@@ -55,67 +49,17 @@ from . import auth
 from . import protocol as sc
 from .consumer import pull_loop
 from .endpoint import Recv
-from .producer import Producer
+from .producer import Producer, serve_producer
 from .selftest import bare_engine, run_as_consumer, run_as_producer, stop_bare_peer
+from .settings import HOST, HOST_PORT, P2PExtra, merged_regions
 
-__all__ = ["P2PConnector", "P2PExtra", "P2PMetadata", "Recv"]
+__all__ = ["HOST", "HOST_PORT", "P2PConnector", "P2PExtra", "P2PMetadata", "Recv", "merged_regions"]
 
 log = logging.getLogger("kvconf.p2p")
 
 
-HOST = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[?[0-9a-fA-F:]+\]?|"
-                  r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
-                  r"[A-Za-z0-9])?)*)$")
-"""An IPv4 or IPv6 address, or a host name (RFC 1123)."""
 FAILURES_KEPT = 4096
 """Reasons of failed loads kept for ``take_failures`` (kvconf's self-test asks; vLLM never does)."""
-HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+):(?P<port>[0-9]{1,5})$")
-
-
-class P2PExtra(StrictModel):
-    """The settings every peer-to-peer connector has (a connector's own model adds its engine's)."""
-
-    side_channel_host: str = "127.0.0.1"
-    """Address a producer's side channel binds to (and a Mooncake engine advertises); loopback
-    unless told otherwise."""
-    side_channel_port: int = Field(0, ge=0, le=65535)
-    """Port of a producer's side channel; 0 picks a free one."""
-    num_workers: PositiveInt = 10
-    """vLLM's ``num_workers`` (exported with vLLM's own connector; kvconf's decode reads on one thread)."""
-    handshake_timeout: PositiveFloat = Field(10.0, allow_inf_nan=False)
-    """Seconds to wait for a producer's side channel to answer the first message (finite)."""
-    transfer_timeout: PositiveFloat = Field(30.0, allow_inf_nan=False)
-    """Seconds a request's blocks may take to arrive before the request fails and is recomputed (finite)."""
-    lease_seconds: PositiveFloat = Field(60.0, allow_inf_nan=False)
-    """Seconds a producer keeps a finished request's blocks for its decode (vLLM's NIXL lease,
-    ``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``): freed when the decode has read them, or after this when
-    none came (finite)."""
-    peer: Optional[str] = Field(None, json_schema_extra={"pattern": HOST_PORT.pattern})
-    """``HOST:PORT`` of a serving producer (what it printed as ``serving on HOST:PORT``), for a
-    consumer started separately; unset, ``action=run`` starts its own peer process."""
-    auth_key_file: Optional[str] = Field(None, min_length=1, max_length=4096)
-    """File holding the secret every peer proves it knows (16 to 4096 characters; mode 0600).
-    Unset: ``$KVCONF_AUTH_KEY``; where neither is set, ``action=serve`` generates a key into a 0600
-    file and prints its path beside ``serving on HOST:PORT``, and ``action=run`` hands a key of its
-    own to the peer it starts."""
-
-    @field_validator("side_channel_host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        if not HOST.match(v):
-            raise ValueError(f"{v!r} is not an IP address or a host name; fix: give one, e.g. 127.0.0.1")
-        return v
-
-    @field_validator("peer")
-    @classmethod
-    def _peer(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        m = HOST_PORT.match(v)
-        if not m or not 1 <= int(m.group("port")) <= 65535:
-            raise ValueError(f"{v!r} is not HOST:PORT; fix: give what the producer printed as "
-                             "'serving on HOST:PORT', e.g. 127.0.0.1:40123")
-        return v
 
 
 @dataclass
@@ -125,23 +69,6 @@ class P2PMetadata(KVConnectorMetadata):
 
     recv: list[Recv] = field(default_factory=list)
     hold: list[tuple[str, list[list[int]]]] = field(default_factory=list)
-
-
-def merged_regions(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """(addresses, lengths) of the distinct memory regions that ``[start, end)`` spans cover:
-    layers that share an allocation (a hybrid model's groups, a block-outermost layout) are
-    registered once, as the engines refuse overlapping registrations.
-
-    >>> merged_regions([(0, 100), (50, 150), (200, 300), (200, 300)])
-    ([0, 200], [150, 100])
-    """
-    out: list[list[int]] = []
-    for start, end in sorted(spans):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([start, end])
-    return [s for s, _ in out], [e - s for s, e in out]
 
 
 class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment, ExportsToVLLM, SupportsSelfTest,
@@ -175,6 +102,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         self._engine: Any = None
         self._session = ""
         self._regions: dict[str, tuple[int, int, int]] = {}
+        self._read_pairs: dict[tuple[str, str, str], Any] = {}  # consumer.plan_read's, per producer
         self._registered: list[int] = []
         self._views: dict[str, Any] = {}
         self._done: set[str] = set()
@@ -360,6 +288,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
         """Registers every layer's memory with the engine, once."""
 
         self._views = byte_views(kv_caches)
+        self._read_pairs.clear()  # planned against the memory registered before
         spans = []
         for name, v in self._views.items():
             base, stride, page = v.data_ptr(), v.stride(0), v.shape[1]
@@ -540,42 +469,8 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
               stop: Optional[threading.Event] = None, announce: bool = True) -> dict[str, Any]:
         """Serves consumers until SIGINT or SIGTERM (or ``stop``): the engine simulator's prefill
         instance, which prefills requests on demand, answers with their ``kv_transfer_params`` and
-        holds their blocks until their decode read them."""
-        server = Producer(self)
-        server.verbose = announce
-        stop = stop or threading.Event()
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, lambda *_: stop.set())
-        key = self._auth or auth.AuthKey.generate()
-        try:
-            address = server.bind(key)
-            if self._auth is None:  # consumers need it: a 0600 file, gone when serving ends
-                key = auth.write_key_file(key, f"producer-{address.replace(':', '-')}.key")
-            self._side_channel = int(address.rsplit(":", 1)[1])
-            listeners = self.note_listeners()
-            if announce:
-                print(f"serving on {address} (key: {key.path or key.source})", flush=True)
-                print("kvconf: listening on " + ", ".join(
-                    f"{x['address']} ({x['what']}, {'authenticated' if x['authenticated'] else 'NOT authenticated'})"
-                    for x in listeners), file=sys.stderr, flush=True)
-                print(f"kvconf: {self.config.name} producer {address}, engine session {self._session}, transport "
-                      f"{self.transport} ({self.transport_reason}); SIGINT or SIGTERM stops it",
-                      file=sys.stderr, flush=True)
-            server.run(stop)
-        finally:
-            server.close()
-            if self._auth is None and key.path:
-                Path(key.path).unlink(missing_ok=True)
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
-        return {"address": address, "served_requests": server.served, "failed_requests": server.failed,
-                "bytes": server.bytes, "rejected_messages": server.rejected, "expired_leases": server.expired,
-                "refused_peers": server.refused, "disconnected_consumers": server.disconnected,
-                "auth_key": key.path or key.source, "listeners": self.listeners(),
-                "transport": self.transport,
-                "transport_reason": self.transport_reason}
+        holds their blocks until their decode read them (:func:`.producer.serve_producer`)."""
+        return serve_producer(self, stop or threading.Event(), announce)
 
     def raw_path(self, kv_caches: Optional[dict[str, Any]], ctx: SelfTestContext,
                  runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:

@@ -83,17 +83,15 @@ def plan_read(conn: Endpoint, ack: Any, recv: Recv) -> tuple[list[int], list[int
     return src, dst, lens
 
 
-_PAIRS: dict[tuple[int, str, str, str], list[tuple[int, int, int, int, int, int]] | str] = {}
-"""(connector, producer engine, session, layout) -> :func:`_layer_pairs`: once per producer, not per read."""
-
-
 def _layer_pairs(conn: Endpoint, ack: Any) -> list[tuple[int, int, int, int, int, int]] | str:
     """Each local layer with the producer's region of it: ``(group, base, stride, page, their
-    base, their stride)``; or what differs."""
-    key = (id(conn), ack.engine_id, ack.session, ack.layout)
-    if key not in _PAIRS:
-        if len(_PAIRS) > 256:
-            _PAIRS.clear()
+    base, their stride)``; or what differs. Kept on the connector, per producer (its regions are
+    the connector's own: a cache shared by connectors would hand one the other's memory)."""
+    key = (ack.engine_id, ack.session, ack.layout)
+    cache = conn._read_pairs
+    if key not in cache:
+        if len(cache) > 256:  # producers come and go: bounded
+            cache.clear()
         theirs = {r.name: r for r in ack.layers}
         group_of = conn.kv_cache_config.group_of()
         pairs: list[tuple[int, int, int, int, int, int]] | str = []
@@ -104,8 +102,8 @@ def _layer_pairs(conn: Endpoint, ack: Any) -> list[tuple[int, int, int, int, int
                 break
             assert isinstance(pairs, list)
             pairs.append((group_of[name], base, stride, page, region.base, region.block_stride))
-        _PAIRS[key] = pairs
-    return _PAIRS[key]
+        cache[key] = pairs
+    return cache[key]
 
 
 def pull_loop(conn: Endpoint) -> None:

@@ -62,6 +62,9 @@ class Endpoint(Protocol):
     _side_channel: int
     _bare: Any
     """The bare-engine peer a bench keeps (:class:`.selftest.BarePeer`), or None."""
+    _read_pairs: dict[tuple[str, str, str], Any]
+    """Per producer (engine, session, layout): this side's layers beside its regions (the
+    consumer's plan, made once per producer, not per read)."""
 
     @property
     def config(self) -> ConnectorConfig: ...
