@@ -471,6 +471,8 @@ before = {name: v[100:108].clone() for name, v in views.items()}
 # among the others: remote blocks past the producer's 128, and an engine id that is not the producer's
 recvs.insert(3, Recv("out-of-range", [list(range(100, 108))], address, "r0", [list(range(125, 133))], ""))
 recvs.insert(5, Recv("stale", [list(range(100, 108))], address, "r1", params["r1"].block_ids, "another-engine"))
+# and params whose lease at the producer has ended (its blocks may be another request's by now)
+recvs.insert(7, Recv("expired", [list(range(100, 108))], address, "r2", params["r2"].block_ids, "", time.time() - 1))
 conn.bind_connector_metadata(P2PMetadata(recvs))  # one step: the transfer requests leave together
 conn.start_load_kv(None)
 conn.clear_connector_metadata()
@@ -487,7 +489,7 @@ print(json.dumps({"loaded": loaded, "failed": failed, "wrong": wrong, "untouched
 control.close()
 conn.shutdown()
 """
-"""One consumer reads eight requests in one step, two of them with params it must refuse: argv
+"""One consumer reads nine requests in one step, three of them with params it must refuse: argv
 ADDRESS KEY_FILE."""
 
 
@@ -500,8 +502,9 @@ def test_requests_of_one_step_are_read_and_bad_params_fail_alone_with_nothing_re
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["loaded"] == [f"r{i}" for i in range(6)] and out["wrong"] == []
-    assert sorted(out["failed"]) == ["out-of-range", "stale"]
+    assert sorted(out["failed"]) == ["expired", "out-of-range", "stale"]
     assert "out of range, the producer at" in out["failed"]["out-of-range"]
+    assert "lease on its blocks ended" in out["failed"]["expired"]
     assert "remote_engine_id" in out["failed"]["stale"] and out["untouched"]
     code, _, err = p.stop()
     assert code == 0 and err.count("served r") == 6

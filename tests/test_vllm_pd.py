@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from vllm_support import BLOCK, build_model, export, needs_vllm, prompt, run_vllm
+from vllm_support import BLOCK, export, needs_vllm, prompt, run_vllm, shared_model
 
 from conftest import TESTS, kvconf_env
 
@@ -39,7 +39,7 @@ ALTERED = altered(PROMPTS[1])
 UNREAD = [altered(PROMPTS[3]), altered(PROMPTS[4])]
 """The decode sends them with PROMPTS[3]'s and PROMPTS[4]'s params, made unreadable: they continue
 themselves (computed from their own tokens, nothing read)."""
-LEASE = 10.0
+LEASE = 6.0
 """connector.extra.lease_seconds of the prefill: blocks no decode released are free after it."""
 
 
@@ -49,7 +49,7 @@ def blocks(p: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("tiny-llama"))
+    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

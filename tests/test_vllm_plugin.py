@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vllm_support import BLOCK, build_model, export, needs_vllm, prompt, run_vllm
+from vllm_support import BLOCK, export, needs_vllm, prompt, run_vllm, shared_model
 
 from conftest import kvconf_env
 
@@ -43,7 +43,7 @@ def expected_cached(q: list[int], stored: list[list[int]]) -> int:
 
 @pytest.fixture(scope="session")
 def model(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("tiny-llama"))
+    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

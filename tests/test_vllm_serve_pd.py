@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_support import build_model, export, needs_vllm, prompt, run_vllm
+from vllm_support import export, needs_vllm, prompt, run_vllm, shared_model
 
 from conftest import kvconf_env
 
@@ -67,7 +67,7 @@ def wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("tiny-llama"))
+    return shared_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

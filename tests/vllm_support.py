@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -44,12 +46,26 @@ MODEL_SCRIPT = textwrap.dedent('''
 
 def build_model(folder: Path) -> Path:
     """A random two-layer Llama (hidden 128, 2 KV heads of 64, vocab 512) and a byte-level BPE
-    tokenizer in ``folder``, seeded: the same bytes every time."""
+    tokenizer in ``folder``, seeded: the same bytes every time. Built beside and renamed into
+    place, so that test workers building the same folder at once end with one whole model."""
     if not (folder / "config.json").is_file():
-        proc = subprocess.run([sys.executable, "-c", MODEL_SCRIPT, str(folder)], capture_output=True, text=True,
+        part = folder.with_name(f"{folder.name}.part-{os.getpid()}")
+        proc = subprocess.run([sys.executable, "-c", MODEL_SCRIPT, str(part)], capture_output=True, text=True,
                               env=kvconf_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        try:
+            part.rename(folder)
+        except OSError:  # another worker's is there: the same bytes
+            shutil.rmtree(part, ignore_errors=True)
+    assert (folder / "config.json").is_file()
     return folder
+
+
+def shared_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`build_model` once per test run, for every module and worker (the run's temporary
+    folder, which pytest-xdist's workers share)."""
+    base = tmp_path_factory.getbasetemp()
+    return build_model((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-llama-shared")
 
 
 def prompt(seed: int, n: int) -> list[int]:

@@ -242,7 +242,7 @@ class P2PConnector(KVConnectorBase, SupportsHMA, ChecksConfig, ChecksEnvironment
             local.append(list(ids[first:last]))
             theirs.append(list(remote.block_ids[g][first:last]))
         self._recv_pending.append(Recv(request.request_id, local, remote.peer, remote.request_id, theirs,
-                                       remote.engine_id))
+                                       remote.engine_id, remote.expires))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = P2PMetadata(self._recv_pending, self._hold_pending)

@@ -27,7 +27,7 @@ from .producer import block_runs
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint, Recv
 
-__all__ = ["Pending", "plan_read", "pull_loop"]
+__all__ = ["LEASE_MARGIN", "Pending", "lease_ended", "plan_read", "pull_loop"]
 
 log = logging.getLogger("kvconf.p2p")
 
@@ -40,6 +40,18 @@ class Pending:
     deadline: float
     handle: Any = None
     nbytes: int = 0
+
+
+LEASE_MARGIN = 1.0
+"""Seconds before the producer's lease ends (``remote_blocks_expiry_time``) after which no read
+starts: the producer frees the blocks then (hosts' clocks are assumed to agree to well within it)."""
+
+
+def lease_ended(recv: Recv) -> str:
+    """Why a request whose lease ended is not read (or its read not trusted)."""
+    return (f"the producer's lease on its blocks ended at {recv.expires:.3f} (remote_blocks_expiry_time, epoch "
+            f"seconds; now {time.time():.3f}): the producer at {recv.peer} may have given them to another request "
+            "(raise connector.extra.lease_seconds on the prefill)")
 
 
 def plan_read(conn: Endpoint, ack: Any, recv: Recv) -> tuple[list[int], list[int], list[int]] | str:
@@ -166,6 +178,9 @@ def pull_loop(conn: Endpoint) -> None:
         outgoing.clear()
 
     def start(rid: str, p: Pending) -> None:
+        if p.recv.expires is not None and time.time() > p.recv.expires - LEASE_MARGIN:
+            finish(rid, False, lease_ended(p.recv))
+            return
         plan = plan_read(conn, acks[p.recv.peer], p.recv)
         if isinstance(plan, str):
             finish(rid, False, plan)
@@ -184,7 +199,9 @@ def pull_loop(conn: Endpoint) -> None:
         state = conn._engine_poll(p.handle)
         if state == "PROC" and now <= p.deadline:
             return
-        if state == "DONE":
+        if state == "DONE" and p.recv.expires is not None and time.time() > p.recv.expires:
+            finish(rid, False, lease_ended(p.recv))  # read after the producer let the blocks go
+        elif state == "DONE":
             finish(rid, True, release=True)
         else:
             finish(rid, False, f"reading from the producer at {p.recv.peer} failed (state {state})"

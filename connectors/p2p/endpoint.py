@@ -37,6 +37,9 @@ class Recv:
     remote_block_ids: list[list[int]] = field(default_factory=list)
     remote_engine_id: str = ""
     """The producer's engine id the params name ("": any)."""
+    expires: Optional[float] = None
+    """When the producer's lease on the blocks ends (epoch seconds; None: not said): after it the
+    producer may have given them to another request, so a read then is not trusted."""
 
 
 class Endpoint(Protocol):

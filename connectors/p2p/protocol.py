@@ -208,6 +208,8 @@ class RemoteBlocks:
     block_ids: list[list[int]]
     peer: str
     num_tokens: Optional[int]
+    expires: Optional[float] = None
+    """``remote_blocks_expiry_time``: when the producer's lease on the blocks ends (epoch seconds)."""
 
 
 def read_params(params: Any, groups: int) -> RemoteBlocks | str:
@@ -238,8 +240,10 @@ def read_params(params: Any, groups: int) -> RemoteBlocks | str:
     if not isinstance(rid, str) or not 0 < len(rid) <= 256 or not isinstance(eid, str):
         return "kv_transfer_params.remote_request_id/remote_engine_id: expected strings"
     n = params.get("remote_num_tokens")
+    expires = params.get("remote_blocks_expiry_time")
     host = f"[{host}]" if ":" in host else host
-    return RemoteBlocks(eid, rid, ids, f"{host}:{port}", n if type(n) is int and n > 0 else None)
+    return RemoteBlocks(eid, rid, ids, f"{host}:{port}", n if type(n) is int and n > 0 else None,
+                        float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None)
 
 
 def parse_address(text: str) -> tuple[str, int]:
