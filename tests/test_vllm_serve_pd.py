@@ -3,13 +3,17 @@ server, engine core, worker) as prefill and decode instances over the mooncake c
 started with kvconf's exported JSON, and ``python -m kvconf action=proxy`` in front of them: a
 client's completions, streamed or whole, come back with the tokens one vLLM without a connector
 generates; a prompt altered in its middle, sent to the decode with the prefill's params for the
-original, continues the original (the KV cache came from the prefill); a prefill that is gone is
-one 502 naming it, at once."""
+original, continues the original (the KV cache came from the prefill); a prefill killed between
+the two steps costs the decode a recompute within its handshake timeout, and the proxy one 502
+naming it, at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_support import export, needs_vllm, prompt, run_vllm, shared_model
+from vllm_support import PD_EVERY, PD_PROMPTS, altered, export, needs_vllm, shared_model, shared_reference
 
 from conftest import kvconf_env
 
 pytestmark = [needs_vllm, pytest.mark.vllm]
 
-PROMPTS = [prompt(11, 40), prompt(12, 100), prompt(13, 64)]
-ALTERED = PROMPTS[1][:40] + [(t + 101) % 500 + 2 for t in PROMPTS[1][40:60]] + PROMPTS[1][60:]
+PROMPTS = PD_PROMPTS[:3]
+ALTERED = altered(PROMPTS[1])
+ORPHAN = PD_PROMPTS[3]
+"""Prefilled, then its prefill is killed before the decode reads it."""
 VLLM_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
             "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
@@ -72,10 +78,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory) -> dict[tuple[int, ...], list[int]]:
-    every = PROMPTS + [ALTERED]
-    run = run_vllm(tmp_path_factory.mktemp("reference"), model, [every], enable_prefix_caching=False)
-    assert run.code == 0, run
-    return {tuple(p): t for p, t in zip(every, run.tokens())}
+    return shared_reference(tmp_path_factory, model, PD_EVERY)
 
 
 def test_vllm_serve_prefill_and_decode_behind_kvconfs_proxy(model, reference, tmp_path):
@@ -84,7 +87,8 @@ def test_vllm_serve_prefill_and_decode_behind_kvconfs_proxy(model, reference, tm
     configs = {
         "prefill": export("connector=mooncake", "connector.kv_role=kv_producer", cwd=tmp_path),
         "decode": export("connector=mooncake", "connector.kv_role=kv_consumer",
-                         "connector.kv_load_failure_policy=recompute", cwd=tmp_path),
+                         "connector.kv_load_failure_policy=recompute", "connector.extra.handshake_timeout=5",
+                         "connector.extra.transfer_timeout=10", cwd=tmp_path),
     }
     ports = {side: free_port() for side in configs}
     procs: dict[str, subprocess.Popen] = {}
@@ -98,7 +102,8 @@ def test_vllm_serve_prefill_and_decode_behind_kvconfs_proxy(model, reference, tm
                      "--dtype", "float32", "--block-size", "32", "--max-model-len", "1024",
                      "--num-gpu-blocks-override", "64", "--enforce-eager", "--seed", "0",
                      "--kv-transfer-config", json.dumps(cfg)],
-                    stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=kvconf_env(KVCONF_AUTH_KEY=key, **VLLM_ENV))
+                    stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=kvconf_env(KVCONF_AUTH_KEY=key, **VLLM_ENV),
+                    start_new_session=True)  # its engine core and worker in its process group
         with open(logs["proxy"], "w") as out:
             procs["proxy"] = subprocess.Popen(
                 [sys.executable, "-m", "kvconf", "action=proxy", "proxy.port=0", "proxy.timeout=120",
@@ -138,9 +143,22 @@ def test_vllm_serve_prefill_and_decode_behind_kvconfs_proxy(model, reference, tm
         assert answer["choices"][0]["token_ids"] == reference[tuple(PROMPTS[1])]
         assert "nothing was read" not in logs["decode"].read_text()
 
-        # the prefill gone: one clear 502 naming it, at once
-        procs["prefill"].terminate()
+        # the prefill killed (its three processes) between the two steps: the decode recomputes,
+        # at once, from the prompt's own tokens (nothing read), and goes on serving
+        status, first = post(f"http://127.0.0.1:{ports['prefill']}/v1/completions",
+                             {**ask, "prompt": ORPHAN, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+        assert status == 200 and first["kv_transfer_params"]["remote_block_ids"], first
+        os.killpg(procs["prefill"].pid, signal.SIGKILL)
         procs["prefill"].wait(timeout=60)
+        started = time.monotonic()
+        status, answer = post(f"http://127.0.0.1:{ports['decode']}/v1/completions",
+                              {**ask, "prompt": altered(ORPHAN), "kv_transfer_params": first["kv_transfer_params"]})
+        assert status == 200, answer
+        assert answer["choices"][0]["token_ids"] == reference[tuple(altered(ORPHAN))]
+        assert time.monotonic() - started < 10  # handshake_timeout 5 s, not transfer_timeout's 10
+        assert "nothing was read, it is recomputed" in logs["decode"].read_text()
+
+        # the prefill gone: one clear 502 naming it, at once
         started = time.monotonic()
         status, answer = post(proxy + "/v1/completions", {**ask, "prompt": PROMPTS[0]})
         assert status == 502, answer
@@ -151,11 +169,15 @@ def test_vllm_serve_prefill_and_decode_behind_kvconfs_proxy(model, reference, tm
         for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs.values():
+        for side, proc in procs.items():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if side != "proxy":
+                with contextlib.suppress(ProcessLookupError):  # what the server left of its group
+                    os.killpg(proc.pid, signal.SIGKILL)
     assert procs["proxy"].returncode == 0, logs["proxy"].read_text()
+    assert procs["decode"].returncode == 0, logs["decode"].read_text()[-3000:]
     assert "1 failed" in logs["proxy"].read_text()

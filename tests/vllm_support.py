@@ -116,3 +116,34 @@ def export(*overrides: str, cwd: Path) -> dict[str, Any]:
                           capture_output=True, text=True, env=kvconf_env(), cwd=cwd, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def altered(p: list[int]) -> list[int]:
+    """``p`` with tokens 30..49 changed: same length, same last token. Sent to a decode with the
+    params of ``p``, it continues ``p`` where the KV cache was read, itself where nothing was."""
+    return p[:30] + [(t + 101) % 500 + 2 for t in p[30:50]] + p[50:]
+
+
+PD_PROMPTS = [prompt(1, 40), prompt(2, 100), prompt(3, 64), prompt(4, 96), prompt(5, 70)]
+"""What the prefill/decode tests prefill: a partial block, several blocks, exact blocks."""
+PD_EVERY = PD_PROMPTS + [altered(p) for p in PD_PROMPTS]
+
+
+def shared_reference(tmp_path_factory: pytest.TempPathFactory, model: Path,
+                     prompts: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    """Each prompt's greedy tokens from vLLM with no connector (one batch, no prefix caching),
+    once per test run for the same prompts (kept beside :func:`shared_model`'s)."""
+    import hashlib
+
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    cached = base / f"reference-{digest}.json"
+    if not cached.is_file():
+        run = run_vllm(tmp_path_factory.mktemp("reference"), model, [prompts], enable_prefix_caching=False)
+        assert run.code == 0, run
+        part = cached.with_name(f"{cached.name}.part-{os.getpid()}")
+        part.write_text(json.dumps(run.tokens()))
+        part.replace(cached)
+    tokens = json.loads(cached.read_text())
+    return {tuple(p): t for p, t in zip(prompts, tokens)}
