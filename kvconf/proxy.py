@@ -213,7 +213,13 @@ class _Handler(BaseHTTPRequestHandler):
             url = proxy.next("prefill")
             conn, resp = proxy.open("prefill", url, "POST", self.path, prefill_request(body))
             with contextlib.closing(conn):
-                raw = resp.read()
+                try:
+                    raw = resp.read()
+                except TimeoutError:
+                    raise UpstreamError(504, f"the prefill instance {url} did not finish its answer within "
+                                             f"{proxy.cfg.timeout:g} s (proxy.timeout)") from None
+                except (OSError, http.client.HTTPException) as exc:
+                    raise UpstreamError(502, f"the prefill instance {url} broke off: {exc}") from None
                 if resp.status != 200:  # the instance refused the request itself: the client's to see
                     proxy.count("failed")
                     self._raw(resp.status, resp.getheader("Content-Type", "application/json"), raw)

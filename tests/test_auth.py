@@ -52,7 +52,12 @@ def test_consumers_without_the_key_are_refused_and_the_producer_keeps_serving(wo
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for what, (overrides, env) in attempts.items()}  # at once: each is a process start
     for what, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hung
+            proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"{what}: still running after 120 s: {err[-3000:]}") from None
         assert proc.returncode == 1, (what, err)
         assert "authentication failed" in err and "Traceback" not in err, (what, err)
         assert p.address in err and "serving on" in err  # where the right key is

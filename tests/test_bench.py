@@ -25,7 +25,8 @@ def test_bench_writes_results_json_that_validates_against_the_schema(workdir):
     f = results["figures"]
     assert f["verified"] is True and f["bytes"] > 0 and f["gbps"] > 0
     assert set(f["latency_ms"]) == {"p50", "p90", "p99"}
-    assert results["raw"]["gbps"] > 0 and results["ratio"] == pytest.approx(f["gbps"] / results["raw"]["gbps"], rel=0.01)
+    assert results["raw"]["gbps"] > 0 and results["ratio"] == pytest.approx(f["gbps"] / results["raw"]["gbps"], rel=0.01,
+                                                                                           abs=0.001)  # 3 decimals
     assert results["environment"]["versions"]["torch"] and results["config"]["connector"]["name"] == "offloading"
     assert out["bench"]["figures"] == f and out["results_file"] == str(workdir / "results.json")
 

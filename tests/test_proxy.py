@@ -30,7 +30,8 @@ PARAMS = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_block_ids"
 
 class Instance:
     """An HTTP server on 127.0.0.1 that answers each POST with ``reply(body)``: (status, JSON or
-    a list of stream events, or None to stay silent); it keeps what it was sent."""
+    a list of stream events, None to stay silent, or "partial" to stall mid-answer); it keeps what
+    it was sent."""
 
     def __init__(self, reply: Callable[[dict[str, Any]], tuple[int, Any]]) -> None:
         self.seen: list[dict[str, Any]] = []
@@ -48,6 +49,15 @@ class Instance:
                 status, doc = reply(body)
                 if doc is None:
                     time.sleep(30)  # silent
+                    return
+                if doc == "partial":  # starts its answer, then stalls
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": ')
+                    self.wfile.flush()
+                    time.sleep(30)
                     return
                 if isinstance(doc, list):  # a stream, piece by piece
                     self.send_response(status)
@@ -158,7 +168,8 @@ def test_requests_go_to_a_prefill_then_a_decode_with_its_params_in_turn(instance
 
 
 @pytest.mark.parametrize("case", ["prefill fails", "prefill answers no params", "prefill is gone",
-                                  "decode is gone", "decode is silent", "prefill refuses the request"])
+                                  "decode is gone", "decode is silent", "prefill refuses the request",
+                                  "prefill stalls mid-answer"])
 def test_a_failing_instance_is_one_clear_http_error(case, instances, tmp_path):
     prefill, decode = instances(prefill_ok), instances(decode_ok)
     urls = [prefill.url, decode.url]
@@ -168,6 +179,8 @@ def test_a_failing_instance_is_one_clear_http_error(case, instances, tmp_path):
         urls[0] = instances(lambda b: (200, {"choices": [{"text": "x"}]})).url
     elif case == "prefill refuses the request":
         urls[0] = instances(lambda b: (400, {"error": {"message": "prompt too long"}})).url
+    elif case == "prefill stalls mid-answer":
+        urls[0] = instances(lambda b: (200, "partial")).url
     elif case == "decode is silent":
         urls[1] = instances(lambda b: (200, None)).url
     elif case.endswith("is gone"):
@@ -186,7 +199,9 @@ def test_a_failing_instance_is_one_clear_http_error(case, instances, tmp_path):
                 "prefill is gone": (502, f"the prefill instance {urls[0]} could not be reached"),
                 "decode is gone": (502, f"the decode instance {urls[1]} could not be reached"),
                 "decode is silent": (504, f"the decode instance {urls[1]} did not answer within 2 s (proxy.timeout)"),
-                "prefill refuses the request": (400, "prompt too long")}[case]
+                "prefill refuses the request": (400, "prompt too long"),
+                "prefill stalls mid-answer": (504, f"the prefill instance {urls[0]} did not finish its answer "
+                                                   "within 2 s (proxy.timeout)")}[case]
     assert status == expected[0], text
     assert doc is not None and expected[1] in json.dumps(doc), doc
     if status != 400:
