@@ -26,7 +26,6 @@ import contextlib
 import http.client
 import itertools
 import json
-import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 
 from kvconf.config.models import ProxyConfig
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
+from kvconf.runtime.process import stop_on_signals
 
 __all__ = ["COMPLETIONS", "Proxy", "UpstreamError", "check", "decode_request", "prefill_request", "serve_proxy"]
 
@@ -159,12 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one line per request is not kvconf's style; failures are logged below
 
     def _json(self, status: int, doc: Any) -> None:
-        data = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._raw(status, "application/json", json.dumps(doc).encode())
 
     def _error(self, status: int, message: str) -> None:
         print(f"kvconf: proxy: {self.command} {self.path}: {status}: {message}", file=sys.stderr, flush=True)
@@ -301,24 +296,18 @@ def serve_proxy(cfg: ProxyConfig) -> dict[str, Any]:
         raise ConnectorRuntimeError(Problem("proxy.port", f"cannot listen on {cfg.host}:{cfg.port}: {exc}",
                                             value=cfg.port, fix="choose another proxy.port (0: a free one)")) from None
     host, port = str(server.server_address[0]), int(server.server_address[1])
-    stop = threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="kvconf-proxy",
                               daemon=True)
     thread.start()
     address = f"http://{host}:{port}"
     print(f"kvconf: proxy on {address} (prefill: {', '.join(cfg.prefill)}; decode: {', '.join(cfg.decode)})",
           file=sys.stderr, flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals(threading.Event()) as stop:
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
     return {"address": address, "prefill": cfg.prefill, "decode": cfg.decode, **proxy.counts}

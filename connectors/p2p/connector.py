@@ -51,9 +51,9 @@ from .consumer import pull_loop
 from .endpoint import Recv
 from .producer import Producer, serve_producer
 from .selftest import bare_engine, run_as_consumer, run_as_producer, stop_bare_peer
-from .settings import HOST, HOST_PORT, P2PExtra, merged_regions
+from .settings import P2PExtra, merged_regions
 
-__all__ = ["HOST", "HOST_PORT", "P2PConnector", "P2PExtra", "P2PMetadata", "Recv", "merged_regions"]
+__all__ = ["P2PConnector", "P2PExtra", "P2PMetadata", "Recv"]
 
 log = logging.getLogger("kvconf.p2p")
 

@@ -21,7 +21,6 @@ import collections
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from kvconf.runtime.pattern import block_pattern
+from kvconf.runtime.process import stop_on_signals
 
 from . import auth
 from . import protocol as sc
@@ -394,32 +394,27 @@ def serve_producer(conn: Any, stop: threading.Event, announce: bool = True) -> d
     ``kv_transfer_params`` and holds their blocks until their decode read them; what it served."""
     server = Producer(conn)
     server.verbose = announce
-    handlers: dict[Any, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
     key = conn._auth or auth.AuthKey.generate()
-    try:
-        address = server.bind(key)
-        if conn._auth is None:  # consumers need it: a 0600 file, gone when serving ends
-            key = auth.write_key_file(key, f"producer-{address.replace(':', '-')}.key")
-        conn._side_channel = int(address.rsplit(":", 1)[1])
-        listeners = conn.note_listeners()
-        if announce:
-            print(f"serving on {address} (key: {key.path or key.source})", flush=True)
-            print("kvconf: listening on " + ", ".join(
-                f"{x['address']} ({x['what']}, {'authenticated' if x['authenticated'] else 'NOT authenticated'})"
-                for x in listeners), file=sys.stderr, flush=True)
-            print(f"kvconf: {conn.config.name} producer {address}, engine session {conn._session}, transport "
-                  f"{conn.transport} ({conn.transport_reason}); SIGINT or SIGTERM stops it",
-                  file=sys.stderr, flush=True)
-        server.run(stop)
-    finally:
-        server.close()
-        if conn._auth is None and key.path:
-            Path(key.path).unlink(missing_ok=True)
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+    with stop_on_signals(stop):
+        try:
+            address = server.bind(key)
+            if conn._auth is None:  # consumers need it: a 0600 file, gone when serving ends
+                key = auth.write_key_file(key, f"producer-{address.replace(':', '-')}.key")
+            conn._side_channel = int(address.rsplit(":", 1)[1])
+            listeners = conn.note_listeners()
+            if announce:
+                print(f"serving on {address} (key: {key.path or key.source})", flush=True)
+                print("kvconf: listening on " + ", ".join(
+                    f"{x['address']} ({x['what']}, {'authenticated' if x['authenticated'] else 'NOT authenticated'})"
+                    for x in listeners), file=sys.stderr, flush=True)
+                print(f"kvconf: {conn.config.name} producer {address}, engine session {conn._session}, transport "
+                      f"{conn.transport} ({conn.transport_reason}); SIGINT or SIGTERM stops it",
+                      file=sys.stderr, flush=True)
+            server.run(stop)
+        finally:
+            server.close()
+            if conn._auth is None and key.path:
+                Path(key.path).unlink(missing_ok=True)
     return {"address": address, "served_requests": server.served, "failed_requests": server.failed,
             "bytes": server.bytes, "rejected_messages": server.rejected, "expired_leases": server.expired,
             "refused_peers": server.refused, "disconnected_consumers": server.disconnected,

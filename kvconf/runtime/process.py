@@ -13,10 +13,15 @@ False
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
-__all__ = ["PARENT_ENV", "die_with_parent", "hard_exit", "hard_exit_requested", "request_hard_exit"]
+__all__ = ["PARENT_ENV", "die_with_parent", "hard_exit", "hard_exit_requested", "request_hard_exit",
+           "stop_on_signals"]
 
 _hard_exit = False
 
@@ -82,3 +87,19 @@ def die_with_parent(signum: int = 15) -> bool:
     if parent is not None and parent.isdigit() and os.getppid() != int(parent):
         os.kill(os.getpid(), signum)  # the parent died before the request took effect
     return True
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
+    """Within it, SIGINT and SIGTERM set ``stop`` (a long-lived server's way to end cleanly); the
+    handlers before it come back after. Off the main thread (where Python allows no handler) it
+    changes nothing."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
