@@ -21,7 +21,7 @@ from pydantic import Field
 from kvconf.config.base import StrictModel
 
 __all__ = ["DIRECT_ALIGN", "HEADER_CACHE", "IOV_MAX", "MAGIC", "PREFIX", "SUFFIX", "VERSION", "BadSegment",
-           "SegmentHeader", "open_regular", "page_hash", "row_labels", "write_all", "write_atomically"]
+           "SegmentHeader", "open_regular", "page_hash", "pwrite_all", "row_labels", "write_all", "write_atomically"]
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """Most buffers one ``preadv``/``pwritev`` takes."""
@@ -104,6 +104,21 @@ def write_all(fd: int, bufs: list[Any]) -> None:
     while views:
         batch = views[:IOV_MAX]
         n = os.writev(fd, batch)
+        while batch and n >= len(batch[0]):
+            n -= len(batch[0])
+            batch.pop(0)
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def pwrite_all(fd: int, bufs: list[Any], offset: int) -> None:
+    """``pwritev`` of every buffer from ``offset`` on, at most ``IOV_MAX`` a call, finishing short writes."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        batch = views[:IOV_MAX]
+        n = os.pwritev(fd, batch, offset)
+        offset += n
         while batch and n >= len(batch[0]):
             n -= len(batch[0])
             batch.pop(0)

@@ -15,6 +15,14 @@ non-blocking open: a symlink or a FIFO at a segment's path is a failure, not a h
 folder must be a real folder (never a symlink: eviction would delete where it points), temporary
 files of writers that died are removed at start, and the header cache is bounded.
 
+Loads and saves overlap the forward pass, layer by layer, on the connector's I/O thread
+(:class:`~kvconf_connectors.tier.TierConnector`): a step's segments are opened and their headers
+checked, then each layer's pages are read, checked and released to the engine
+(``wait_for_layer_load``) while the engine computes the layers before; a layer the engine has just
+written is written to each request's temporary segment file at its place while the engine
+computes the next, and ``wait_for_save`` writes the headers (the page hashes; room for them is
+set aside when the file is opened), syncs and renames.
+
 No staging buffer sits between the file and the KV cache: a save writes the blocks' pages straight
 from the cache (``pwritev`` of one buffer per page; with ``O_DIRECT`` where the file system takes
 it and the pages are 4 KiB aligned, past the page cache too: the header is then padded with spaces
@@ -32,6 +40,7 @@ chunk key, layer and row, so a forged, altered or rearranged segment is refused 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import mmap
@@ -67,8 +76,8 @@ from kvconf_connectors.segments import (
     SegmentHeader,
     open_regular,
     page_hash,
+    pwrite_all,
     row_labels,
-    write_atomically,
 )
 from kvconf_connectors.tier import Chunk, TierConnector, TierOp
 
@@ -131,6 +140,10 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         self._pages: dict[str, Any] = {}
         """``layer -> numpy (num_blocks, page)`` over the KV cache: a block's page as a buffer."""
         self._writers: Optional[ThreadPoolExecutor] = None
+        self._reads: Optional[tuple[list[TierOp], dict[str, dict[str, Any]]]] = None
+        """The step's segments being read (its load ops, ``path -> fd, header, chunks, failure``)."""
+        self._writing: dict[str, dict[str, Any]] = {}
+        """The step's segments being written, by request."""
         self._direct = False
         """Segments are written with ``O_DIRECT`` (see :attr:`SharedStorageExtra.direct_io`)."""
 
@@ -324,106 +337,130 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
             return memoryview(self._pages[layer][block])
         return memoryview(self._views[layer][block].cpu().numpy())
 
-    def _load_chunks(self, op: TierOp) -> dict[int, str]:
-        """Reads each segment's pages straight into the blocks, then checks every page there."""
-        errors: dict[int, str] = {}
+    # ---- reading segments, layer by layer (the tier's I/O thread) ------------------------------
+    layered = True
+
+    def _layer_at(self, header: dict[str, Any], layer: str) -> tuple[int, int, int]:
+        """(index in the segment's layers, file offset of the layer's first page, page bytes)."""
+        n_rows = len(header["keys"]) * self.chunk_blocks
+        at = header["_data_offset"]
+        for li, (name, page) in enumerate(self.layers):
+            if name == layer:
+                return li, at, page
+            at += n_rows * page
+        raise KeyError(layer)
+
+    def _open_reads(self, ops: list[TierOp]) -> None:
+        """The step's segments, opened and their headers checked, before the first layer is read."""
         by_file: dict[str, list[tuple[int, Chunk]]] = {}
-        for c in op.chunks:
-            path, idx = c.place
-            by_file.setdefault(path, []).append((idx, c))
+        for op in ops:
+            for c in op.chunks:
+                path, idx = c.place
+                by_file.setdefault(path, []).append((idx, c))
+        reads: dict[str, dict[str, Any]] = {}
         for path, items in by_file.items():
+            entry: dict[str, Any] = {"items": items, "fd": None, "header": None, "failed": None}
             try:
-                self._read_segment(path, items)
-            except (BadSegment, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-                reason = str(exc) if isinstance(exc, BadSegment) else f"{path}: {type(exc).__name__}: {exc}"
-                for _, c in items:
-                    for name, _ in self.layers:
-                        self._views[name][self.ids_of(c, name)] = 0  # nothing half loaded
-                    for b in {b for ids in c.block_ids for b in ids}:
-                        errors[b] = reason
+                self._check_dir(create=False)
+                entry["fd"] = open_regular(path)
+                entry["header"] = self.read_header(path, entry["fd"])
+            except (BadSegment, OSError, ValueError, KeyError, TypeError) as exc:
+                entry["failed"] = self._reason(path, exc)
+            reads[path] = entry
+        self._reads = (ops, reads)
+
+    @staticmethod
+    def _reason(path: str, exc: BaseException) -> str:
+        return str(exc) if isinstance(exc, BadSegment) else f"{path}: {type(exc).__name__}: {exc}"
+
+    def _fail_read(self, entry: dict[str, Any]) -> dict[int, str]:
+        """Zeroes every block of a failed segment's chunks in every layer (nothing half loaded); its
+        blocks, each with the reason."""
+        errors: dict[int, str] = {}
+        for _, c in entry["items"]:
+            for name, _ in self.layers:
+                if name in self._views:
+                    self._views[name][self.ids_of(c, name)] = 0
+            for b in {b for ids in c.block_ids for b in ids}:
+                errors[b] = entry["failed"]
         return errors
 
-    def _read_segment(self, path: str, items: list[tuple[int, Chunk]]) -> None:
+    def _load_layer(self, ops: list[TierOp], layer: str) -> dict[int, str]:
+        """One layer's pages of the step's segments, read straight into the blocks (``preadv`` of
+        runs of adjacent pages), each page checked where it landed. A segment that fails its
+        checks in any layer fails its chunks' blocks in every layer."""
+        if self._reads is None or self._reads[0] is not ops:
+            self._open_reads(ops)
+        assert self._reads is not None
+        reads = self._reads[1]
+        errors: dict[int, str] = {}
+        for path, entry in reads.items():
+            if entry["failed"] is None:
+                try:
+                    self._read_layer(path, entry, layer)
+                except (BadSegment, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                    entry["failed"] = self._reason(path, exc)
+            if entry["failed"] is not None and not entry.get("reported"):  # once, in the layer it failed
+                entry["reported"] = True
+                errors.update(self._fail_read(entry))
+        if layer == self._layer_order[-1]:  # the step's last layer: the files are done with
+            for entry in reads.values():
+                if entry["fd"] is not None:
+                    os.close(entry["fd"])
+                    entry["fd"] = None
+            self._reads = None
+        return errors
+
+    def _read_layer(self, path: str, entry: dict[str, Any], layer: str) -> None:
         k = self.chunk_blocks
-        self._check_dir(create=False)
-        fd = open_regular(path)
-        try:
-            header = self.read_header(path, fd)
-            n_keys = len(header["keys"])
-            pages: list[tuple[int, Any, int, int, str]] = []  # file offset, buffer, layer, row, layer name
-            at = header["_data_offset"]
-            for li, (name, page) in enumerate(self.layers):
-                for idx, c in items:
-                    for j, b in enumerate(self.ids_of(c, name)):
-                        pages.append((at + (idx * k + j) * page, self._page(name, b), li, idx * k + j, name))
-                at += n_keys * k * page
-            pages.sort(key=lambda p: p[0])
-            start = 0
-            while start < len(pages):  # runs of adjacent pages, one preadv each
-                end = start + 1
-                while (end < len(pages) and end - start < IOV_MAX
-                       and pages[end][0] == pages[end - 1][0] + len(pages[end - 1][1])):
-                    end += 1
-                bufs = [p[1] for p in pages[start:end]]
-                want = sum(len(x) for x in bufs)
-                if os.preadv(fd, bufs, pages[start][0]) != want:
-                    raise BadSegment(f"{path}: truncated: a short read in layer {pages[start][4]}")
-                start = end
-        finally:
-            os.close(fd)
-        sums = header["sums"]
-        keys = header["keys"]
-        for _, buf, li, row, name in pages:
-            label = row_labels(keys, name, k, row, 1)[0] if self._mac else b""
+        header, fd = entry["header"], entry["fd"]
+        li, at, page = self._layer_at(header, layer)
+        pages = sorted((at + (idx * k + j) * page, self._page(layer, b), idx * k + j)
+                       for idx, c in entry["items"] for j, b in enumerate(self.ids_of(c, layer)))
+        start = 0
+        while start < len(pages):  # runs of adjacent pages, one preadv each
+            end = start + 1
+            while (end < len(pages) and end - start < IOV_MAX
+                   and pages[end][0] == pages[end - 1][0] + len(pages[end - 1][1])):
+                end += 1
+            bufs = [p[1] for p in pages[start:end]]
+            want = sum(len(x) for x in bufs)
+            if os.preadv(fd, bufs, pages[start][0]) != want:
+                raise BadSegment(f"{path}: truncated: a short read in layer {layer}")
+            start = end
+        sums, keys = header["sums"], header["keys"]
+        for _, buf, row in pages:
+            label = row_labels(keys, layer, k, row, 1)[0] if self._mac else b""
             if page_hash(buf, self._mac, label) != sums[li][row]:
-                raise BadSegment(f"{path}: checksum mismatch in layer {name} (the file is corrupt"
+                raise BadSegment(f"{path}: checksum mismatch in layer {layer} (the file is corrupt"
                                  + (", or not written with this hmac_key_file)" if self._mac else ")"))
         if not self._pages:  # the pages were host copies: into the device's blocks
             import torch
 
-            chunk_at = dict(items)
-            for _, buf, _li, row, name in pages:
+            chunk_at = dict(entry["items"])
+            for _, buf, row in pages:
                 idx, j = divmod(row, k)
-                self._views[name][self.ids_of(chunk_at[idx], name)[j]].copy_(torch.frombuffer(buf, dtype=torch.uint8))
+                self._views[layer][self.ids_of(chunk_at[idx], layer)[j]].copy_(torch.frombuffer(buf, dtype=torch.uint8))
 
-    # ---- writing segments ----------------------------------------------------------------------
-    def _save(self, ops: list[TierOp]) -> dict[str, str]:
-        """The step's segments, written side by side (``WRITERS`` at a time: while one waits for
-        its ``fdatasync`` the next is written, and the file system commits their journal together)."""
-        def write(op: TierOp) -> Optional[str]:
+    # ---- writing segments, layer by layer ------------------------------------------------------
+    def _begin_save(self, ops: list[TierOp]) -> dict[str, str]:
+        """A temporary file per request of the step, its header's room set aside (the header, with
+        every page's hash, is written last, padded with spaces to that room: JSON allows them)."""
+        self._writing = {}
+        errors: dict[str, str] = {}
+        for op in ops:
             try:
-                self._write_segment(op)
-                return None
-            except Exception as exc:  # the request's chunks are not in the tier
-                return f"{exc}"
+                self._writing[op.request_id] = self._open_segment(op)
+            except OSError as exc:
+                errors[op.request_id] = str(exc)
+        return errors
 
-        if len(ops) > 1:
-            if self._writers is None:
-                self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="kvconf-segment-writer")
-            outcomes = list(self._writers.map(write, ops))
-        else:
-            outcomes = [write(op) for op in ops]
-        if self.capacity is not None and any(o is None for o in outcomes):
-            self._evict()
-        return {op.request_id: why for op, why in zip(ops, outcomes) if why is not None}
-
-    def _write_segment(self, op: TierOp) -> None:
-        """One segment for the op's chunks, written straight from the KV cache's pages."""
+    def _open_segment(self, op: TierOp) -> dict[str, Any]:
         keys = [c.key.hex() for c in op.chunks]
-        k = self.chunk_blocks
-        bufs: list[Any] = []
-        sums = []
-        for name, _ in self.layers:
-            rows = [self._page(name, b) for c in op.chunks for b in self.ids_of(c, name)]
-            labels = row_labels(keys, name, k, 0, len(rows)) if self._mac else [b""] * len(rows)
-            sums.append([page_hash(r, self._mac, lab) for r, lab in zip(rows, labels)])
-            bufs.extend(rows)
-        header = {
-            "version": VERSION, "layout": self.layout, "layers": self.layers, "chunk_blocks": self.chunk_blocks,
-            "keys": keys, "hash": self._hash, "sums": sums, "data_bytes": sum(len(b) for b in bufs),
-            "written_by": f"{os.uname().nodename}:{os.getpid()}", "time": time.time(),
-        }
-        raw = json.dumps(header).encode()
+        n_rows = len(op.chunks) * self.chunk_blocks
+        data_bytes = n_rows * sum(page for _, page in self.layers)
+        widest = self._header_dict(keys, [[2**64 - 1] * n_rows for _ in self.layers], data_bytes)
+        room = len(json.dumps(widest).encode()) + 64  # the time and the writer's name may grow a little
         path = self.path_of(op.chunks[0].key)
         try:
             self._check_dir(create=True)
@@ -432,20 +469,103 @@ class SharedStorageConnector(TierConnector, ChecksConfig, KeepsStore, ColdLoads)
         except OSError as exc:
             raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
         tmp = os.path.join(self.dir, f".{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        if self._direct:
-            # JSON allows trailing spaces: the padded header ends where a device block does, so
-            # that every page that follows lies at an aligned offset (the format is unchanged)
-            raw += b" " * (-(PREFIX.size + len(raw)) % DIRECT_ALIGN)
-            head = mmap.mmap(-1, PREFIX.size + len(raw))  # page-aligned memory, as O_DIRECT needs
-            head.write(PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw)
+        fd, direct = -1, self._direct
+        if direct:
+            room += -(PREFIX.size + room) % DIRECT_ALIGN  # every page then lies at an aligned offset
             try:
-                if write_atomically(tmp, path, [head, *bufs], direct=True):
-                    return
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
+                self._direct = direct = False  # the file system refused O_DIRECT: through the page cache
+        if fd < 0:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                raise OSError(f"cannot write under {self.dir}: {exc.strerror or exc}") from None
+        return {"op": op, "keys": keys, "path": path, "tmp": tmp, "fd": fd, "direct": direct, "room": room,
+                "data": PREFIX.size + room, "rows": n_rows, "data_bytes": data_bytes,
+                "sums": [None] * len(self.layers), "failed": None}
+
+    def _header_dict(self, keys: list[str], sums: list[Any], data_bytes: int) -> dict[str, Any]:
+        return {"version": VERSION, "layout": self.layout, "layers": self.layers, "chunk_blocks": self.chunk_blocks,
+                "keys": keys, "hash": self._hash, "sums": sums, "data_bytes": data_bytes,
+                "written_by": f"{os.uname().nodename}:{os.getpid()}", "time": time.time()}
+
+    def _save_layer(self, ops: list[TierOp], layer: str) -> dict[str, str]:
+        """One layer's pages of each request's chunks, written straight from the KV cache's pages
+        at their place in the request's segment, and hashed."""
+        errors: dict[str, str] = {}
+        for op in ops:
+            seg = self._writing.get(op.request_id)
+            if seg is None or seg["failed"] is not None:
+                continue
+            try:
+                li = next(i for i, (n, _) in enumerate(self.layers) if n == layer)
+                rows = [self._page(layer, b) for c in op.chunks for b in self.ids_of(c, layer)]
+                labels = row_labels(seg["keys"], layer, self.chunk_blocks, 0, len(rows)) if self._mac else [b""] * len(rows)
+                seg["sums"][li] = [page_hash(r, self._mac, lab) for r, lab in zip(rows, labels)]
+                at = seg["data"] + sum(seg["rows"] * page for _, page in self.layers[:li])
+                pwrite_all(seg["fd"], rows, at)
+            except OSError as exc:
+                if seg["direct"] and exc.errno == errno.EINVAL:
+                    self._direct = False  # O_DIRECT refused on write: the next segments go through the page cache
+                seg["failed"] = f"writing {seg['path']} failed: {exc.strerror or exc}"
+                errors[op.request_id] = seg["failed"]
+        return errors
+
+    def _end_save(self, ops: list[TierOp], failed: dict[str, str]) -> dict[str, str]:
+        """Each segment's header, then ``fdatasync`` and the rename that makes it visible (a reader
+        sees a whole segment or none); segments of one step are synced side by side (``WRITERS``
+        at a time: the file system commits their journal together)."""
+        segs, self._writing = self._writing, {}
+
+        def finish(seg: dict[str, Any]) -> Optional[str]:
+            rid = seg["op"].request_id
+            why = failed.get(rid) or seg["failed"]
+            if why is None and any(x is None for x in seg["sums"]):
+                why = "a layer of the segment was not written"
+            try:
+                if why is None:
+                    self._write_header(seg)
+                    os.fdatasync(seg["fd"])
+            except OSError as exc:
+                why = f"writing {seg['path']} failed: {exc.strerror or exc}"
             finally:
-                head.close()
-            self._direct = False  # the file system refused O_DIRECT: through the page cache from now on
-            raw = raw.rstrip(b" ")
-        write_atomically(tmp, path, [PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)), raw, *bufs], direct=False)
+                os.close(seg["fd"])
+            if why is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(seg["tmp"])
+                return why
+            os.replace(seg["tmp"], seg["path"])
+            return None
+
+        todo = list(segs.values())
+        if len(todo) > 1:
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="kvconf-segment-writer")
+            outcomes = list(self._writers.map(finish, todo))
+        else:
+            outcomes = [finish(seg) for seg in todo]
+        if self.capacity is not None and any(o is None for o in outcomes):
+            self._evict()
+        return {seg["op"].request_id: why for seg, why in zip(todo, outcomes) if why is not None}
+
+    def _write_header(self, seg: dict[str, Any]) -> None:
+        raw = json.dumps(self._header_dict(seg["keys"], seg["sums"], seg["data_bytes"])).encode()
+        if len(raw) > seg["room"]:
+            raise OSError(f"the header of {seg['path']} outgrew its room ({len(raw)} > {seg['room']} B)")
+        raw += b" " * (seg["room"] - len(raw))
+        head = PREFIX.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw
+        if seg["direct"]:
+            buf = mmap.mmap(-1, len(head))  # page-aligned memory, as O_DIRECT needs
+            try:
+                buf.write(head)
+                pwrite_all(seg["fd"], [buf], 0)
+            finally:
+                buf.close()
+        else:
+            pwrite_all(seg["fd"], [head], 0)
 
     def _evict(self) -> None:
         """Removes the oldest segments until the directory is within ``capacity``."""

@@ -262,6 +262,12 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         if ev is not None:
             ev.wait()
 
+    def _await_loads(self) -> None:
+        """Waits for the loads in flight: their errors are known after."""
+        loading = self._loading
+        if loading is not None:
+            loading.result()
+
     def _finish_loads(self) -> None:
         """Waits for the step's loads to end (errors included): before the step is reported."""
         if self._loading is not None:
@@ -368,10 +374,12 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         return done or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._await_loads()
         with self._lock:
             return set(self._load_errors)
 
     def get_load_error_reasons(self) -> dict[int, str]:
+        self._await_loads()
         with self._lock:
             errors, self._load_errors = self._load_errors, {}
             return errors
