@@ -80,7 +80,8 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._layers_saved: set[str] = set()
         self._save_jobs: list[Any] = []
         self._save_busy = 0.0
-        self._totals = {"loaded_bytes": 0.0, "load_seconds": 0.0, "saved_bytes": 0.0, "save_seconds": 0.0}
+        self._totals = {"loaded_bytes": 0.0, "load_seconds": 0.0, "load_wait_seconds": 0.0, "saved_bytes": 0.0,
+                        "save_seconds": 0.0, "save_wait_seconds": 0.0}
 
     @property
     def chunk_tokens(self) -> int:
@@ -259,8 +260,10 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Returns once ``layer_name``'s pages of the step's loads are in (at once where nothing loads)."""
         ev = self._layer_loaded.get(layer_name)
-        if ev is not None:
+        if ev is not None and not ev.is_set():
+            t0 = time.perf_counter()
             ev.wait()
+            self._totals["load_wait_seconds"] += time.perf_counter() - t0
 
     def _await_loads(self) -> None:
         """Waits for the loads in flight: their errors are known after."""
@@ -311,6 +314,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
                 if name not in self._layers_saved:
                     self.save_kv_layer(name, None, None)
             jobs, self._save_jobs, self._layers_saved = self._save_jobs, [], set()
+            waited = time.perf_counter()
             errors: dict[str, str] = {}
             for job in jobs:
                 try:
@@ -319,6 +323,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
                     errors.update({op.request_id: f"{type(exc).__name__}: {exc}" for op in meta.saves})
             t0 = time.perf_counter()
             errors.update(self._end_save(meta.saves, errors))
+            self._totals["save_wait_seconds"] += time.perf_counter() - waited
             busy, self._save_busy = self._save_busy, 0.0
             self._tally("save", busy + time.perf_counter() - t0, self._op_bytes(meta.saves))
         else:
@@ -338,7 +343,9 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
 
     def transfer_totals(self) -> dict[str, float]:
         """Bytes and seconds of this worker's loads (from a step's start to its last layer in) and
-        saves (the time spent copying and completing them), so far."""
+        saves (the time spent copying and completing them), so far; and how long the engine waited
+        for them (``load_wait_seconds``: in ``wait_for_layer_load``; ``save_wait_seconds``: in
+        ``wait_for_save``): what the tier held the forward pass for."""
         return dict(self._totals)
 
     def _load(self, ops: list[TierOp]) -> dict[int, str]:

@@ -7,6 +7,9 @@ ratios and latencies take the noise of the throughput they derive from, plus tha
 divide by; a ``ceiling_ratio`` taken per repetition (each over the limit measured right after it)
 has its own spread, which is its noise. Without recorded
 repetitions (an older results.json, or one repetition) the noise is :data:`DEFAULT_NOISE`.
+A ``bench.engine=vllm`` result gives one job per prompt length, variant (kvconf, no connector, vLLM's
+own) and pass, with its time to first token (lower is better), decode throughput and the TTFT
+ratio to vLLM without a connector; their noise is the spread of the repetitions' medians.
 ``--fail-below RATIO`` exits 1 when a throughput figure of B is below RATIO times A's (CI gating:
 ``--fail-below 0.9`` fails on a 10 % loss).
 """
@@ -25,7 +28,7 @@ __all__ = ["DEFAULT_NOISE", "GATED", "compare", "main"]
 DEFAULT_NOISE = 0.05
 """The noise of a figure whose repetitions were not recorded: 5 %."""
 
-GATED = ("gbps", "save_gbps", "load_gbps")
+GATED = ("gbps", "save_gbps", "load_gbps", "decode_tps")
 """The figures ``--fail-below`` checks: the connector's own throughput."""
 
 FIGURES = {  # figure -> (the throughput whose spread is its noise, higher is better)
@@ -34,7 +37,28 @@ FIGURES = {  # figure -> (the throughput whose spread is its noise, higher is be
     "ceiling_ratio_save": ("save_gbps", True), "ceiling_ratio_load": ("load_gbps", True),
     "ceiling_ratio_overall": ("gbps", True),
     "latency_p50_ms": ("gbps", False), "latency_p99_ms": ("gbps", False),
+    # bench.engine=vllm: per prompt length, variant and pass
+    "ttft_p50_ms": ("ttft_ms", False), "ttft_vs_no_connector": ("ttft_vs_no_connector", False),
+    "decode_tps": ("decode_tps", True),
 }
+
+VARIANTS = {"no_connector": "no connector", "connector": "kvconf", "vllm_connector": "vLLM's"}
+"""How a ``bench.engine=vllm`` variant is named in a job's label."""
+
+
+def _vllm_figures(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``label -> figures`` of a ``bench.engine=vllm`` results.json: one per prompt length,
+    variant and pass (``offloading llama_100m 4096 tokens kvconf hit``)."""
+    out = {}
+    for length, per in doc["vllm"]["by_length"].items():
+        for variant, passes in per["passes"].items():
+            for name, f in passes.items():
+                label = f"{doc['connector']} {doc['kv_cache']} {length} tokens {VARIANTS.get(variant, variant)} {name}"
+                out[label] = {"ttft_p50_ms": (f.get("ttft_ms") or {}).get("p50"), "decode_tps": f.get("decode_tps"),
+                              "load_gbps": f.get("load_gbps"), "ttft_vs_no_connector": f.get("ttft_vs_no_connector"),
+                              "_spread": f.get("by_repetition") or {}, "_raw_spread": None, "_limit_spread": {},
+                              "_ratio_spread": {}}
+    return out
 
 
 def _load(path: Path) -> dict[str, dict[str, Any]]:
@@ -43,6 +67,9 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for f in files:
         doc = json.loads(f.read_text())
+        if doc.get("engine") == "vllm":
+            out.update(_vllm_figures(doc))
+            continue
         fig = doc["figures"]
         flat = {k: fig.get(k) for k in ("gbps", "save_gbps", "load_gbps")}
         flat.update({"raw_gbps": (doc.get("raw") or {}).get("gbps"), "ratio": doc.get("ratio"),

