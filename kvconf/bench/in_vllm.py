@@ -466,14 +466,16 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                 folder = str(work / f"r{rep}-{length}")
                 tree = to_plugin(cfg.connector, cls)
                 tree = _redirect_stores(tree, folder, [0])
+                chosen = tuple(p for p in PASSES if p in bench.passes)
                 variants: list[tuple[str, Optional[dict[str, Any]], bool, tuple[str, ...]]] = []
                 if bench.baselines:
-                    variants.append(("no_connector", None, False, PASSES))
-                variants.append(("connector", tree, _keeps_store_on_disk(tree), PASSES))
-                if bench.baselines and not counterpart_reason:
+                    variants.append(("no_connector", None, False, chosen))
+                variants.append(("connector", tree, _keeps_store_on_disk(tree), chosen))
+                theirs_passes = tuple(p for p in ("save", "hit") if p in chosen)
+                if bench.baselines and not counterpart_reason and theirs_passes:
                     theirs, counterpart_reason = _counterpart(name, os.path.join(folder, "vllm-store"), _bytes(cpu_bytes))
                     if theirs is not None:
-                        variants.append(("vllm_connector", theirs, True, ("save", "hit")))
+                        variants.append(("vllm_connector", theirs, True, theirs_passes))
                 for label, kv, fresh, passes in variants:
                     one[label] = {}
                     for kvt, these in _variant_runs(kv, fresh, passes):

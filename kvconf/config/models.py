@@ -65,6 +65,7 @@ Export = Literal["export"]
 Serve = Literal["serve"]
 Bench = Literal["bench"]
 BenchEngine = Literal["kvconf", "vllm"]
+BenchPass = Literal["save", "hit", "miss"]
 Proxy = Literal["proxy"]
 Action = Literal[Check, Run, Export, Serve, Bench, Proxy]
 
@@ -194,11 +195,21 @@ class BenchConfig(StrictModel):
     prompt_tokens: Annotated[list[Annotated[int, Field(ge=64, le=131072)]], Field(min_length=1, max_length=16)] = [
         4096]
     """``engine=vllm``: prompt lengths, in tokens; each length is a workload of its own."""
+    passes: Annotated[list[BenchPass], Field(min_length=1, max_length=3)] = ["save", "hit", "miss"]
+    """``engine=vllm``: which passes run (``[miss]``: the cost of requests that never hit alone,
+    cheaply repeated); ``hit`` loads what ``save`` stored, so it needs ``save``."""
     output_tokens: int = Field(32, ge=2, le=4096)
     """``engine=vllm``: tokens generated per request (the decode throughput's)."""
     baselines: bool = True
     """``engine=vllm``: also run the workload without a connector and with vLLM's own connector for
     the same job, where one runs on this host."""
+
+    @field_validator("passes")
+    @classmethod
+    def _hit_needs_save(cls, v: list[str]) -> list[str]:
+        if "hit" in v and "save" not in v:
+            raise ValueError("the hit pass loads what the save pass stored; fix: bench.passes=[save,hit] (or add save)")
+        return v
 
     @field_validator("prompt_tokens", mode="before")
     @classmethod

@@ -80,7 +80,9 @@ def plugin_refuses(cls: Any, name: Any, connector: Optional[dict[str, Any]] = No
         for i, (child, child_cls) in enumerate(kids(connector)):
             if isinstance(child_cls, type) and issubclass(child_cls, SupportsServe):
                 where = f"{path}.extra.connectors.{i}"
-                child_name = child.get("name") if isinstance(child, dict) else getattr(child, "name", child_cls)
+                given = ((connector.get("extra") or {}).get("connectors") or [None] * (i + 1))[i]
+                child_name = (given.get("name") if isinstance(given, dict) else None) or (
+                    child.get("name") if isinstance(child, dict) else getattr(child, "name", None)) or child_cls.__name__
                 return Problem(f"{where}.name", f"the {child_name} connector moves KV between a prefill and a decode "
                                "instance; the plug-in runs it alone, not inside a multi connector",
                                value=child_name, allowed=["example", "offloading", "shared_storage"],
