@@ -107,13 +107,55 @@ def report(sweep: Path) -> None:
                 print(f"{name}: vLLM's own not run: {d['vllm']['vllm_connector_skipped']}")
 
 
+def markdown(sweeps: list[Path]) -> None:
+    """The README's table: per prompt length, connector and pass, TTFT p50 (the repetitions'
+    medians' range), decode tokens/s, the ratios and the cached tokens."""
+    print("| tokens | connector | pass | TTFT p50 ms (repetitions) | vs recompute | vs vLLM's own | decode tok/s "
+          "(vs none) | cached | tokens identical |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    seen: set[tuple] = set()
+    rows = []
+    for sweep in sweeps:
+        for res in sorted(sweep.glob("*/results.json")):
+            doc = json.loads(res.read_text())
+            if doc.get("engine") != "vllm":
+                continue
+            for n, per in doc["vllm"]["by_length"].items():
+                for variant, passes in per["passes"].items():
+                    label = {"connector": doc["connector"] if doc["connector"] != "multi" else "multi (offloading + "
+                             "shared_storage)", "no_connector": "no connector",
+                             "vllm_connector": f"vLLM {doc['vllm'].get('vllm_connector')}"}[variant]
+                    for p, f in passes.items():
+                        key = (int(n), label, p)
+                        if variant == "no_connector" and key in seen:
+                            continue  # every job measured it: the first job's stands
+                        seen.add(key)
+                        reps = f["by_repetition"]["ttft_ms"]
+                        rank = {"no_connector": 1, "vllm_connector": 2}.get(variant, 0)
+                        rows.append((int(n), rank, label, PASS_ORDER[p],
+                                     f"| {n} | {label} | {p} | {f['ttft_ms']['p50']} ({min(reps)}-{max(reps)}) | "
+                                     f"{f.get('ttft_vs_no_connector', '')} | {f.get('ttft_vs_vllm_connector', '')} | "
+                                     f"{f.get('decode_tps')} ({f.get('decode_vs_no_connector', '')}) | "
+                                     f"{f.get('cached_tokens')} | {f.get('tokens_identical', '')} |"))
+    for row in sorted(rows):
+        print(row[-1])
+
+
+PASS_ORDER = {"save": 0, "hit": 1, "miss": 2}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", type=Path, help="a sweep folder to read instead of running one")
     p.add_argument("--lengths", default="1024,4096")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--requests", type=int, default=3)
+    p.add_argument("--markdown", type=Path, nargs="*", metavar="SWEEP",
+                   help="print the README's table from these sweep folders instead")
     args = p.parse_args()
+    if args.markdown:
+        markdown(args.markdown)
+        return
     report(args.sweep if args.sweep else run_sweep(args.lengths, args.reps, args.requests))
 
 

@@ -281,15 +281,22 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        """The first child's hit, in order; every child is asked, as vLLM's MultiConnector asks
+        them, so that each knows what it holds itself (a tier then saves only what it lacks)."""
+        found: tuple[Optional[int], bool] = (0, False)
+        loader = None
         for i, c in enumerate(self.children):
             n, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
             if n is None:
+                self._loader.pop(request.request_id, None)
                 return None, False  # that child asks to be asked again: so does the whole
-            if n > 0:
-                self._loader[request.request_id] = i
-                return n, is_async
-        self._loader.pop(request.request_id, None)
-        return 0, False
+            if loader is None and n > 0:
+                loader, found = i, (n, is_async)
+        if loader is None:
+            self._loader.pop(request.request_id, None)
+        else:
+            self._loader[request.request_id] = loader
+        return found
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         chosen = self._loader.get(request.request_id)

@@ -67,6 +67,8 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         """Saves planned per request, sent to the worker as the engine computes their chunks."""
         self._computed: dict[str, int] = {}
         """Tokens the engine had already, per request, as its last lookup was told."""
+        self._held: dict[str, int] = {}
+        """Leading chunks the tier held at a request's last lookup (its own hit, loaded or not)."""
         self._views: dict[str, Any] = {}
         self._saved_requests: set[str] = set()
         self._load_errors: dict[int, str] = {}
@@ -133,9 +135,12 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         if not self.is_consumer:
             return 0, False
         self._computed[request.request_id] = num_computed_tokens  # where the loads begin, for update_state_after_alloc
+        self._held.pop(request.request_id, None)
         if num_computed_tokens % self.chunk_tokens:
             return 0, False
-        hit = self._present(self.keys(request)) * self.chunk_tokens
+        held = self._present(self.keys(request))
+        self._held[request.request_id] = held
+        hit = held * self.chunk_tokens
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -154,7 +159,10 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
                 Chunk(key, _slice(groups, i * k, (i + 1) * k), place)
                 for i, (key, place) in enumerate(zip(loading, places), start)]))
         if self.is_producer:
-            todo = [(i, key) for i, key in enumerate(self.save_keys(request)) if i >= start + n_load]
+            # never a chunk the tier holds already (another child of a multi connector may be the
+            # one loading it): a disk segment named by its first chunk would replace another's
+            first = max(start + n_load, self._held.pop(request.request_id, 0))
+            todo = [(i, key) for i, key in enumerate(self.save_keys(request)) if i >= first]
             self._plans.plan(request.request_id, todo, groups)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -189,6 +197,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         until the worker reports them."""
         self._plans.drop(request.request_id)
         self._computed.pop(request.request_id, None)
+        self._held.pop(request.request_id, None)
         return request.request_id in self._unconfirmed, None
 
     def request_finished_all_groups(self, request: Request,

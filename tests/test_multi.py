@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import json_out, run_kvconf
-from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request
+from kvconf.contract.api import KVCacheBlocks, KVConnectorRole, Request, SchedulerOutput
 from kvconf.errors import ConfigError
 from kvconf.runtime.pipeline import run_job
 
@@ -82,3 +82,50 @@ def test_a_broken_child_is_reported_at_its_own_path(compose):
     paths = [p.path for p in err.value.problems]
     assert "connector.extra.connectors.0.extra.cpu_bytes_to_use" in paths
     assert "connector.extra.connectors.1.name" in paths
+
+
+def test_a_tier_that_does_not_load_a_prefix_does_not_save_it_again_over_another_prompts(compose, tmp_path):
+    """multi_tiers (offloading, then shared_storage): a second prompt sharing the first one's
+    prefix loads it from the host tier; the disk tier holds it too and saves only the new chunks.
+    (It used to save the prompt from its first chunk, into a segment named by that chunk: the
+    first prompt's segment, replaced, and its tail lost on disk.)"""
+    from kvconf.config.models import validate
+    from kvconf.runtime.allocate import allocate, layer_views
+    from kvconf_connectors.multi import MultiConnector
+
+    cfg = validate({**compose("connector=multi_tiers", "kv_cache=tiny",
+                              f"connector.extra.connectors.1.extra.shared_storage_path={tmp_path / 'kv'}"),
+                    "action": "check"})
+    kvc = cfg.kv_cache_config
+    block = kvc.kv_cache_groups[0].kv_cache_spec.block_size
+
+    def side(role):
+        return MultiConnector(cfg.connector, role, kvc)
+
+    sched, worker = side(KVConnectorRole.SCHEDULER), side(KVConnectorRole.WORKER)
+    caches = layer_views(kvc, allocate(kvc, "cpu"))
+    worker.register_kv_caches(caches)
+    first = [7] * (4 * block) + list(range(100, 100 + 4 * block)) + [1]
+    second = first[:4 * block] + list(range(900, 900 + 4 * block)) + [2]
+    for rid, tokens, ids in (("a", first, list(range(0, 9))), ("b", second, list(range(20, 29)))):
+        req = Request(rid, tokens)
+        n, _ = sched.get_num_new_matched_tokens(req, 0)
+        assert n == (0 if rid == "a" else 4 * block)  # b: the shared prefix, from the host tier
+        sched.update_state_after_alloc(req, KVCacheBlocks((ids,)), n)
+        worker.bind_connector_metadata(sched.build_connector_meta(SchedulerOutput([rid])))
+        worker.start_load_kv(None)
+        for name, t in caches.items():
+            worker.save_kv_layer(name, t, None)
+        worker.wait_for_save()
+        sending, _ = worker.get_finished({rid})
+        sched.update_connector_output(sending or set(), set())
+        worker.clear_connector_metadata()
+        sched.request_finished(req, ids)
+    worker.shutdown()
+    sched.shutdown()
+    fresh = side(KVConnectorRole.SCHEDULER)  # a new process: the host tier is empty, the disk is not
+    try:
+        for rid, tokens in (("a2", first), ("b2", second)):
+            assert fresh.get_num_new_matched_tokens(Request(rid, tokens), 0) == (8 * block, False), rid
+    finally:
+        fresh.shutdown()

@@ -205,8 +205,8 @@ def _plot_ttft(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticklabels([f"{name}\n{length} tokens" for length, name in groups], fontsize=8)
     ax.set_ylabel("time to first token, ms (p50; bars: repetitions' spread)")
     ax.set_yscale("log")
-    ax.set_title("kvconf bench inside vLLM: save (miss, computed and saved), hit (fresh engine), "
-                 "miss (unique prompts)", fontsize=9)
+    ax.set_title("kvconf bench inside vLLM: save (computed and saved), hit (the same prompts again), "
+                 "miss (prompts nothing shares)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
