@@ -278,7 +278,7 @@ class OffloadingConnector(TierConnector, ChecksConfig):
                     run = [c]
                     runs.append(run)
                 ending.setdefault(c.place, []).append(run)
-        out: dict[int, list[tuple[int, int, Any]]] = {}
+        out: dict[int, list[tuple[int, int, Any, Any]]] = {}
         for g in range(len(runs[0][0].block_ids) if runs else 0):
             flat = [x for run in runs for c in run for x in c.block_ids[g]]
             ids = torch.frombuffer(array("q", flat), dtype=torch.int64)

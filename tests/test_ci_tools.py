@@ -288,7 +288,7 @@ def test_matrix_composes_each_combination_as_hydra_does(tmp_path):
     (user / "kv_cache").mkdir(parents=True)
     (user / "kv_cache" / "mine.yaml").write_text("num_layers: 1\nnum_blocks: 2\ngroups: [{type: mla, head_size: 8}]\n")
     combos = list(combinations([user]))
-    assert len(combos) == 6 * 2 * 5  # connectors x roles x (4 shipped layouts + mine)
+    assert len(combos) == 7 * 2 * 6  # connectors x roles x (5 shipped layouts + mine)
     for combo in combos:
         hydra = _hydra_compose([user], combo.chosen)
         for key in ("engine_id",):

@@ -102,7 +102,7 @@ def test_info_and_help(workdir):
     assert info.returncode == 0 and "Hydra" in info.stdout
     helptext = run_kvconf("--help", cwd=workdir)
     assert helptext.returncode == 0
-    assert "connector: example, mooncake, multi, nixl, offloading, shared_storage" in helptext.stdout
+    assert "connector: example, mooncake, multi, multi_tiers, nixl, offloading, shared_storage" in helptext.stdout
     # generated from the fields' docstrings
     assert "connector.kv_role" in helptext.stdout and "Data direction" in helptext.stdout
     assert list(workdir.iterdir()) == []

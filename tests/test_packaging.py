@@ -56,7 +56,7 @@ def test_wheel_holds_every_package_module_and_config_file_under_its_import_name(
         "kvconf.runtime", "kvconf.vllm", "kvconf_connectors", "kvconf_connectors.p2p", "hydra_plugins.kvconf_sweeper"}
     assert "hydra_plugins/__init__.py" not in names  # a namespace package that other plugins share
     models = {f"kvconf/{p.relative_to(REPO)}" for p in (CONF / "models").glob("*/config.json")}
-    assert len(models) == 9 and models <= names  # the model configs kv_cache.model can name
+    assert len(models) == 10 and models <= names  # the model configs kv_cache.model can name
 
 
 def test_installed_copy_runs_from_anywhere(wheel, tmp_path):

@@ -28,13 +28,14 @@ from typing import Any
 
 from kvconf.runtime.views import byte_views
 
-__all__ = ["MEMCPY_MIN_BYTES", "Limits", "ceilings", "merge_file_io", "raw_file_io", "raw_torch_copy", "remove_files"]
+__all__ = ["MEMCPY_MIN_BYTES", "Limits", "ceilings", "memcpy_gbps", "merge_file_io", "raw_file_io", "raw_torch_copy",
+           "remove_files"]
 
 MEMCPY_MIN_BYTES = 256 << 20
 """The smallest memcpy ceiling measured: larger than this machine's last-level cache (32 MiB)."""
 
 
-def _memcpy_gbps(nbytes: int, reps: int = 5, buffers: Any = None) -> float:
+def memcpy_gbps(nbytes: int, reps: int = 5, buffers: Any = None) -> float:
     """One ``copy_`` of ``nbytes`` between two buffers touched beforehand (fresh pages would
     fault in during the copy; ``buffers``, a pair of them, are reused); the median of ``reps``,
     with torch's threads."""
@@ -288,7 +289,7 @@ class Limits:
         if self._buffers is None or self._buffers[0].numel() != copied:
             self._buffers = None  # the old pair goes before the new one is touched
             self._buffers = (torch.ones(copied, dtype=torch.uint8), torch.zeros(copied, dtype=torch.uint8))
-        return _memcpy_gbps(copied, reps=3, buffers=self._buffers)
+        return memcpy_gbps(copied, reps=3, buffers=self._buffers)
 
     def ceilings(self, nbytes: int) -> dict[str, Any]:
         """Every limit: the medians of the repetitions' where they were measured after each (each

@@ -40,7 +40,7 @@ def _rows(job: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
     """A job's rows: one (kvconf's engine), or one per prompt length, variant and pass (vLLM)."""
     if doc.get("engine") != "vllm":
         return [_row(job, doc)]
-    from .in_vllm import table_rows
+    from .vllm_figures import table_rows
 
     return [{"job": job, "connector": doc["connector"], "kv_cache": doc["kv_cache"], "status": "ok", "engine": "vllm",
              **r} for r in table_rows(doc["vllm"], doc["connector"])]
@@ -83,7 +83,7 @@ def summarize(sweep_dir: Path, out=sys.stdout, records: list[dict[str, Any]] | N
     if not rows or not any(r["status"] == "ok" for r in rows):
         return rows
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    from .in_vllm import SHOWN, TABLE_COLUMNS, format_table
+    from .vllm_figures import SHOWN, TABLE_COLUMNS, format_table
 
     in_vllm = [r for r in rows if r.get("engine") == "vllm"]
     own = [r for r in rows if r.get("engine") != "vllm"]

@@ -70,10 +70,10 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 def _limits(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if spec.get("memcpy_bytes"):
-        from kvconf.bench.raw import MEMCPY_MIN_BYTES, _memcpy_gbps
+        from kvconf.bench.raw import MEMCPY_MIN_BYTES, memcpy_gbps
 
         n = max(int(spec["memcpy_bytes"]), MEMCPY_MIN_BYTES)
-        out["memcpy_gbps"], out["memcpy_bytes"] = _memcpy_gbps(n), n
+        out["memcpy_gbps"], out["memcpy_bytes"] = memcpy_gbps(n), n
     if spec.get("cold_read"):
         out.update(cold_read(spec["cold_read"]["folder"], int(spec["cold_read"]["bytes"])))
     return out
@@ -113,9 +113,12 @@ def cold_read(folder: str, nbytes: int, reps: int = 3) -> dict[str, Any]:
 
 
 def main(spec_path: str, out_path: str) -> int:
+    spec = json.loads(open(spec_path).read())
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
-    spec = json.loads(open(spec_path).read())
+    # the KV budget of the blocks asked for (GiB, at least 1): without it vLLM's CPU backend reserves
+    # a share of the machine's memory and refuses to start when other processes hold more
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, -(-int(spec.get("kv_bytes", 0)) // (1 << 30)))))
     from vllm import LLM, SamplingParams
 
     try:

@@ -84,7 +84,7 @@ def render_text(r: dict[str, Any]) -> str:
 
 def _vllm_lines(r: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """``bench.engine=vllm``: what ran, the table (ms, tokens/s) and the loads against their limit."""
-    from kvconf.bench.in_vllm import SHOWN, format_table, table_rows
+    from kvconf.bench.vllm_figures import SHOWN, format_table, table_rows
 
     lines = [f"  bench      inside vLLM: {b['model']}, {b['requests']} requests a pass x {b['repetitions']} "
              f"repetition(s), {b['output_tokens']} tokens generated each; TTFT in ms, decode in tokens/s"]
