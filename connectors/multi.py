@@ -7,7 +7,8 @@ arguments (its own config, the role, the same ``kv_cache_config``) and keeps the
 ``engine_id`` (a child may not set one: vLLM builds each child with the parent's). As in vLLM:
 
 - saves go to every child;
-- a load comes from the first child, in order, that has the request's blocks;
+- a load comes from the child that holds the most of the request's blocks (the first, in order,
+  among equals; vLLM's takes the first child with any);
 - failures are reported per child (a block's reason names the child);
 - hybrid KV-cache groups are supported only when every child supports them.
 
@@ -281,8 +282,10 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[Optional[int], bool]:
-        """The first child's hit, in order; every child is asked, as vLLM's MultiConnector asks
-        them, so that each knows what it holds itself (a tier then saves only what it lacks)."""
+        """The longest hit of any child (the first in order among equals); every child is asked,
+        as vLLM's MultiConnector asks them, so that each knows what it holds itself (a tier then
+        saves only what it lacks). vLLM's takes the first child with any hit: a host tier holding a
+        shared prefix would then shadow a disk tier holding the whole prompt."""
         found: tuple[Optional[int], bool] = (0, False)
         loader = None
         for i, c in enumerate(self.children):
@@ -290,7 +293,7 @@ class MultiConnector(KVConnectorBase, ChecksConfig, ExportsToVLLM, ExplainsFailu
             if n is None:
                 self._loader.pop(request.request_id, None)
                 return None, False  # that child asks to be asked again: so does the whole
-            if loader is None and n > 0:
+            if n > (found[0] or 0):
                 loader, found = i, (n, is_async)
         if loader is None:
             self._loader.pop(request.request_id, None)

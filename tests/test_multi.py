@@ -129,3 +129,22 @@ def test_a_tier_that_does_not_load_a_prefix_does_not_save_it_again_over_another_
             assert fresh.get_num_new_matched_tokens(Request(rid, tokens), 0) == (8 * block, False), rid
     finally:
         fresh.shutdown()
+
+
+def test_the_child_holding_more_of_a_prompt_loads_it(compose):
+    """A host tier holding a prompt's first blocks does not shadow a disk tier holding all of them."""
+    from kvconf.config.models import validate
+    from kvconf_connectors.multi import MultiConnector
+
+    cfg = validate({**compose("connector=multi", TIERS), "action": "check"})
+    multi = MultiConnector(cfg.connector, KVConnectorRole.SCHEDULER, cfg.kv_cache_config)
+    calls: list[tuple[str, int]] = []
+    for name, child, hit in zip(multi.names, multi.children, (16, 48)):
+        child.get_num_new_matched_tokens = lambda req, n, hit=hit: (hit, False)  # type: ignore[method-assign]
+        child.update_state_after_alloc = (  # type: ignore[method-assign]
+            lambda req, blocks, k, name=name: calls.append((name, k)))
+    req = Request("r1", list(range(65)))
+    assert multi.get_num_new_matched_tokens(req, 0) == (48, False)
+    multi.update_state_after_alloc(req, KVCacheBlocks(([1, 2, 3, 4],)), 48)
+    assert calls == [("example", 0), ("offloading", 48)]
+    multi.shutdown()
