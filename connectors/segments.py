@@ -9,7 +9,6 @@ its chunk key, layer and row (``hmac_key_file``).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -21,7 +20,7 @@ from pydantic import Field
 from kvconf.config.base import StrictModel
 
 __all__ = ["DIRECT_ALIGN", "HEADER_CACHE", "IOV_MAX", "MAGIC", "PREFIX", "SUFFIX", "VERSION", "BadSegment",
-           "SegmentHeader", "open_regular", "page_hash", "pwrite_all", "row_labels", "write_all", "write_atomically"]
+           "SegmentHeader", "open_regular", "page_hash", "pwrite_all", "row_labels"]
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """Most buffers one ``preadv``/``pwritev`` takes."""
@@ -98,20 +97,6 @@ def open_regular(path: str) -> int:
     return fd
 
 
-def write_all(fd: int, bufs: list[Any]) -> None:
-    """``writev`` of every buffer, at most ``IOV_MAX`` a call, finishing short writes."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    while views:
-        batch = views[:IOV_MAX]
-        n = os.writev(fd, batch)
-        while batch and n >= len(batch[0]):
-            n -= len(batch[0])
-            batch.pop(0)
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-
-
 def pwrite_all(fd: int, bufs: list[Any], offset: int) -> None:
     """``pwritev`` of every buffer from ``offset`` on, at most ``IOV_MAX`` a call, finishing short writes."""
     views = [memoryview(b).cast("B") for b in bufs]
@@ -125,29 +110,3 @@ def pwrite_all(fd: int, bufs: list[Any], offset: int) -> None:
             views.pop(0)
         if n:
             views[0] = views[0][n:]
-
-
-def write_atomically(tmp: str, path: str, bufs: list[Any], direct: bool) -> bool:
-    """``bufs`` written to the new file ``tmp``, synced, renamed to ``path`` (a reader sees the whole
-    file or none); with ``direct``, opened ``O_DIRECT`` (every buffer :data:`DIRECT_ALIGN`-aligned),
-    and False where the file system refused that with EINVAL (nothing is left behind). An
-    :class:`OSError` names the folder or the file otherwise."""
-    flags = os.O_DIRECT if direct else 0
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | flags, 0o600)
-    except OSError as exc:
-        if direct and exc.errno == errno.EINVAL:
-            return False
-        raise OSError(f"cannot write under {os.path.dirname(tmp)}: {exc.strerror or exc}") from None
-    try:
-        write_all(fd, bufs)
-        os.fdatasync(fd)  # the data and the size; the rename makes it visible
-    except OSError as exc:
-        os.close(fd)
-        os.unlink(tmp)
-        if direct and exc.errno == errno.EINVAL:
-            return False
-        raise OSError(f"writing {path} failed: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.replace(tmp, path)
-    return True

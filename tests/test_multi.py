@@ -47,21 +47,25 @@ def test_children_get_the_three_arguments_and_the_parents_engine_id(compose):
         multi.shutdown()
 
 
-def test_load_comes_from_the_first_child_that_has_the_blocks(compose):
+@pytest.mark.parametrize(("hits", "loaded"), [((0, 32), 32), ((16, 48), 48), ((32, 32), 32)])
+def test_load_comes_from_the_child_that_holds_the_most_of_the_blocks(compose, hits, loaded):
+    """Every child sees the blocks; the one holding the most loads (the first among equals): a host
+    tier holding a prompt's first blocks does not shadow a disk tier holding all of them."""
     from kvconf.config.models import validate
     from kvconf_connectors.multi import MultiConnector
 
     cfg = validate({**compose("connector=multi", TIERS), "action": "check"})
     multi = MultiConnector(cfg.connector, KVConnectorRole.SCHEDULER, cfg.kv_cache_config)
     calls: list[tuple[str, int]] = []
-    for name, child, hit in zip(multi.names, multi.children, (0, 32)):
+    for name, child, hit in zip(multi.names, multi.children, hits):
         child.get_num_new_matched_tokens = lambda req, n, hit=hit: (hit, False)  # type: ignore[method-assign]
         child.update_state_after_alloc = (  # type: ignore[method-assign]
             lambda req, blocks, k, name=name: calls.append((name, k)))
     req = Request("r1", list(range(65)))
-    assert multi.get_num_new_matched_tokens(req, 0) == (32, False)
-    multi.update_state_after_alloc(req, KVCacheBlocks(([1, 2, 3, 4],)), 32)
-    assert calls == [("example", 0), ("offloading", 32)]  # every child sees the blocks; the second loads
+    assert multi.get_num_new_matched_tokens(req, 0) == (loaded, False)
+    multi.update_state_after_alloc(req, KVCacheBlocks(([1, 2, 3, 4],)), loaded)
+    loader = hits.index(loaded)
+    assert calls == [(n, loaded if i == loader else 0) for i, n in enumerate(["example", "offloading"])]
     multi.shutdown()
 
 
@@ -129,22 +133,3 @@ def test_a_tier_that_does_not_load_a_prefix_does_not_save_it_again_over_another_
             assert fresh.get_num_new_matched_tokens(Request(rid, tokens), 0) == (8 * block, False), rid
     finally:
         fresh.shutdown()
-
-
-def test_the_child_holding_more_of_a_prompt_loads_it(compose):
-    """A host tier holding a prompt's first blocks does not shadow a disk tier holding all of them."""
-    from kvconf.config.models import validate
-    from kvconf_connectors.multi import MultiConnector
-
-    cfg = validate({**compose("connector=multi", TIERS), "action": "check"})
-    multi = MultiConnector(cfg.connector, KVConnectorRole.SCHEDULER, cfg.kv_cache_config)
-    calls: list[tuple[str, int]] = []
-    for name, child, hit in zip(multi.names, multi.children, (16, 48)):
-        child.get_num_new_matched_tokens = lambda req, n, hit=hit: (hit, False)  # type: ignore[method-assign]
-        child.update_state_after_alloc = (  # type: ignore[method-assign]
-            lambda req, blocks, k, name=name: calls.append((name, k)))
-    req = Request("r1", list(range(65)))
-    assert multi.get_num_new_matched_tokens(req, 0) == (48, False)
-    multi.update_state_after_alloc(req, KVCacheBlocks(([1, 2, 3, 4],)), 48)
-    assert calls == [("example", 0), ("offloading", 48)]
-    multi.shutdown()

@@ -385,11 +385,7 @@ def _limit_spec(tree: dict[str, Any], folder: str, w: dict[str, Any], layout: An
                 model_cfg: dict[str, Any]) -> dict[str, Any]:
     """What the hit engine measures after its passes: memcpy of the hit pass's bytes (a host tier),
     or a raw cold read of them in the store's folder (a disk tier)."""
-    cfg = model_cfg.get("text_config") or model_cfg
-    heads = int(cfg.get("num_key_value_heads", cfg.get("num_attention_heads", 1)))
-    head = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
-    per_token = 2 * heads * head * int(cfg["num_hidden_layers"]) * (4 if _dtype(layout) == "float32" else 2)
-    nbytes = per_token * sum(len(p) for p in w["hit"])
+    nbytes = _block_bytes(model_cfg, layout, 1) * sum(len(p) for p in w["hit"])  # a token's KV, every layer
     if _keeps_store_on_disk(tree):
         return {"cold_read": {"folder": folder, "bytes": nbytes}}
     return {"memcpy_bytes": nbytes}
