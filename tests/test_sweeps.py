@@ -5,7 +5,6 @@ folders; a failing job is listed with its overrides and message; the sweep exits
 from __future__ import annotations
 
 import csv
-import shutil
 import time
 
 import pytest
@@ -36,30 +35,22 @@ def summary(workdir):
 def test_a_ray_sweep_builds_its_summary_from_the_returned_figures_and_lists_a_failed_job(workdir):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     ray = ("hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false")
-    proc = run_kvconf("-m", *ray, "action=bench", "connector=example,offloading", "kv_cache=tiny", FORGET, *SMALL,
-                      cwd=workdir, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one combination is a bad value: it fails with its message, the others run, the sweep exits 2;
+    # each job's folder is removed where it ran, so every figure and failure came back through Ray
+    proc = run_kvconf("-m", *ray, "action=bench", "connector=example,offloading", "kv_cache=tiny",
+                      "connector.kv_role=kv_both,sideways", FORGET, *SMALL, cwd=workdir, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     sweep, rows = summary(workdir)
     assert not [d for d in sweep.iterdir() if d.is_dir()]  # no job folder is left: the figures came back
-    assert [(r["job"], r["connector"], r["kv_cache"], r["status"]) for r in rows] == [
-        ("0", "example", "tiny", "ok"), ("1", "offloading", "tiny", "ok")]
-    assert all(float(r["gbps"]) > 0 and float(r["raw_gbps"]) > 0 for r in rows)
+    status = {(r["connector"], r["kv_cache"], r["status"].split(":")[0]) for r in rows}
+    assert status == {("example", "tiny", "ok"), ("offloading", "tiny", "ok"), ("example", "tiny", "failed (exit 2)"),
+                      ("offloading", "tiny", "failed (exit 2)")}
+    assert all(float(r["gbps"]) > 0 and float(r["raw_gbps"]) > 0 for r in rows if r["status"] == "ok")
     assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert none_left() == []  # the local Ray cluster stopped with the sweep
-
-    shutil.rmtree(workdir / "multirun")
-    # one combination is a bad value: it fails with its message, the others run, the sweep exits 2
-    proc = run_kvconf("-m", *ray, "action=bench", "connector=example,offloading", "kv_cache=tiny",
-                      "connector.kv_role=kv_both,sideways", *SMALL, cwd=workdir, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    _, rows = summary(workdir)
-    status = {(r["connector"], r["status"].split(":")[0]) for r in rows}
-    assert status == {("example", "ok"), ("offloading", "ok"), ("example", "failed (exit 2)"),
-                      ("offloading", "failed (exit 2)")}
     assert "kvconf: 2 of 4 jobs failed:" in proc.stderr
     assert ("exit 2: action=bench connector=offloading kv_cache=tiny connector.kv_role=sideways" in proc.stderr
             and "connector.kv_role: value is not one of the allowed values (value 'sideways')" in proc.stderr)
-    assert none_left() == []
+    assert none_left() == []  # the local Ray cluster stopped with the sweep
 
     # a job whose connector starts a peer process beside it asks Ray for two CPUs
     proc = run_kvconf("-m", *ray, "action=run", "connector=example,mooncake", "self_test.transfer_bytes=4MiB",

@@ -146,13 +146,14 @@ COMPOSED = {"kv_connector": "KVConfConnector", "kv_connector_module_path": "kvco
 """The offloading connector composed by the plug-in from overrides, as python -m kvconf composes it."""
 
 
-@pytest.mark.parametrize("connector", ["offloading", "example", "offloading-composed"])
+@pytest.mark.parametrize("connector", ["example", "offloading-composed"])
 def test_a_host_tier_brings_back_prefixes_that_vllm_evicted(connector, model, reference, evicted, tmp_path):
+    """offloading composed by the plug-in from overrides (its exported JSON runs in the multi test
+    below), example from ``action=export``'s JSON."""
     if connector == "offloading-composed":
         config = COMPOSED
     else:
-        size = "cpu_bytes_to_use" if connector == "offloading" else "capacity"
-        config = export(f"connector={connector}", f"connector.extra.{size}=16MiB", cwd=tmp_path)
+        config = export(f"connector={connector}", "connector.extra.capacity=16MiB", cwd=tmp_path)
     tier = run_vllm(tmp_path / "tier", model, [FIRST, SECOND, FIRST], config, **SMALL)
     assert tier.code == 0, tier
     for b, batch in enumerate([FIRST, SECOND, FIRST]):
