@@ -26,13 +26,13 @@ from kvconf.contract.base import KVConnectorBase
 from kvconf.contract.capabilities import ComparesToBaseline, SupportsHMA
 from kvconf.contract.saves import SavePlans
 from kvconf.runtime.views import byte_views
-from kvconf.units import PositiveByteSize, parse_bytes
+from kvconf.units import MemoryBytes, parse_bytes
 
 
 class ExampleExtra(StrictModel):
     """Settings of the example connector."""
 
-    capacity: PositiveByteSize = "1GiB"
+    capacity: MemoryBytes = "1GiB"
     """Most bytes the host store keeps; when full, the least recently used blocks are dropped."""
 
 

@@ -27,7 +27,7 @@ from pydantic import PositiveInt, model_validator
 from kvconf.config.base import StrictModel
 from kvconf.contract.capabilities import ChecksConfig
 from kvconf.errors import ConfigError, Problem
-from kvconf.units import PositiveByteSize, format_bytes, parse_bytes
+from kvconf.units import MemoryBytes, format_bytes, parse_bytes
 from kvconf_connectors.tier import Chunk, TierConnector, TierOp
 
 Lru = Literal["lru"]
@@ -37,7 +37,7 @@ EvictionPolicy = Literal[Lru]
 class OffloadingExtra(StrictModel):
     """Settings of the offloading connector (vLLM's names)."""
 
-    cpu_bytes_to_use: PositiveByteSize
+    cpu_bytes_to_use: MemoryBytes
     """Host memory for offloaded blocks (``4GiB``, bytes); replaces vLLM's retired ``num_cpu_blocks``."""
     block_size: PositiveInt | None = None
     """Tokens per offload chunk, a multiple of the KV cache's block size; unset means the same."""

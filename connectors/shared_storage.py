@@ -58,7 +58,7 @@ from kvconf.config.base import StrictModel
 from kvconf.contract.api import KVConnectorRole
 from kvconf.contract.capabilities import ChecksConfig, ColdLoads, KeepsStore
 from kvconf.errors import Problem
-from kvconf.units import PositiveByteSize, parse_bytes
+from kvconf.units import DiskBytes, parse_bytes
 from kvconf_connectors.p2p.auth import read_secret, secret_file_problems
 from kvconf_connectors.segment_writer import SegmentWriter
 from kvconf_connectors.segments import (
@@ -85,7 +85,7 @@ class SharedStorageExtra(StrictModel):
     """Directory the blocks are saved under (vLLM's key); created if missing, mode 0700. The shipped
     option uses ``$XDG_CACHE_HOME/kvconf/shared_storage`` (else ``~/.cache/...``): per user, not a
     world-writable folder. A leading ``~`` is the user's home."""
-    capacity: PositiveByteSize | None = None
+    capacity: DiskBytes | None = None
     """Most bytes kept under the directory for this layout; the oldest files go first. Unset: no limit."""
     hmac_key_file: Optional[str] = Field(None, min_length=1, max_length=4096)
     """File holding a secret (16 to 4096 characters, mode 0600) that authenticates the segments: each

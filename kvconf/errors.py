@@ -29,6 +29,7 @@ __all__ = [
     "KVConfError",
     "Problem",
     "did_you_mean",
+    "short",
 ]
 
 
@@ -40,6 +41,28 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+def short(value: Any, limit: int = 120) -> str:
+    """``value`` as a message shows it: its ``repr`` (a string holding control characters or
+    bytes that were not UTF-8 shown in ASCII escapes, never sent to the terminal as they are), cut
+    to ``limit`` characters with its length said.
+
+    >>> short("a" * 500, 20)
+    "'aaaaaaaaaaaaaaaaaa... (500 characters)"
+    >>> print(short("x\x1b[2J"))
+    'x\x1b[2J'
+    """
+    text = ascii(value) if isinstance(value, str) and not value.isprintable() else repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return text[: limit - 2] + "..." + size
+
+
+def _printable(text: str) -> str:
+    """``text`` as it is where printable, else in ASCII escapes (without quotes)."""
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
 def did_you_mean(value: object, allowed: Iterable[object]) -> str | None:
     """The closest allowed spelling of ``value``, if one is close enough.
 
@@ -48,7 +71,7 @@ def did_you_mean(value: object, allowed: Iterable[object]) -> str | None:
     >>> did_you_mean("zzz", ["a", "b"]) is None
     True
     """
-    if not isinstance(value, str):
+    if not isinstance(value, str) or len(value) > 200:  # no spelling of a name is that long
         return None
     import difflib  # only where a value is wrong
 
@@ -89,13 +112,13 @@ class Problem:
         return hint if hint is not None and hint != probe else None
 
     def render(self) -> str:
-        lines = [f"  {self.path or '<config>'}"]
+        lines = [f"  {_printable(self.path) or '<config>'}"]
         if self.location:
             lines.append(f"    at {self.location}")
         lines.append(f"    {self.message}")
         lines.extend(f"    {d}" for d in self.details)
         if self.value is not MISSING:
-            lines.append(f"    value: {self.value!r}")
+            lines.append(f"    value: {short(self.value, 200)}")
         if self.allowed is not None:
             lines.append(f"    allowed: {', '.join(str(a) for a in self.allowed)}")
         hint = self.suggestion()
@@ -108,7 +131,8 @@ class Problem:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "message": self.message}
         if self.value is not MISSING:
-            out["value"] = self.value if _jsonable(self.value) else repr(self.value)
+            value = self.value if _jsonable(self.value) else repr(self.value)
+            out["value"] = short(value, 200) if isinstance(value, str) and len(value) > 200 else value
         if self.allowed is not None:
             out["allowed"] = [str(a) for a in self.allowed]
         hint = self.suggestion()

@@ -370,6 +370,10 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("json-syntax", "not JSON (vLLM: argparse's \"invalid loads value\")", "fix the JSON at the line given",
           "vllm/engine/arg_utils.py (parse_dataclass)", '{"kv_connector": "NixlConnector", "kv_role": "kv_both",}',
           _document),
+    Entry("refused-input", "an input kvconf will not read",
+          "fix the value at the line given (the bounds: docs/hostile-inputs.md)", "kvconf's bounds on config files",
+          '{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_connector_extra_config": {"x": '
+          + "[" * 65 + "]" * 65 + "}}", _document),
     Entry("not-an-object", "JSON that is not an object", "write one JSON object of KVTransferConfig fields",
           "vllm/engine/arg_utils.py (parse_dataclass)", '["NixlConnector", "kv_both"]', _document),
     Entry("duplicate-key", "a key written twice in one object (JSON keeps the last, silently)",

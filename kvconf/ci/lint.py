@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Optional
 
+from kvconf.config.inputs import MAX_FILE_BYTES, Refused, check_json, decode, read_text
+
 from .annotations import annotation
 from .catalogue import CATALOGUE, NOTICES, Entry, Target, render_path
 from .sources import JSONSyntaxError, Source, extract
@@ -82,6 +84,11 @@ def lint_source(source: Source, import_modules: bool = False) -> Result:
     """Every catalogue entry's detector on ``source``'s value (and on each MultiConnector child)."""
     result = Result(source)
     try:
+        check_json(source.text, source.label, lambda i: source.raw.count("\n", 0, source.raw_offset(i)) + 1)
+    except Refused as exc:
+        result.findings.append(_finding("refused-input", source, exc.line, "<config>", exc.message))
+        return result
+    try:
         doc = source.parse()
     except JSONSyntaxError as exc:
         line = source.raw.count("\n", 0, exc.offset) + 1
@@ -116,24 +123,29 @@ def _targets(t: Target) -> list[Target]:
 
 
 def _read(arg: str, n: int) -> tuple[str, str]:
+    """(label, text) of one input, read under kvconf's bounds (:class:`Refused` past them)."""
     if arg == "-":
-        return "-", sys.stdin.read()
+        return "-", decode(sys.stdin.buffer.read(MAX_FILE_BYTES + 1), "-")
     if arg.lstrip().startswith(("{", "[")):
         return f"<arg {n}>", arg
     path = Path(arg)
     if not path.is_file():
         raise UsageError(f"{arg}: no such file (give a JSON string, a file, or - for standard input)")
-    try:
-        return arg, path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{arg}: cannot be read: {exc}") from None
+    return arg, read_text(path, arg)  # a byte-order mark is not part of the JSON
 
 
 def lint_inputs(inputs: list[str], import_modules: bool = False) -> list[Result]:
     """Each input's values, linted; a :class:`UsageError` when an input holds nothing to lint."""
     results = []
     for n, arg in enumerate(inputs, 1):
-        label, text = _read(arg, n)
+        try:
+            label, text = _read(arg, n)
+            if len(text) > MAX_FILE_BYTES:
+                raise Refused(label, 1, f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most kvconf reads of a config")
+        except Refused as exc:  # the input is invalid, as a value with an error is
+            src = Source(exc.label, exc.line, "", "")
+            results.append(Result(src, None, [_finding("refused-input", src, exc.line, "<config>", exc.message)]))
+            continue
         sources, skipped = extract(text, label)
         if not sources and not skipped:
             raise UsageError(f"{label}: found neither a JSON object nor --kv-transfer-config in it")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvconf.bench.results import BenchResults
+from kvconf.config.inputs import Refused, read_json
 from kvconf.config.jsonschema import changes
 from kvconf.config.jsonschema import generate as generate_schemas
 from kvconf.contract.registry import builtin_extra_models
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists() and path.read_text() == text:
             continue
         if args.check:
-            old = json.loads(path.read_text()) if path.exists() else None
+            try:
+                old = read_json(path) if path.exists() else None
+            except Refused as exc:  # a schema file over kvconf's bounds, or not JSON
+                stale.append(f"{path}: {exc.message}")
+                continue
             what = changes(old, schema) if old is not None else ["missing"]
             stale.append(f"{path}: " + ", ".join(what[:8]) + (f", ... ({len(what)} in all)" if len(what) > 8 else ""))
         else:

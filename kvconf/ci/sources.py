@@ -222,27 +222,25 @@ class Source:
         return parse(self.text, self.raw, self.raw_offset)
 
 
-def _balanced(raw: str, start: int, escaped: bool) -> int | None:
-    """The offset just past the object that starts at ``raw[start] == "{"``, or None."""
-    depth, i, in_str = 0, start, False
-    quote = '\\"' if escaped else '"'
-    while i < len(raw):
-        if raw.startswith(quote, i):
-            in_str = not in_str
-            i += len(quote)
-            continue
-        c = raw[i]
-        if in_str and c == "\\":
-            i += 2 if not escaped else (3 if raw.startswith('\\\\\\"', i) else 2)
-            continue
-        if not in_str:
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-        i += 1
+_PLAIN = re.compile(r'"(?:[^"\\]++|\\.)*+"|[{}]', re.DOTALL)
+"""A JSON string (skipped whole) or a brace."""
+_ESCAPED = re.compile(r'\\"(?:[^\\]++|\\\\\\"|\\[^"])*+\\"|[{}]', re.DOTALL)
+"""The same where the JSON sits in a double-quoted shell or YAML string: its quotes are ``\\"``, a
+quote inside one of its strings ``\\\\\\"``."""
+
+
+def _balanced(raw: str, start: int, escaped: bool, stop: int | None = None) -> int | None:
+    """The offset just past the object that starts at ``raw[start] == "{"`` and ends before
+    ``stop``, or None."""
+    depth = 0
+    for m in (_ESCAPED if escaped else _PLAIN).finditer(raw, start, len(raw) if stop is None else stop):
+        c = m.group()
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return m.end()
     return None
 
 
@@ -264,6 +262,10 @@ def _unescape(raw: str, start: int, end: int) -> tuple[str, list[int]]:
     return "".join(out), offsets
 
 
+MAX_VALUES = 64
+"""``--kv-transfer-config`` values read from one input (a launch script holds a few)."""
+
+
 def extract(raw: str, label: str) -> tuple[list[Source], list[tuple[int, str]]]:
     """The values in ``raw``: the whole text when it is one JSON object, else each one that follows
     ``--kv-transfer-config``; and ``(line, why)`` for each occurrence whose value is not a JSON
@@ -275,7 +277,13 @@ def extract(raw: str, label: str) -> tuple[list[Source], list[tuple[int, str]]]:
         return [Source(label, line_of(start), raw[start:].rstrip(), raw, start=start)], []
     sources: list[Source] = []
     skipped: list[tuple[int, str]] = []
-    for m in re.finditer(re.escape(FLAG) + r"(?![\w.-])", raw):
+    flags = list(re.finditer(re.escape(FLAG) + r"(?![\w.-])", raw))
+    for n, m in enumerate(flags):
+        stop = flags[n + 1].start() if n + 1 < len(flags) else len(raw)  # a value ends before the next flag
+        if len(sources) + len(skipped) >= MAX_VALUES:
+            skipped.append((line_of(m.start()), f"more than {MAX_VALUES} {FLAG} values in one input: kvconf reads "
+                                                "no further (split the file)"))
+            break
         i = m.end()
         # past '=', spaces, a line break, quotes, a YAML list item's "- ", a flow list's ", " and a
         # block scalar's "|" or ">"
@@ -287,9 +295,9 @@ def extract(raw: str, label: str) -> tuple[list[Source], list[tuple[int, str]]]:
             continue
         after = raw[i + 1:].lstrip(" \t\r\n")
         escaped = after.startswith('\\"')
-        end = _balanced(raw, i, escaped)
+        end = _balanced(raw, i, escaped, stop)
         if end is None:
-            sources.append(Source(label, line_of(i), raw[i:], raw, start=i))  # the parser says what is wrong
+            sources.append(Source(label, line_of(i), raw[i:stop], raw, start=i))  # the parser says what is wrong
             continue
         if escaped:
             text, offsets = _unescape(raw, i, end)

@@ -29,6 +29,7 @@ import yaml
 
 from kvconf.conf import CONF_DIR, GROUPS, compose_data
 from kvconf.config.diagnostics import problems_from_validation_error
+from kvconf.config.inputs import Refused, config_dir_problems, load_yaml, read_text
 from kvconf.config.models import ConnectorConfig, KVCacheGroupFile, validate_extra
 from kvconf.contract import registry
 from kvconf.contract import signature as contract
@@ -83,7 +84,7 @@ def positions(text: str) -> dict[tuple, tuple[int, int]]:
     """``key path -> (line, column)`` (1-based) of every mapping key and sequence item in a YAML text."""
     out: dict[tuple, tuple[int, int]] = {}
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return out
 
@@ -211,13 +212,12 @@ def _class_problems(connector: dict[str, Any], notes: list[Problem]) -> list[Pro
 def validate_file(path: Path, group: str | None = None, notes: list[Finding] | None = None) -> list[Finding]:
     """Findings of one file: a group file, or a whole config (top-level connector/role/kv_cache).
     What could not be checked is appended to ``notes``."""
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return [Finding(str(path), line, col, "", f"not valid YAML: {getattr(exc, 'problem', exc)}")]
+        text = read_text(path)
+        data = load_yaml(text, str(path))
+    except Refused as exc:  # over a bound, not UTF-8, not YAML: the file and line, nothing built
+        return [Finding(str(path), exc.line, exc.column, "", exc.message,
+                        fix="fix the file at that line (kvconf's bounds on config files: docs/hostile-inputs.md)")]
     group = group or (path.parent.name if path.parent.name in GROUPS else None)
     if group is None and isinstance(data, dict) and any(k in data for k in GROUPS):
         return _findings(str(path), text, _whole_problems(data))
@@ -300,8 +300,8 @@ def combinations(config_dirs: list[Path]) -> Iterable[Combination]:
     loaded: dict[Path, tuple[Any, dict[str, str]]] = {}
     for g in GROUPS:
         for f in options[g].values():
-            text = f.read_text()
-            loaded[f] = (yaml.safe_load(text), _header(text))
+            text = read_text(f)
+            loaded[f] = (load_yaml(text, str(f)), _header(text))
     for combo in itertools.product(*(sorted(options[g]) for g in GROUPS)):
         chosen = dict(zip(GROUPS, combo))
         data: dict[str, Any] = json.loads(json.dumps(base))
@@ -343,6 +343,12 @@ def validate_matrix(config_dirs: list[Path]) -> Report:
     """Every combination through validation, the contract check and the memory plan
     (``action=check``: nothing is allocated), in this process."""
     report = Report()
+    for d in config_dirs:  # every file within kvconf's bounds before any is composed
+        for p in config_dir_problems(d):
+            file, _, line = (p.location or "").rpartition(":")
+            report.findings.append(Finding(file, int(line or 1), 1, "", p.message, fix=p.fix))
+    if report.findings:
+        return report
     for combo in combinations(config_dirs):
         report.checked += 1
         try:

@@ -377,7 +377,7 @@ def _main(argv: list[str]) -> None:
     argv = external_connector(layout_from_model(argv))
     dirs = _config_dirs(argv)
     if dirs:  # a user's YAML: malformed, duplicate keys, alias bombs are one message, not a traceback
-        from kvconf.config.yamlfiles import config_dir_problems
+        from kvconf.config.inputs import config_dir_problems
 
         problems = [p for d in dirs if Path(d).is_dir() for p in config_dir_problems(Path(d))]
         if problems:

@@ -13,7 +13,7 @@ overrides      command-line overrides checked before Hydra composes (did-you-mea
 fielddocs      field docstrings copied into descriptions, for ``--help`` and the JSON Schemas
 jsonschema     the JSON Schemas generated from the models
 vllm           vLLM's ``--kv-transfer-config`` as data: fields, connector names, extra keys, aliases
-yamlfiles      a user's ``--config-dir`` YAML checked first: UTF-8, syntax, duplicate keys, alias bombs
+inputs         the one safe reader of YAML and JSON files: bounds on size, nesting, aliases
 =============  =================================================================================
 
 Nothing here imports torch, Hydra's app or a connector.

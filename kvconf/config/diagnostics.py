@@ -11,12 +11,24 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Discriminator, Tag, ValidationError
 
-from kvconf.errors import MISSING, Problem
+from kvconf.errors import MISSING, Problem, short
 from kvconf.units import SIZE_PATTERN, UNITS_HELP
 
 from .kvcache import KVCacheInvariantError
 
-__all__ = ["problems_from_validation_error"]
+__all__ = ["BOUNDS", "problems_from_validation_error"]
+
+BOUNDS = {
+    "head_size": "no model's heads come near it (the largest is 576, DeepSeek's MLA latent)",
+    "head_size_v": "no model's heads come near it (the largest is 576, DeepSeek's MLA latent)",
+    "num_kv_heads": "no model has that many KV heads (the largest have 128)",
+    "num_layers": "no model has that many layers (the largest have a few hundred)",
+    "num_blocks": "vLLM's block ids are 32-bit",
+    "block_size": "more tokens per block than any engine uses",
+    "max_model_len": "vLLM's positions are 32-bit",
+    "size": "more memory than one machine holds",
+}
+"""Why each of kvconf's bounds on a size is where it is, by the key's name."""
 
 
 def problems_from_validation_error(exc: ValidationError, model: type[BaseModel], data: Any,
@@ -64,6 +76,10 @@ def problems_from_validation_error(exc: ValidationError, model: type[BaseModel],
             if m:
                 allowed = [a.strip() for a in m.group(1).split(",")]
                 msg = msg[: m.start()].rstrip("; ")
+        elif etype in ("less_than_equal", "less_than") and path_parts and str(path_parts[-1]) in BOUNDS:
+            bound = ctx.get("le", ctx.get("lt"))
+            msg = f"{short(value, 40)} is above kvconf's bound of {bound:,}: {BOUNDS[str(path_parts[-1])]}"
+            fix = f"give {path} at most {bound:,} (a value for a real model and machine)"
         else:
             expected = _expected_type(etype)
             if expected:

@@ -64,6 +64,21 @@ DTYPE_BYTES: dict[str, int] = {
     "uint8": 1,
 }
 
+MAX_HEAD_SIZE = 4096
+"""Elements in one head, at most: seven times the largest in service (576, DeepSeek's MLA latent)."""
+MAX_KV_HEADS = 1024
+"""KV heads of one layer, at most (the largest models have 128)."""
+MAX_BLOCK_SIZE = 1 << 20
+"""Tokens per block, at most (vLLM's blocks hold 16 to a few thousand)."""
+MAX_BLOCKS = 2**31
+"""More blocks per layer than a machine holds (vLLM's block ids are int32)."""
+MAX_TENSOR_BYTES = 64 * 1024**4
+"""Bytes of one KV-cache tensor, at most: more memory than one machine holds."""
+
+HeadSize = Annotated[int, Field(gt=0, le=MAX_HEAD_SIZE)]
+KVHeads = Annotated[int, Field(gt=0, le=MAX_KV_HEADS)]
+BlockSize = Annotated[int, Field(gt=0, le=MAX_BLOCK_SIZE)]
+
 FullAttention = Literal["full_attention"]
 SlidingWindow = Literal["sliding_window"]
 MLA = Literal["mla"]
@@ -84,13 +99,13 @@ class KVCacheInvariantError(ValueError):
 
 
 class _AttentionSpecBase(StrictModel):
-    block_size: PositiveInt
+    block_size: BlockSize
     """Tokens per block."""
-    num_kv_heads: PositiveInt
+    num_kv_heads: KVHeads
     """KV heads held by this worker (after tensor parallelism)."""
-    head_size: PositiveInt
+    head_size: HeadSize
     """Size of one key head, in elements."""
-    head_size_v: PositiveInt | None = None
+    head_size_v: HeadSize | None = None
     """Size of one value head, in elements; defaults to ``head_size``."""
     dtype: DType
     """Element type of the cache."""
@@ -130,11 +145,11 @@ class MLAAttentionSpec(StrictModel):
 
     type: MLA = "mla"
     """Spec type."""
-    block_size: PositiveInt
+    block_size: BlockSize
     """Tokens per block."""
     num_kv_heads: Literal[1] = 1
     """Always 1 for MLA: the latent is shared by all heads."""
-    head_size: PositiveInt
+    head_size: HeadSize
     """Latent size per token (kv_lora_rank + qk_rope_head_dim; 576 for DeepSeek-V3)."""
     dtype: DType
     """Element type of the cache."""
@@ -154,9 +169,9 @@ class MambaSpec(StrictModel):
 
     type: Mamba = "mamba"
     """Spec type."""
-    block_size: PositiveInt
+    block_size: BlockSize
     """Tokens per block (does not change the page size)."""
-    shapes: list[list[PositiveInt]] = Field(min_length=1)
+    shapes: list[list[Annotated[int, Field(gt=0, le=MAX_TENSOR_BYTES)]]] = Field(min_length=1)
     """Shape of each state tensor (conv state, SSM state, ...)."""
     dtypes: list[DType] = Field(min_length=1)
     """Element type of each state tensor, in the order of ``shapes``."""
@@ -197,7 +212,7 @@ class KVCacheTensor(StrictModel):
     one allocation (``alias_of``), as a hybrid model's groups do in vLLM: a block id belongs to one
     group at a time, so each group's layers use the same bytes for the blocks they hold."""
 
-    size: PositiveInt
+    size: int = Field(gt=0, le=MAX_TENSOR_BYTES)
     """Bytes of the tensor."""
     layers: list[str] = Field(min_length=1)
     """Layers placed in this tensor, in order."""
@@ -224,7 +239,7 @@ class KVCacheGroupSpec(StrictModel):
 class KVCacheConfig(StrictModel):
     """The KV-cache layout a connector is constructed with (vLLM's ``KVCacheConfig``)."""
 
-    num_blocks: PositiveInt
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     """Blocks per layer."""
     kv_cache_tensors: list[KVCacheTensor]
     """Backing allocations and where each layer's blocks lie in them."""

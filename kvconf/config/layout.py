@@ -18,10 +18,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, PositiveInt, PrivateAttr, field_validator, model_validator
 
 from kvconf.errors import Problem
-from kvconf.units import PositiveByteSize, format_bytes, parse_bytes
+from kvconf.units import MAX_MEMORY_BYTES, MemoryBytes, format_bytes, parse_bytes
 
 from .base import StrictModel
 from .kvcache import (
+    MAX_BLOCK_SIZE,
+    MAX_BLOCKS,
     SPEC_TYPES,
     DType,
     FullAttentionSpec,
@@ -40,8 +42,8 @@ __all__ = ["DEFAULT_LAYER_NAME", "FullAttentionGroup", "GroupLayout", "KVCacheLa
 DEFAULT_LAYER_NAME = "model.layers.{i}.self_attn.attn"
 MAX_LAYERS = 4096
 """More layers than any model has: a bound, so that a typo cannot plan for hours."""
-MAX_BLOCKS = 2**31
-"""More blocks per layer than a machine holds (vLLM's block ids are int32)."""
+MAX_MODEL_LEN = 2**31
+"""Tokens in one request, at most (vLLM's positions are int32)."""
 
 LayerOuter = Literal["LBHNC"]
 BlockOuter = Literal["BLHNC"]
@@ -59,7 +61,7 @@ class _GroupLayout(StrictModel):
     layers: LayerSelector = "all"
     """Which layers form the group: ``all``; ``rest`` (every layer no other group takes); a slice
     of layer indices such as ``"5::6"`` (5, 11, 17, ...); or a list of indices and names."""
-    block_size: PositiveInt | None = None
+    block_size: Optional[int] = Field(None, gt=0, le=MAX_BLOCK_SIZE)
     """Tokens per block; defaults to the layout's ``block_size``."""
     dtype: DType | None = None
     """Element type; defaults to the layout's ``dtype``."""
@@ -113,19 +115,19 @@ class KVCacheLayout(StrictModel):
     hundred); needed unless every group lists names."""
     layer_name: str = DEFAULT_LAYER_NAME
     """Name of layer ``i``; ``{i}`` is replaced by the index."""
-    block_size: PositiveInt = 16
+    block_size: int = Field(16, gt=0, le=MAX_BLOCK_SIZE)
     """Tokens per block, for every group that does not set its own."""
     dtype: DType = "bfloat16"
     """Element type, for every group that does not set its own."""
     num_blocks: Optional[int] = Field(None, gt=0, le=MAX_BLOCKS)
     """Blocks per layer (at most 2**31). Give this or ``memory``, not both."""
-    memory: PositiveByteSize | None = None
+    memory: MemoryBytes | None = None
     """A memory budget for the whole cache (``2GiB``, ``512MiB``, bytes); ``num_blocks`` is the
     largest count that fits. Give this or ``num_blocks``, not both."""
     groups: list[GroupLayout] | None = Field(None, min_length=1)
     """The layers of each attention type: a spec each (``type`` and its fields) and the layers it
     covers. The plan's KV-cache groups are made from them as vLLM makes them (see ``layout``)."""
-    max_model_len: PositiveInt | None = None
+    max_model_len: Optional[int] = Field(None, gt=0, le=MAX_MODEL_LEN)
     """The longest request, in tokens, that must fit: vLLM refuses to start when one request of
     this length does not fit in the budget (less one block), and says the largest length that
     would; kvconf does the same before anything is allocated. Unset: no check."""
@@ -332,6 +334,13 @@ class KVCacheLayout(StrictModel):
                 fix="set exactly one: kv_cache.num_blocks=N or kv_cache.memory=SIZE (e.g. 2GiB)"
                 + (" (kv_cache.num_blocks=null to use the budget)" if both else ""))])
         if self.num_blocks is not None:
+            total = self.num_blocks * bytes_per_block
+            if total > MAX_MEMORY_BYTES:
+                raise KVCacheInvariantError([Problem(
+                    "kv_cache.num_blocks", f"{self.num_blocks:,} blocks of {format_bytes(bytes_per_block)} are "
+                    f"{format_bytes(total)}: more than any one machine's memory (kvconf's bound: "
+                    f"{format_bytes(MAX_MEMORY_BYTES)})", value=self.num_blocks,
+                    fix=f"give at most {MAX_MEMORY_BYTES // bytes_per_block:,} blocks, or kv_cache.memory=SIZE")])
             return self.num_blocks
         budget = parse_bytes(self.memory)  # type: ignore[arg-type]
         if budget < bytes_per_block:

@@ -20,7 +20,6 @@ deepseek_v2, deepseek_v3              MLA: one latent of ``kv_lora_rank + qk_rop
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +58,12 @@ def read_model_config(path: str) -> tuple[dict[str, Any], Path]:
     if not file.is_file():
         raise _problem(f"no config.json at {str(p)!r}", path,
                        "give the path of a model's config.json, or of the folder that holds it")
+    from .inputs import Refused, read_json
+
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _problem(f"{file} is not readable JSON: {exc}", path, "give a model's config.json") from None
+        data = read_json(file)
+    except Refused as exc:
+        raise _problem(f"{exc.label}:{exc.line}: {exc.message}", path, "give a model's config.json") from None
     if not isinstance(data, dict):
         raise _problem(f"{file} holds {type(data).__name__}, not a model config", path, "give a model's config.json")
     return data, file

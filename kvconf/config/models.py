@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from kvconf.errors import ConfigError, Problem
-from kvconf.units import PositiveByteSize
+from kvconf.units import MemoryBytes
 
 from .base import StrictModel
 from .diagnostics import problems_from_validation_error
@@ -141,10 +141,10 @@ class SelfTestConfig(StrictModel):
 
     requests: PositiveInt = 4
     """Requests the driver saves and loads back."""
-    max_bytes: PositiveByteSize = "64MiB"
+    max_bytes: MemoryBytes = "64MiB"
     """Upper bound of the bytes one save or load pass moves; the driver uses fewer blocks when the
     cache is smaller."""
-    transfer_bytes: PositiveByteSize = "64MiB"
+    transfer_bytes: MemoryBytes = "64MiB"
     """Bytes a two-process self-test (mooncake) moves in all, in rounds that each fit the KV cache."""
     timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
     """Seconds a two-process self-test may take before it gives up on its peer."""

@@ -26,8 +26,96 @@ from typing import Any, Optional
 from kvconf.conf import GROUPS
 from kvconf.errors import ConfigError, Problem
 
-__all__ = ["as_composable", "as_typed", "check_overrides", "external_connector", "group_options", "layout_from_model",
-           "schema_keys", "split_args"]
+__all__ = ["MAX_OVERRIDE_VALUES", "as_composable", "as_typed", "check_overrides", "external_connector", "group_options",
+           "layout_from_model", "override_problems", "schema_keys", "split_args"]
+
+MAX_OVERRIDE_VALUES = 512
+"""Values in one override (``a,b,c`` or ``[a,b,c]``): Hydra's parser takes about a second per
+thousand here, and a sweep of 512 jobs is more than one command line is for."""
+
+_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic"
+
+
+def _shape(value: str) -> tuple[int, int]:
+    """(deepest nesting of brackets, number of values) of an override's value, outside quotes.
+
+    >>> _shape("[1,[2,3],{a: 4}]"), _shape("'[,,,]'")
+    ((2, 5), (0, 1))
+    """
+    depth = deepest = 0
+    values = 1
+    quote = ""
+    escaped = False
+    for c in value:
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]})":
+            depth -= 1
+        elif c == ",":
+            values += 1
+    return deepest, values
+
+
+def override_problems(overrides: list[str]) -> list[Problem]:
+    """What is wrong with each override's text, before Hydra parses it: one :class:`Problem`
+    naming the override's key, with its value as typed (shortened) and what kvconf expects, for
+    bytes that are not UTF-8, control characters, more than the config-file bounds (length,
+    nesting), more than :data:`MAX_OVERRIDE_VALUES` values, and text Hydra's grammar does not
+    read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .inputs import MAX_DEPTH, MAX_STRING_CHARS
+
+    problems: list[Problem] = []
+    parser = None
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        key = key.lstrip("+~") or "<override>"
+        shown = {"value": value if eq else o}
+        if any("\udc80" <= c <= "\udcff" for c in o):  # bytes that were not UTF-8, as Python keeps them
+            problems.append(Problem(key, "the override holds bytes that are not UTF-8 text", **shown,
+                                    fix="type the value as UTF-8 text"))
+            continue
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in o):
+            problems.append(Problem(key, "the override holds a control character (a newline, an escape, ...)",
+                                    **shown, fix="remove it; write such a value in a config file instead"))
+            continue
+        if len(o) > MAX_STRING_CHARS:
+            problems.append(Problem(key, f"an override of {len(o):,} characters: more than the {MAX_STRING_CHARS:,} "
+                                         "kvconf reads of one key or value", **shown,
+                                    fix="put long values in a config file (--config-dir)"))
+            continue
+        depth, values = _shape(value)
+        if depth > MAX_DEPTH:
+            problems.append(Problem(key, f"the value is nested more than {MAX_DEPTH} levels deep (kvconf reads at "
+                                         f"most {MAX_DEPTH})", **shown, fix="write it with fewer brackets"))
+            continue
+        if values > MAX_OVERRIDE_VALUES:
+            problems.append(Problem(key, f"the value holds {values:,} values: more than the {MAX_OVERRIDE_VALUES} "
+                                         "kvconf reads in one override", **shown,
+                                    fix="sweep fewer values per command, or put the list in a config file"))
+            continue
+        parser = parser or OverridesParser.create()
+        try:
+            parser.parse_overrides([o])
+        except Exception as exc:  # Hydra's OverrideParseException (and ANTLR's own, in its message)
+            reason = str(exc).split("\n")[0].strip()
+            problems.append(Problem(
+                key, f"the override is not one kvconf can read ({reason[:160]})", **shown,
+                fix=(f"write {key}=VALUE: a number, a word, a quoted string ('a b'), a list [a,b] or a mapping "
+                     f"{{k: v}}, with brackets and quotes closed; quote a value holding brackets, commas, "
+                     f"quotes or spaces (grammar: {_GRAMMAR})")))
+    return problems
 
 
 def group_options(group: str, config_dirs: Iterable[str]) -> list[str]:
@@ -200,9 +288,12 @@ def check_overrides(argv: list[str], conf_dir: str,
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides_text, user_dirs = split_args(argv)
+    wrong = override_problems(overrides_text)
+    if wrong:
+        raise ConfigError(wrong)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides_text)
-    except Exception:  # Hydra reports syntax errors itself
+    except Exception:  # not met after override_problems; Hydra would report it
         return
     dirs = [conf_dir, *user_dirs]
     problems: list[Problem] = []
