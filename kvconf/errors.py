@@ -30,6 +30,7 @@ __all__ = [
     "Problem",
     "did_you_mean",
     "short",
+    "shown",
 ]
 
 
@@ -58,9 +59,15 @@ def short(value: Any, limit: int = 120) -> str:
     return text[: limit - 2] + "..." + size
 
 
-def _printable(text: str) -> str:
-    """``text`` as it is where printable, else in ASCII escapes (without quotes)."""
-    return text if text.isprintable() else ascii(text)[1:-1]
+def shown(text: str, limit: int = 200) -> str:
+    """``text`` (a config path, a key) as a message shows it: as it is where printable, else in
+    ASCII escapes (without quotes); cut to ``limit`` characters.
+
+    >>> shown("connector.kv\x1brole")
+    'connector.kv\\x1brole'
+    """
+    out = text if text.isprintable() else ascii(text)[1:-1]
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def did_you_mean(value: object, allowed: Iterable[object]) -> str | None:
@@ -112,7 +119,7 @@ class Problem:
         return hint if hint is not None and hint != probe else None
 
     def render(self) -> str:
-        lines = [f"  {_printable(self.path) or '<config>'}"]
+        lines = [f"  {shown(self.path) or '<config>'}"]
         if self.location:
             lines.append(f"    at {self.location}")
         lines.append(f"    {self.message}")

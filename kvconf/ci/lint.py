@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from kvconf.config.inputs import MAX_FILE_BYTES, Refused, check_json, decode, read_text
+from kvconf.errors import shown
 
 from .annotations import annotation
 from .catalogue import CATALOGUE, NOTICES, Entry, Target, render_path
@@ -167,13 +168,14 @@ def print_findings(results: list[Result], fmt: str, out: IO[str], seconds: float
     if fmt == "github":
         kinds = {"error": "error", "warning": "warning", "note": "notice"}
         for f in findings:
-            msg = f"[{f.id}] {f.path}: {f.message}" + (f" - fix: {f.fix}" if f.fix else "")
+            msg = f"[{f.id}] {shown(f.path)}: {f.message}" + (f" - fix: {f.fix}" if f.fix else "")
             out.write(annotation(kinds[f.severity], f.file, f.line, msg) + "\n")
         return
     for f in findings:
         value = json.dumps(f.value) if _jsonable(f.value) else repr(f.value)
-        shown = "" if f.value is None else f" (value: {value})"
-        out.write(f"{f.file}:{f.line}: {f.severity}: {f.path}: {f.message}{shown}"
+        value = value if len(value) <= 200 else value[:180] + f"... ({len(value):,} characters)"
+        with_value = "" if f.value is None else f" (value: {value})"
+        out.write(f"{f.file}:{f.line}: {f.severity}: {shown(f.path)}: {f.message}{with_value}"
                   + (f"; fix: {f.fix}" if f.fix else "") + f" [{f.id}]\n")
     if seconds is not None:
         errors = sum(f.severity == "error" for f in findings)

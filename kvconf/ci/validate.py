@@ -34,7 +34,7 @@ from kvconf.config.models import ConnectorConfig, KVCacheGroupFile, validate_ext
 from kvconf.contract import registry
 from kvconf.contract import signature as contract
 from kvconf.contract.registry import builtin_extra_model, no_imports
-from kvconf.errors import MISSING, ConfigError, KVConfError, Problem
+from kvconf.errors import MISSING, ConfigError, KVConfError, Problem, short, shown
 from kvconf.runtime.pipeline import Job, load, run_job
 
 from .annotations import annotation
@@ -60,7 +60,8 @@ class Finding:
         out = {"file": self.file, "line": self.line, "column": self.column, "path": self.path,
                "message": self.message}
         if self.value is not None:
-            out["value"] = self.value if isinstance(self.value, (str, int, float, bool)) else repr(self.value)
+            value = self.value if isinstance(self.value, (str, int, float, bool)) else repr(self.value)
+            out["value"] = short(value, 200) if isinstance(value, str) and len(value) > 200 else value
         if self.fix:
             out["fix"] = self.fix
         if self.combination:
@@ -386,22 +387,23 @@ def _emit(report: Report, fmt: str, what: str, seconds: float) -> None:
     if fmt == "github":
         for kind, items in (("error", report.findings), ("notice", report.notes)):
             for f in items:
-                msg = f"{f.path}: {f.message}" + (f" (value: {f.value!r})" if f.value is not None else "") + (
+                msg = f"{shown(f.path)}: {f.message}" + (f" (value: {short(f.value, 200)})" if f.value is not None else "") + (
                     f" - fix: {f.fix}" if f.fix else "")
                 print(annotation(kind, f.file, f.line, msg, column=f.column))
         return
     for f in report.notes:
-        print(f"{f.file}:{f.line}:{f.column}: note: {f.path}: {f.message}" + (f"; fix: {f.fix}" if f.fix else ""))
+        print(f"{f.file}:{f.line}:{f.column}: note: {shown(f.path)}: {f.message}" + (f"; fix: {f.fix}" if f.fix else ""))
     if report.failed_combinations:
         for label, findings in report.failed_combinations.items():
             print(f"FAIL {label}")
             for f in findings:
-                print(f"  {f.file}:{f.line}:{f.column}: {f.path}: {f.message}"
-                      + (f" (value: {f.value!r})" if f.value is not None else "") + (f"; fix: {f.fix}" if f.fix else ""))
+                print(f"  {f.file}:{f.line}:{f.column}: {shown(f.path)}: {f.message}"
+                      + (f" (value: {short(f.value, 200)})" if f.value is not None else "")
+                      + (f"; fix: {f.fix}" if f.fix else ""))
     else:
         for f in report.findings:
-            print(f"{f.file}:{f.line}:{f.column}: {f.path or '<file>'}: {f.message}"
-                  + (f" (value: {f.value!r})" if f.value is not None else "") + (f"; fix: {f.fix}" if f.fix else ""))
+            print(f"{f.file}:{f.line}:{f.column}: {shown(f.path) or '<file>'}: {f.message}"
+                  + (f" (value: {short(f.value, 200)})" if f.value is not None else "") + (f"; fix: {f.fix}" if f.fix else ""))
     bad = len(report.failed_combinations) if what == "combinations" else len(report.findings)
     verdict = f"{bad} invalid" if report.findings else "all valid"
     if report.notes:

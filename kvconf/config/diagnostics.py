@@ -52,7 +52,7 @@ def problems_from_validation_error(exc: ValidationError, model: type[BaseModel],
         if etype == "extra_forbidden":
             typo = path_parts[-1]
             allowed = sorted(_fields_at(model, loc[:-1]) or [])
-            msg = f"unknown key {path_parts[-1]!r}"
+            msg = f"unknown key {short(path_parts[-1], 80)}"
             fix = "remove it or correct its spelling"
         elif etype == "missing":
             msg = "required key is missing"

@@ -76,6 +76,8 @@ def read_text(path: Path, label: str | None = None) -> str:
     """A file's text: at most :data:`MAX_FILE_BYTES` read, UTF-8 (a byte-order mark dropped), or
     :class:`Refused` with the line of the first byte that is not."""
     label = label or str(path)
+    if not Path(path).is_file():  # a FIFO would block the read, a device never end
+        raise Refused(label, 1, "is not a regular file")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
@@ -120,6 +122,8 @@ def load_yaml(text: str, label: str) -> Any:
         return yaml.load(text, Loader=_Loader)  # a safe loader: CSafeLoader or SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_refusal(exc, text, label) from None
+    except (ValueError, OverflowError) as exc:  # a value YAML reads but Python cannot hold
+        raise Refused(label, 1, f"holds a value Python cannot read: {str(exc)[:120]}") from None
 
 
 def check_yaml(text: str, label: str) -> None:
@@ -134,6 +138,10 @@ def check_yaml(text: str, label: str) -> None:
         raise _yaml_refusal(exc, text, label) from None
     finally:
         loader.dispose()
+
+
+_DIGITS = re.compile(r"[-+]?(?:[0-9_]+(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|0x[0-9a-fA-F_]+|0o?[0-7_]+|0b[01_]+)")
+"""A plain scalar YAML may read as a number (the digits alone bound it: Python reads at most 4,300)."""
 
 
 class _Frame:
@@ -177,6 +185,8 @@ def _walk(loader: Any, label: str) -> None:
             if len(event.value) > MAX_STRING_CHARS:
                 raise refuse(event, f"a value of {len(event.value):,} characters: more than the {MAX_STRING_CHARS:,} "
                                     "kvconf reads of one key or value")
+            if not event.style and len(event.value) > 100 and _DIGITS.fullmatch(event.value):
+                raise refuse(event, f"a number of {len(event.value):,} digits: no config value is that long")
             expanded += 1
             if event.anchor is not None:
                 sizes[event.anchor] = 1
@@ -241,6 +251,8 @@ def load_json(text: str, label: str) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise Refused(label, exc.lineno, f"not valid JSON: {exc.msg}", exc.colno) from None
+    except (ValueError, RecursionError) as exc:  # what the bounds above already keep out
+        raise Refused(label, 1, f"holds a value Python cannot read: {str(exc)[:120]}") from None
     count, todo = 0, [value]
     while todo:
         v = todo.pop()

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from kvconf.errors import ConfigError, Problem
+from kvconf.errors import ConfigError, Problem, short
 from kvconf.units import MemoryBytes
 
 from .base import StrictModel
@@ -393,6 +393,6 @@ def _unknown_keys(model: type[BaseModel], data: Any) -> list[Problem]:
     known = set(model.model_fields)
     known |= {f.alias for f in model.model_fields.values() if isinstance(f.alias, str)}
     known |= {f.validation_alias for f in model.model_fields.values() if isinstance(f.validation_alias, str)}
-    return [Problem(f"connector.extra.{k}", f"unknown key {k!r}", value=v, allowed=sorted(model.model_fields),
+    return [Problem(f"connector.extra.{k}", f"unknown key {short(k, 80)}", value=v, allowed=sorted(model.model_fields),
                     typo=k, fix="remove it or correct its spelling")
             for k, v in data.items() if str(k) not in known]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kvconf.conf import GROUPS
-from kvconf.errors import ConfigError, Problem
+from kvconf.errors import ConfigError, Problem, short
 
 __all__ = ["MAX_OVERRIDE_VALUES", "as_composable", "as_typed", "check_overrides", "external_connector", "group_options",
            "layout_from_model", "override_problems", "schema_keys", "split_args"]
@@ -327,7 +327,8 @@ def check_overrides(argv: list[str], conf_dir: str,
                 break
             if parts[depth] not in sections[section]:
                 path = ".".join(parts[: depth + 1])
-                problems.append(Problem(path, f"unknown key {parts[depth]!r}", value=(o.input_line or "").split("=", 1)[-1],
+                typed = (o.input_line or "").split("=", 1)[-1]
+                problems.append(Problem(path, f"unknown key {short(parts[depth], 80)}", value=typed,
                                         allowed=sections[section], typo=parts[depth],
                                         fix="correct the key's spelling (see python -m kvconf --help)"))
                 break

@@ -1,0 +1,119 @@
+"""The hostile-input corpus (tests/hostile_corpus.py) through the app and through validate, lint
+and import, as a user runs them: each input ends with the exit code a config error has (2 from
+the app, 1 from validate/lint/import: the file is invalid), the file and line or the key named, no
+traceback, no control character sent to the terminal, within a bound on time and memory that the
+harness measures (generous: the corpus is timed on its own in benchmarks/bench_hostile_inputs.py).
+Real configs still pass: tests/test_ci_tools.py, test_lint.py and test_readme.py run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hostile_corpus import CORPUS, Case
+
+from conftest import kvconf_env
+
+SECONDS = 10.0
+"""Per command, with room for a loaded CI machine (alone, each takes under a second here)."""
+MEMORY_MB = 500
+
+
+def measured(args: list[str | bytes], cwd: Path) -> tuple[int, str, float, float]:
+    """``python -m kvconf ARGS``: (exit code, stdout and stderr, seconds, peak memory in MB),
+    measured for that process alone (``wait4``); killed past twice :data:`SECONDS`."""
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "kvconf", *args], cwd=cwd, env=kvconf_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+        timer = threading.Timer(2 * SECONDS, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode("utf-8", errors="replace")
+    return proc.returncode, text, seconds, usage.ru_maxrss / 1024
+
+
+def check(run: tuple[int, str, float, float], code: int, *named: str) -> None:
+    rc, text, seconds, mb = run
+    assert rc == code, f"exit {rc}, expected {code}:\n{text[-3000:]}"
+    for piece in named:
+        assert piece in text, f"{piece!r} is not named:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    assert not any(c in text for c in "\x00\x01\x1b\x7f"), "a control character reached the terminal"
+    assert len(text) < 20_000, f"{len(text)} characters of output: the value was not shortened"
+    assert seconds < SECONDS, f"{seconds:.1f} s"
+    assert mb < MEMORY_MB, f"{mb:.0f} MB"
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.id)
+def test_a_hostile_input_is_one_clear_message_in_bounded_time_and_memory(case: Case, tmp_path: Path) -> None:
+    if case.kind == "file":
+        file = write(tmp_path / "conf" / case.group / f"{case.option}.yaml", case.content)
+        where = f"{file.name}:{case.line}"
+        named = (where,) if case.key is None else (case.key,)
+        app = measured(["--config-dir", str(tmp_path / "conf"), f"{case.group}={case.option}", *case.extra_args,
+                        "action=check"], tmp_path)
+        check(app, 2, *named)
+        check(measured(["validate", str(file)], tmp_path), 1, where)
+    elif case.kind == "override":
+        check(measured([*case.args, "action=check"], tmp_path), 2, str(case.key))
+    elif case.kind == "json":
+        file = write(tmp_path / ("launch.sh" if "script" in case.id else "transfer.json"), case.content)
+        where = f"{file.name}:{case.line}"
+        check(measured(["lint", str(file)], tmp_path), 1, where)
+        check(measured(["import", str(file)], tmp_path), 1)
+    else:
+        file = write(tmp_path / "model" / "config.json", case.content)
+        check(measured([f"kv_cache.model={file}", "action=check"], tmp_path), 2, str(case.key),
+              f"config.json:{case.line}")
+
+
+def test_the_corpus_holds_every_kind_the_issue_names() -> None:
+    ids = [c.id for c in CORPUS]
+    assert len(ids) >= 40 and len(set(ids)) == len(ids)
+    for kind in ("laughs", "deep", "MiB", "KiB", "control", "utf8", "size-", "override-"):
+        assert sum(kind in i for i in ids) >= 2, kind
+
+
+def test_validate_matrix_refuses_a_hostile_folder_before_composing_it(tmp_path: Path) -> None:
+    from hostile_corpus import CONNECTOR_HEAD, laughs
+
+    write(tmp_path / "conf" / "connector" / "evil.yaml", CONNECTOR_HEAD + "extra:\n" + laughs(8))
+    run = measured(["validate", "--matrix", "--config-dir", str(tmp_path / "conf")], tmp_path)
+    check(run, 1, "evil.yaml:8")
+
+
+def test_schemas_check_refuses_a_hostile_schema_file(tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import REPO
+
+    out = tmp_path / "schemas"
+    shutil.copytree(REPO / "schemas", out)
+    write(out / "connector.schema.json", "{\n" + '"a": ' + "[" * 5000 + "]" * 5000 + "}")
+    proc = subprocess.run([sys.executable, "-m", "kvconf.ci.schemas", "--check", "--out", str(out)],
+                          capture_output=True, text=True, env=kvconf_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "connector.schema.json" in proc.stdout + proc.stderr
+    assert "nested more than 64 levels deep" in proc.stdout + proc.stderr
