@@ -89,6 +89,10 @@ CORPUS: list[Case] = [
     _file("invalid-utf8-in-a-value", b"extra:\n  path: caf\xe9\n", 4),
     _file("truncated-utf8-sequence", b"extra:\n  path: \xe2\x82\n", 4),
     _file("key-written-twice", "kv_role: kv_producer\n", 3),
+    _file("unknown-key-of-60-KiB", "k" * (60 << 10) + ": 1\n", 3, key="unknown key"),
+    _file("kv-role-of-60-KiB", "kv_role: " + "x" * (60 << 10) + "\n", 2, head="name: example\n",
+          key="connector.kv_role"),
+    _file("escape-sequence-in-a-key", '"k\\e[2J": 1\n', 3, key="unknown key"),
     # command-line overrides
     Case("override-unclosed-list", "override", args=("kv_cache.num_blocks=[",), key="kv_cache.num_blocks"),
     Case("override-unclosed-quote", "override", args=('connector.kv_role="kv_both',), key="connector.kv_role"),

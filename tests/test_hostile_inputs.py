@@ -45,14 +45,14 @@ def measured(args: list[str | bytes], cwd: Path) -> tuple[int, str, float, float
     return proc.returncode, text, seconds, usage.ru_maxrss / 1024
 
 
-def check(run: tuple[int, str, float, float], code: int, *named: str) -> None:
+def check(run: tuple[int, str, float, float], code: int, *named: str, chars: int = 20_000) -> None:
     rc, text, seconds, mb = run
     assert rc == code, f"exit {rc}, expected {code}:\n{text[-3000:]}"
     for piece in named:
         assert piece in text, f"{piece!r} is not named:\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
     assert not any(c in text for c in "\x00\x01\x1b\x7f"), "a control character reached the terminal"
-    assert len(text) < 20_000, f"{len(text)} characters of output: the value was not shortened"
+    assert len(text) < chars, f"{len(text)} characters of output: a value was not shortened"
     assert seconds < SECONDS, f"{seconds:.1f} s"
     assert mb < MEMORY_MB, f"{mb:.0f} MB"
 
@@ -66,27 +66,50 @@ def write(path: Path, content: str | bytes) -> Path:
     return path
 
 
+def files_of(case: Case, root: Path) -> Path:
+    """Where ``case``'s file is written under ``root``."""
+    if case.kind == "file":
+        return root / case.id / "conf" / case.group / f"{case.option}.yaml"
+    if case.kind == "json":
+        return root / case.id / ("launch.sh" if "script" in case.id else "transfer.json")
+    return root / case.id / "model" / "config.json"
+
+
 @pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.id)
 def test_a_hostile_input_is_one_clear_message_in_bounded_time_and_memory(case: Case, tmp_path: Path) -> None:
+    """Through the app (files, overrides, a model's config.json) or ``kvconf import`` (vLLM's
+    JSON); validate and lint read the same files in the two tests below, all in one process each."""
+    file = files_of(case, tmp_path) if case.kind != "override" else None
+    if file is not None:
+        write(file, case.content)
     if case.kind == "file":
-        file = write(tmp_path / "conf" / case.group / f"{case.option}.yaml", case.content)
-        where = f"{file.name}:{case.line}"
-        named = (where,) if case.key is None else (case.key,)
-        app = measured(["--config-dir", str(tmp_path / "conf"), f"{case.group}={case.option}", *case.extra_args,
-                        "action=check"], tmp_path)
-        check(app, 2, *named)
-        check(measured(["validate", str(file)], tmp_path), 1, where)
+        assert file is not None
+        conf = file.parents[1]
+        named = (f"{file.name}:{case.line}",) if case.key is None else (case.key,)
+        check(measured(["--config-dir", str(conf), f"{case.group}={case.option}", *case.extra_args,
+                        "action=check"], tmp_path), 2, *named)
     elif case.kind == "override":
         check(measured([*case.args, "action=check"], tmp_path), 2, str(case.key))
     elif case.kind == "json":
-        file = write(tmp_path / ("launch.sh" if "script" in case.id else "transfer.json"), case.content)
-        where = f"{file.name}:{case.line}"
-        check(measured(["lint", str(file)], tmp_path), 1, where)
         check(measured(["import", str(file)], tmp_path), 1)
     else:
-        file = write(tmp_path / "model" / "config.json", case.content)
         check(measured([f"kv_cache.model={file}", "action=check"], tmp_path), 2, str(case.key),
               f"config.json:{case.line}")
+
+
+@pytest.mark.parametrize("command", ["validate", "lint"])
+def test_validate_and_lint_mark_each_hostile_file_invalid_at_its_line(command: str, tmp_path: Path) -> None:
+    """Every file of the corpus in one ``kvconf validate`` (group files) or ``kvconf lint`` (vLLM's
+    JSON, launch scripts): each named at its line, the run bounded as one input is."""
+    kind = "file" if command == "validate" else "json"
+    cases = [c for c in CORPUS if c.kind == kind]
+    files = [write(files_of(c, tmp_path), c.content) for c in cases]
+    rc, text, seconds, mb = measured([command, *map(str, files)], tmp_path)
+    check((rc, text, seconds / len(files), mb), 1, chars=2_000 * len(files))
+    for case, file in zip(cases, files):
+        assert f"{file}:{case.line}:" in text, (case.id, text[-3000:])
+    if command == "validate":
+        assert f"{len(files)} files checked, {len(files)} invalid" in text, text[-500:]
 
 
 def test_the_corpus_holds_every_kind_the_issue_names() -> None:
