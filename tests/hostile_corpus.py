@@ -51,6 +51,9 @@ class Case:
     group: str = "connector"
     """The config group of a ``file`` case."""
     option: str = "evil"
+    import_code: int = 1
+    """``kvconf import``'s exit code (``json``): 2 where the file holds several values (a usage
+    error: it asks for ``--index``)."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More overrides for the app run of a ``file`` case (a kv_cache file needs its connector)."""
 
@@ -89,7 +92,7 @@ CORPUS: list[Case] = [
     _file("invalid-utf8-in-a-value", b"extra:\n  path: caf\xe9\n", 4),
     _file("truncated-utf8-sequence", b"extra:\n  path: \xe2\x82\n", 4),
     _file("key-written-twice", "kv_role: kv_producer\n", 3),
-    _file("unknown-key-of-60-KiB", "k" * (60 << 10) + ": 1\n", 3, key="unknown key"),
+    _file("unknown-key-of-1000-characters", "k" * 1000 + ": 1\n", 3, key="unknown key"),
     _file("kv-role-of-60-KiB", "kv_role: " + "x" * (60 << 10) + "\n", 2, head="name: example\n",
           key="connector.kv_role"),
     _file("escape-sequence-in-a-key", '"k\\e[2J": 1\n', 3, key="unknown key"),
@@ -149,7 +152,7 @@ CORPUS: list[Case] = [
     Case("json-invalid-utf8", "json", b'{"kv_connector": "NixlConnector",\n"kv_role": "kv_b\xf6th"}', line=2),
     Case("json-escaped-in-a-script-3000-deep", "json", 'vllm serve m \\\n  --kv-transfer-config "{\\"kv_connector\\": '
          '\\"NixlConnector\\", \\"x\\": ' + "[" * 3000 + "]" * 3000 + '}"\n', line=2),
-    Case("json-script-of-20000-flags", "json", "vllm serve --kv-transfer-config {\n" * 20000, line=65),
+    Case("json-script-of-20000-flags", "json", "vllm serve --kv-transfer-config {\n" * 20000, line=65, import_code=2),
     Case("json-control-character", "json", '{"kv_connector": "NixlConnector",\n"kv_role": "kv_\x01both"}', line=2),
     # a model's config.json (kv_cache.model=PATH)
     Case("model-config-nested-5000-deep", "model", '{"model_type": "llama", "x": ' + "[" * 5000 + "]" * 5000 + "}",

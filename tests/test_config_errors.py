@@ -187,7 +187,7 @@ def test_external_connector_by_module_path_is_resolved_and_checked(compose):
 
 
 def test_a_plan_larger_than_free_memory_is_a_config_error(compose):
-    data = compose("kv_cache=llama3_8b", "kv_cache.memory=100TiB", "device=cpu", "action=check")
+    data = compose("kv_cache=llama3_8b", "kv_cache.memory=40TiB", "device=cpu", "action=check")
     p = only(data, "kv_cache")
     assert "free" in p.message and "kv_cache.num_blocks" in p.fix
 

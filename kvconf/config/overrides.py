@@ -131,7 +131,7 @@ def group_options(group: str, config_dirs: Iterable[str]) -> list[str]:
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(overrides, user config dirs) from ``python -m kvconf`` arguments."""
-    takes_value = {"--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun", "--package", "-p",
+    takes_value = {"--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun", "--package", "-p", "--cfg", "-c",
                    "--shell-completion", "-sc"}
     optional_value = {"--info", "-i"}  # --info [all|config|defaults|...]: a word, never an override
     overrides, dirs = [], []
