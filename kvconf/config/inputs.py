@@ -195,7 +195,7 @@ def _walk(loader: Any, label: str) -> None:
             if event.anchor in open_anchors:
                 raise refuse(event, f"the alias *{event.anchor} is inside the node it names (a cycle)")
             aliases += 1
-            expanded += sizes.get(event.anchor, 1)  # an undefined one: YAML's own error, when it is read
+            expanded += sizes.get(event.anchor or "", 1)  # an undefined one: YAML's own error, when it is read
             value_done(event, None)
         elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             if len(stack) >= MAX_DEPTH:

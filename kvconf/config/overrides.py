@@ -81,28 +81,28 @@ def override_problems(overrides: list[str]) -> list[Problem]:
     for o in overrides:
         key, eq, value = o.partition("=")
         key = key.lstrip("+~") or "<override>"
-        shown = {"value": value if eq else o}
+        typed = value if eq else o
         if any("\udc80" <= c <= "\udcff" for c in o):  # bytes that were not UTF-8, as Python keeps them
-            problems.append(Problem(key, "the override holds bytes that are not UTF-8 text", **shown,
+            problems.append(Problem(key, "the override holds bytes that are not UTF-8 text", value=typed,
                                     fix="type the value as UTF-8 text"))
             continue
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in o):
             problems.append(Problem(key, "the override holds a control character (a newline, an escape, ...)",
-                                    **shown, fix="remove it; write such a value in a config file instead"))
+                                    value=typed, fix="remove it; write such a value in a config file instead"))
             continue
         if len(o) > MAX_STRING_CHARS:
             problems.append(Problem(key, f"an override of {len(o):,} characters: more than the {MAX_STRING_CHARS:,} "
-                                         "kvconf reads of one key or value", **shown,
+                                         "kvconf reads of one key or value", value=typed,
                                     fix="put long values in a config file (--config-dir)"))
             continue
         depth, values = _shape(value)
         if depth > MAX_DEPTH:
             problems.append(Problem(key, f"the value is nested more than {MAX_DEPTH} levels deep (kvconf reads at "
-                                         f"most {MAX_DEPTH})", **shown, fix="write it with fewer brackets"))
+                                         f"most {MAX_DEPTH})", value=typed, fix="write it with fewer brackets"))
             continue
         if values > MAX_OVERRIDE_VALUES:
             problems.append(Problem(key, f"the value holds {values:,} values: more than the {MAX_OVERRIDE_VALUES} "
-                                         "kvconf reads in one override", **shown,
+                                         "kvconf reads in one override", value=typed,
                                     fix="sweep fewer values per command, or put the list in a config file"))
             continue
         parser = parser or OverridesParser.create()
@@ -111,7 +111,7 @@ def override_problems(overrides: list[str]) -> list[Problem]:
         except Exception as exc:  # Hydra's OverrideParseException (and ANTLR's own, in its message)
             reason = str(exc).split("\n")[0].strip()
             problems.append(Problem(
-                key, f"the override is not one kvconf can read ({reason[:160]})", **shown,
+                key, f"the override is not one kvconf can read ({reason[:160]})", value=typed,
                 fix=(f"write {key}=VALUE: a number, a word, a quoted string ('a b'), a list [a,b] or a mapping "
                      f"{{k: v}}, with brackets and quotes closed; quote a value holding brackets, commas, "
                      f"quotes or spaces (grammar: {_GRAMMAR})")))
