@@ -17,14 +17,17 @@ import json
 import os
 import sys
 
+ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
+       "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+"""Set (where not set already) before vLLM is imported."""
+
 
 def main() -> None:
     # Set here, not at import: pytest imports this file for its doctests, and the environment it
     # would change is what every later test's processes inherit.
     multiprocess = "--multiprocess" in sys.argv  # vLLM's default layout: caller, engine core, worker
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    for key, value in {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
+    for key, value in ENV.items():
         os.environ.setdefault(key, value)
     spec = json.loads(open(sys.argv[1]).read())
     from vllm import LLM, SamplingParams

@@ -1,21 +1,27 @@
 """What the real-vLLM tests share: a tiny random model made on the spot (no hub), and one vLLM
-run in a process of its own (:mod:`vllm_runner`)."""
+run in a process of its own (:mod:`vllm_runner`), forked from a process that has imported vLLM
+(:mod:`vllm_zygote`: the import is two thirds of a small run; ``KVCONF_TEST_ZYGOTE=0`` starts each
+run from nothing instead)."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import TESTS, kvconf_env
+from conftest import OWNER, TESTS, kvconf_env
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (bash scripts/setup.sh installs it)")
@@ -104,10 +110,65 @@ def run_vllm(spec_dir: Path, model: Path, batches: list[list[list[int]]], kv_tra
     spec = spec_dir / f"spec-{len(list(spec_dir.glob('spec-*.json')))}.json"
     spec.write_text(json.dumps({"model": str(model), "batches": batches,
                                 "kv_transfer_config": kv_transfer_config, **options}))
-    flags = ["--multiprocess"] if multiprocess else []
-    proc = subprocess.run([sys.executable, str(TESTS / "vllm_runner.py"), str(spec), *flags], capture_output=True,
-                          text=True, env=kvconf_env(**(env or {})), timeout=timeout, cwd=spec_dir)
-    return Run(proc)
+    argv = [str(TESTS / "vllm_runner.py"), str(spec), *(["--multiprocess"] if multiprocess else [])]
+    run_env = kvconf_env(**(env or {}))
+    if os.environ.get("KVCONF_TEST_ZYGOTE", "1") == "0":
+        return Run(subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=run_env,
+                                  timeout=timeout, cwd=spec_dir))
+    out, err = spec.with_suffix(".stdout"), spec.with_suffix(".stderr")
+    code = _Zygote.get().run({"argv": argv, "env": run_env, "cwd": str(spec_dir), "stdout": str(out),
+                              "stderr": str(err)}, timeout)
+    return Run(subprocess.CompletedProcess([sys.executable, *argv], code, out.read_text(), err.read_text()))
+
+
+class _Zygote:
+    """This test worker's :mod:`vllm_zygote`: started at the first run, stopped when the worker
+    ends (and with it, were the worker killed). Not marked as any test's process: it outlives
+    them; each run it forks is waited for, and stopped with what it started past its timeout."""
+
+    _one: _Zygote | None = None
+
+    def __init__(self) -> None:
+        env = kvconf_env()
+        env.pop(OWNER, None)
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "vllm_zygote.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=TESTS)
+        self.replies: queue.Queue[dict[str, int]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        atexit.register(self.stop)
+
+    @classmethod
+    def get(cls) -> _Zygote:
+        if cls._one is None or cls._one.proc.poll() is not None:
+            cls._one = cls()
+        return cls._one
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.replies.put(json.loads(line))
+
+    def run(self, request: dict[str, Any], timeout: float) -> int:
+        """The exit code of one run; :class:`subprocess.TimeoutExpired` past ``timeout`` (its
+        process group killed)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pid = self.replies.get(timeout=120)["pid"]
+        try:
+            return self.replies.get(timeout=timeout)["exit"]
+        except queue.Empty:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.replies.get(timeout=60)
+            raise subprocess.TimeoutExpired(request["argv"], timeout) from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def export(*overrides: str, cwd: Path) -> dict[str, Any]:

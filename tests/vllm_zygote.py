@@ -1,0 +1,90 @@
+"""vLLM imported once, a fresh process forked for each run of :mod:`vllm_runner` (importing vLLM
+takes about 10 of the 15 seconds a small run takes here; the suite runs a few dozen).
+
+    python vllm_zygote.py            # then, on stdin, one JSON request per line
+
+A request: ``argv`` (the runner's), ``env`` (the child's whole environment), ``cwd``, ``stdout``
+and ``stderr`` (files the child writes). The zygote forks; the child takes the request's
+environment, folder and files, runs ``vllm_runner.main()`` and exits with its code, running the
+exit handlers a normal exit runs (vLLM's shutdown of its engine processes among them). The zygote
+answers ``{"pid": N}`` at once and ``{"exit": CODE}`` when the child ends, one request at a time.
+The child is a new process with a new engine, as a run of its own is; only the imports are shared.
+Ends with its parent (pytest's worker) or at the end of its input.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _child(req: dict) -> int:
+    os.setsid()  # a group of its own: the caller stops it and what it started at once
+    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+    sys.stdin = open(os.devnull)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    tempfile.tempdir = None  # the run's TMPDIR, not the zygote's
+    sys.path[:0] = [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.argv = list(req["argv"])
+    import vllm_runner
+
+    try:
+        vllm_runner.main()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # what a process of its own would print before exiting 1
+        traceback.print_exc()
+        return 1
+
+
+def main() -> None:
+    sys.path.insert(0, TESTS)
+    sys.path.insert(0, os.path.dirname(TESTS))
+    from vllm_runner import ENV
+
+    for key, value in ENV.items():  # as the runner sets them before it imports vLLM
+        os.environ.setdefault(key, value)
+    from kvconf.runtime.process import die_with_parent
+
+    die_with_parent()
+    import vllm  # noqa: F401
+    from vllm import LLM, SamplingParams  # noqa: F401
+
+    replies = sys.stdout
+    for line in sys.stdin:
+        req = json.loads(line)
+        replies.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _child(req)
+            finally:
+                try:
+                    atexit._run_exitfuncs()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        replies.write(json.dumps({"pid": pid}) + "\n")
+        replies.flush()
+        _, status = os.waitpid(pid, 0)
+        replies.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()
