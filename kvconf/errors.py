@@ -43,12 +43,12 @@ MISSING: Any = _Missing()
 
 
 def short(value: Any, limit: int = 120) -> str:
-    """``value`` as a message shows it: its ``repr`` (a string holding control characters or
+    r"""``value`` as a message shows it: its ``repr`` (a string holding control characters or
     bytes that were not UTF-8 shown in ASCII escapes, never sent to the terminal as they are), cut
     to ``limit`` characters with its length said.
 
     >>> short("a" * 500, 20)
-    "'aaaaaaaaaaaaaaaaaa... (500 characters)"
+    "'aaaaaaaaaaaaaaaaa... (500 characters)"
     >>> print(short("x\x1b[2J"))
     'x\x1b[2J'
     """
@@ -60,7 +60,7 @@ def short(value: Any, limit: int = 120) -> str:
 
 
 def shown(text: str, limit: int = 200) -> str:
-    """``text`` (a config path, a key) as a message shows it: as it is where printable, else in
+    r"""``text`` (a config path, a key) as a message shows it: as it is where printable, else in
     ASCII escapes (without quotes); cut to ``limit`` characters.
 
     >>> shown("connector.kv\x1brole")

@@ -25,24 +25,38 @@ SECONDS = 10.0
 MEMORY_MB = 500
 
 
+_MEASURE = (
+    "import json, os, subprocess, sys\n"
+    "p = subprocess.Popen(json.loads(sys.argv[1]))\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[2], 'w').write(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]))\n")
+"""Runs a command and writes its exit code and peak memory. A small process of its own starts it:
+Linux counts the memory of the process that forked a child into the child's peak (at ``exec``),
+and pytest's worker holds hundreds of MB."""
+
+
 def measured(args: list[str | bytes], cwd: Path) -> tuple[int, str, float, float]:
     """``python -m kvconf ARGS``: (exit code, stdout and stderr, seconds, peak memory in MB),
-    measured for that process alone (``wait4``); killed past twice :data:`SECONDS`."""
-    with tempfile.TemporaryFile() as out:
+    measured for that process alone (``wait4``); stopped past twice :data:`SECONDS`."""
+    import json
+
+    argv = [os.fsdecode(a) if isinstance(a, bytes) else a for a in args]
+    cmd = [sys.executable, "-m", "kvconf", *argv]
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile(suffix=".json") as result:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "kvconf", *args], cwd=cwd, env=kvconf_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
-        timer = threading.Timer(2 * SECONDS, proc.kill)
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, json.dumps(cmd), result.name], cwd=cwd,
+                                env=kvconf_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        timer = threading.Timer(2 * SECONDS, lambda: os.killpg(proc.pid, 9))
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             timer.cancel()
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code, kb = json.loads(Path(result.name).read_text() or "[-9, 0]")
         out.seek(0)
         text = out.read().decode("utf-8", errors="replace")
-    return proc.returncode, text, seconds, usage.ru_maxrss / 1024
+    return code, text, seconds, kb / 1024
 
 
 def check(run: tuple[int, str, float, float], code: int, *named: str, chars: int = 20_000) -> None:

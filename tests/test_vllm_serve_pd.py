@@ -128,7 +128,9 @@ def test_vllm_serve_prefill_and_decode_behind_kvconfs_proxy(model, reference, tm
             assert status == 200, answer
             assert answer["choices"][0]["token_ids"] == reference[tuple(p)]
         status, events = post(proxy + "/v1/completions", {**ask, "prompt": PROMPTS[2], "stream": True})
-        assert status == 200 and isinstance(events, list) and len(events) > 1, events
+        # server-sent events (a list); how many depends on how fast the client reads (vLLM merges
+        # the tokens it made meanwhile into one event)
+        assert status == 200 and isinstance(events, list) and events, events
         assert [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])] == reference[tuple(PROMPTS[2])]
 
         # as the proxy does, by hand: the decode, given the original's params with an altered

@@ -40,7 +40,7 @@ def _shape(value: str) -> tuple[int, int]:
     """(deepest nesting of brackets, number of values) of an override's value, outside quotes.
 
     >>> _shape("[1,[2,3],{a: 4}]"), _shape("'[,,,]'")
-    ((2, 5), (0, 1))
+    ((2, 4), (0, 1))
     """
     depth = deepest = 0
     values = 1
