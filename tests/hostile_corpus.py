@@ -109,6 +109,11 @@ CORPUS: list[Case] = [
          args=("bench.prompt_tokens=[" + ",".join(["64"] * 5000) + "]",), key="bench.prompt_tokens"),
     Case("override-sweep-of-2000-values", "override", args=("-m", "connector.kv_port=" + ",".join(
         str(1000 + i) for i in range(2000))), key="connector.kv_port"),
+    Case("override-range-sweep-of-10^8", "override", args=("-m", "kv_cache.num_blocks=range(1,100000000)"),
+         key="kv_cache.num_blocks"),
+    Case("override-sweeps-of-160000-jobs", "override",
+         args=("-m", "connector.kv_port=range(1000,1400)", "kv_cache.num_blocks=range(1,400)"),
+         key="connector.kv_port, kv_cache.num_blocks"),
     Case("override-control-character", "override", args=("connector.kv_role=kv_\x1b[2Jboth",), key="connector.kv_role"),
     Case("override-invalid-utf8", "override", args=(b"connector.kv_role=kv_b\xffoth",), key="connector.kv_role"),
     Case("override-newline", "override", args=("connector.engine_id=a\nb",), key="connector.engine_id"),

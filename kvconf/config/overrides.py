@@ -19,6 +19,7 @@ so built-in files compose exactly as written.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
@@ -26,9 +27,11 @@ from typing import Any, Optional
 from kvconf.conf import GROUPS
 from kvconf.errors import ConfigError, Problem, short
 
-__all__ = ["MAX_OVERRIDE_VALUES", "as_composable", "as_typed", "check_overrides", "external_connector", "group_options",
-           "layout_from_model", "override_problems", "schema_keys", "split_args"]
+__all__ = ["MAX_OVERRIDE_VALUES", "MAX_SWEEP_JOBS", "as_composable", "as_typed", "check_overrides", "external_connector",
+           "group_options", "layout_from_model", "override_problems", "schema_keys", "split_args"]
 
+MAX_SWEEP_JOBS = 4096
+"""Jobs one command's sweep makes (the product of its sweeps' lengths)."""
 MAX_OVERRIDE_VALUES = 512
 """Values in one override (``a,b,c`` or ``[a,b,c]``): Hydra's parser takes about a second per
 thousand here, and a sweep of 512 jobs is more than one command line is for."""
@@ -78,6 +81,7 @@ def override_problems(overrides: list[str]) -> list[Problem]:
 
     problems: list[Problem] = []
     parser = None
+    sweeps: dict[str, int] = {}
     for o in overrides:
         key, eq, value = o.partition("=")
         key = key.lstrip("+~") or "<override>"
@@ -107,7 +111,15 @@ def override_problems(overrides: list[str]) -> list[Problem]:
             continue
         parser = parser or OverridesParser.create()
         try:
-            parser.parse_overrides([o])
+            (parsed,) = parser.parse_overrides([o])
+            count = _sweep_values(parsed)
+            if count > MAX_OVERRIDE_VALUES:
+                problems.append(Problem(key, f"the sweep holds {count:,} values: more than the {MAX_OVERRIDE_VALUES} "
+                                             "kvconf reads in one override", value=typed,
+                                        fix="sweep fewer values per command"))
+                continue
+            if count > 1:
+                sweeps[key] = count
         except Exception as exc:  # Hydra's OverrideParseException (and ANTLR's own, in its message)
             reason = str(exc).split("\n")[0].strip()
             problems.append(Problem(
@@ -115,7 +127,33 @@ def override_problems(overrides: list[str]) -> list[Problem]:
                 fix=(f"write {key}=VALUE: a number, a word, a quoted string ('a b'), a list [a,b] or a mapping "
                      f"{{k: v}}, with brackets and quotes closed; quote a value holding brackets, commas, "
                      f"quotes or spaces (grammar: {_GRAMMAR})")))
+    jobs = math.prod(sweeps.values())
+    if not problems and jobs > MAX_SWEEP_JOBS:
+        problems.append(Problem(", ".join(sweeps), f"the sweep makes {jobs:,} jobs ("
+                                + " x ".join(f"{n:,}" for n in sweeps.values())
+                                + f"): more than the {MAX_SWEEP_JOBS:,} kvconf runs from one command",
+                                fix="split it into several commands, each sweeping fewer values"))
     return problems
+
+
+def _sweep_values(parsed: Any) -> int:
+    """How many values an override sweeps (1 where it is no sweep; a range's length counted, not
+    listed).
+
+    >>> from hydra.core.override_parser.overrides_parser import OverridesParser
+    >>> [_sweep_values(o) for o in OverridesParser.create().parse_overrides(["a=1", "b=1,2,3", "c=range(0,10000,2)"])]
+    [1, 3, 5000]
+    """
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    if not parsed.is_sweep_override():
+        return 1
+    sweep = parsed.value()
+    if isinstance(sweep, ChoiceSweep):
+        return len(sweep.list)
+    if isinstance(sweep, RangeSweep) and sweep.start is not None and sweep.stop is not None and sweep.step:
+        return max(0, math.ceil((sweep.stop - sweep.start) / sweep.step))
+    return 1
 
 
 def group_options(group: str, config_dirs: Iterable[str]) -> list[str]:
