@@ -51,6 +51,8 @@ class Case:
     group: str = "connector"
     """The config group of a ``file`` case."""
     option: str = "evil"
+    named: str | None = None
+    """More of the message that must be there (``model``: in place of the file and line)."""
     import_code: int = 1
     """``kvconf import``'s exit code (``json``): 2 where the file holds several values (a usage
     error: it asks for ``--index``)."""
@@ -162,6 +164,11 @@ CORPUS: list[Case] = [
     # a model's config.json (kv_cache.model=PATH)
     Case("model-config-nested-5000-deep", "model", '{"model_type": "llama", "x": ' + "[" * 5000 + "]" * 5000 + "}",
          line=1, key="kv_cache.model"),
+    Case("model-config-of-a-billion-layers", "model", '{"model_type": "llama",\n"num_hidden_layers": 1000000000,\n'
+         '"num_attention_heads": 8, "hidden_size": 1024}', key="kv_cache.model", named="num_hidden_layers is 1,000,000,000"),
+    Case("model-config-of-a-billion-wide-head", "model", '{"model_type": "llama", "num_hidden_layers": 2,\n'
+         '"num_attention_heads": 8, "head_dim": 1000000000, "hidden_size": 1024}', key="kv_cache.model",
+         named="head_dim is 1,000,000,000"),
     Case("model-config-of-2-MiB", "model", '{"model_type": "llama", "x": "' + "a" * (2 << 20) + '"}', line=1,
          key="kv_cache.model"),
 ]

@@ -108,7 +108,7 @@ def test_a_hostile_input_is_one_clear_message_in_bounded_time_and_memory(case: C
         check(measured(["import", str(file)], tmp_path), case.import_code)
     else:
         check(measured([f"kv_cache.model={file}", "action=check"], tmp_path), 2, str(case.key),
-              f"config.json:{case.line}")
+              case.named or f"config.json:{case.line}")
 
 
 @pytest.mark.parametrize("command", ["validate", "lint"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvconf.errors import Problem
+from kvconf.errors import Problem, short
 
 from .kvcache import DTYPE_BYTES, KVCacheInvariantError
 
@@ -77,6 +77,34 @@ def _field(cfg: dict[str, Any], file: Path, key: str, *alternatives: str) -> Any
                    f"add {key!r} to the config.json, or write the layout by hand (kv_cache.groups)")
 
 
+_BOUNDS = {"num_hidden_layers": (4096, "no model has that many layers"),
+           "max_position_embeddings": (2**31, "vLLM's positions are 32-bit"),
+           "kv_lora_rank": (4096, "no model's MLA latent comes near it"),
+           "qk_rope_head_dim": (4096, "no model's heads come near it"),
+           "num_attention_heads": (1 << 16, "no model has that many heads"),
+           "num_key_value_heads": (1024, "no model has that many KV heads"),
+           "head_dim": (4096, "no model's heads come near it"),
+           "hidden_size": (1 << 20, "no model is that wide")}
+"""The most kvconf reads of each number in a config.json, and why (sizes no model has are refused
+before anything is built from them: 10^9 layers would be a list of 10^9 names)."""
+
+
+def _int(cfg: dict[str, Any], file: Path, key: str) -> int:
+    """``cfg[key]`` as a whole number from 1 to its bound (:data:`_BOUNDS`), or the problem."""
+    value = _field(cfg, file, key)
+    bound, why = _BOUNDS[key]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _problem(f"{file}'s {key} is {short(value, 40)}, not a whole number", value,
+                       f"give {key} as a whole number in the config.json")
+    if not 1 <= value <= bound:
+        raise _problem(f"{file}'s {key} is {value:,}: " + (f"above kvconf's bound of {bound:,} ({why})" if value > 0
+                                                           else "not a positive number"), value,
+                       f"give the model's real {key}")
+    return value
+
+
 def layout_from_model(path: str) -> dict[str, Any]:
     """The compact layout's fields that ``path``'s config.json determines: ``num_layers``,
     ``groups``, ``dtype`` and ``max_model_len`` (``max_position_embeddings``)."""
@@ -88,7 +116,7 @@ def layout_from_model(path: str) -> dict[str, Any]:
             _PATH, f"{file} is a {model_type!r} model, which kvconf cannot read a layout from",
             value=model_type, allowed=list(MODEL_TYPES),
             fix="write the layout by hand (kv_cache.num_layers and kv_cache.groups)")])
-    layers = int(_field(cfg, file, "num_hidden_layers"))
+    layers = _int(cfg, file, "num_hidden_layers")
     out: dict[str, Any] = {"num_layers": layers}
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or top.get("torch_dtype")
     if dtype is not None:
@@ -97,14 +125,14 @@ def layout_from_model(path: str) -> dict[str, Any]:
                            "set kv_cache.dtype explicitly")
         out["dtype"] = dtype
     if cfg.get("max_position_embeddings") is not None:
-        out["max_model_len"] = int(cfg["max_position_embeddings"])
+        out["max_model_len"] = _int(cfg, file, "max_position_embeddings")
     if model_type in ("deepseek_v2", "deepseek_v3"):
-        latent = int(_field(cfg, file, "kv_lora_rank")) + int(_field(cfg, file, "qk_rope_head_dim"))
+        latent = _int(cfg, file, "kv_lora_rank") + _int(cfg, file, "qk_rope_head_dim")
         out["groups"] = [{"type": "mla", "layers": "all", "head_size": latent}]
         return out
-    heads = int(_field(cfg, file, "num_attention_heads"))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head = int(cfg.get("head_dim") or int(_field(cfg, file, "hidden_size")) // heads)
+    heads = _int(cfg, file, "num_attention_heads")
+    kv_heads = _int(cfg, file, "num_key_value_heads") if cfg.get("num_key_value_heads") else heads
+    head = _int(cfg, file, "head_dim") if cfg.get("head_dim") else _int(cfg, file, "hidden_size") // heads
     full = {"type": "full_attention", "num_kv_heads": kv_heads, "head_size": head}
     window = cfg.get("sliding_window")
     sliding = {"type": "sliding_window", "num_kv_heads": kv_heads, "head_size": head, "sliding_window": window}
