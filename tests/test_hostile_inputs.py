@@ -154,3 +154,12 @@ def test_schemas_check_refuses_a_hostile_schema_file(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "connector.schema.json" in proc.stdout + proc.stderr
     assert "nested more than 64 levels deep" in proc.stdout + proc.stderr
+
+
+def test_a_primary_config_of_ones_own_is_read_under_the_same_bounds(tmp_path: Path) -> None:
+    """``--config-path DIR`` (``-cp``): a primary config.yaml of one's own, read by Hydra, is
+    checked first as a ``--config-dir`` folder is."""
+    from hostile_corpus import laughs
+
+    write(tmp_path / "mine" / "config.yaml", "defaults:\n  - _self_\nx:\n" + laughs(8))
+    check(measured(["-cp", str(tmp_path / "mine"), "-cn", "config", "action=check"], tmp_path), 2, "config.yaml:8")

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from kvconf.config.inputs import Refused, read_json
+
 __all__ = ["DEFAULT_NOISE", "GATED", "compare", "main"]
 
 DEFAULT_NOISE = 0.05
@@ -66,7 +68,7 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
     files = [path] if path.is_file() else sorted(path.glob("*/results.json"))
     out = {}
     for f in files:
-        doc = json.loads(f.read_text())
+        doc = read_json(f)  # kvconf's bounds on what it reads (a results file may come from anyone)
         if doc.get("engine") == "vllm":
             out.update(_vllm_figures(doc))
             continue
@@ -154,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{x}: no such file or folder")
     if args.fail_below is not None and not args.fail_below > 0:
         p.error(f"--fail-below {args.fail_below}: give a ratio above 0, e.g. 0.9 (fail on a 10 % loss)")
-    a, b = _load(args.a), _load(args.b)
+    try:
+        a, b = _load(args.a), _load(args.b)
+    except Refused as exc:
+        p.error(str(exc))
     rows = compare(a, b)
     failed = [r for r in rows if args.fail_below is not None and r["figure"] in GATED
               and r["b_over_a"] is not None and r["b_over_a"] < args.fail_below]

@@ -327,12 +327,13 @@ def _in_vllm_terms(exc: ConfigError, argv: list[str]) -> ConfigError:
 
 
 def _config_dirs(argv: list[str]) -> list[str]:
-    """The folders given with ``--config-dir DIR``, ``--config-dir=DIR`` or ``-cd DIR``."""
+    """The folders of YAML files a user gives: ``--config-dir DIR`` (``--config-dir=DIR``, ``-cd
+    DIR``) and ``--config-path DIR`` (``-cp DIR``: a primary config of one's own)."""
     out = []
     for i, a in enumerate(argv):
-        if a in ("--config-dir", "-cd") and i + 1 < len(argv):
+        if a in ("--config-dir", "-cd", "--config-path", "-cp") and i + 1 < len(argv):
             out.append(argv[i + 1])
-        elif a.startswith("--config-dir="):
+        elif a.startswith(("--config-dir=", "--config-path=")):
             out.append(a.split("=", 1)[1])
     return out
 
