@@ -1,6 +1,7 @@
-"""One safe reader for every YAML and JSON file kvconf is given: a ``--config-dir`` folder's group
-files, ``kvconf validate``'s, ``lint``'s and ``import``'s inputs, a model's config.json, a peers
-file, results that ``bench-compare`` reads. Such files come from pull requests and other teams, so
+"""One safe reader for every YAML and JSON file kvconf is given: a ``--config-dir`` or
+``--config-path`` folder's files, ``kvconf validate``'s, ``lint``'s and ``import``'s inputs, the
+schemas ``--check`` reads, a model's config.json, results that ``bench-compare`` reads. Such files
+come from pull requests and other teams, so
 each is read under bounds that real configs never come near and that keep any input to well
 under a second and a few megabytes:
 
