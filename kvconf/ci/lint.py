@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from kvconf.config.inputs import MAX_FILE_BYTES, Refused, check_json, decode, read_text
+from kvconf.config.inputs import MAX_FILE_BYTES, Refused, check_json, check_size, decode, read_text
 from kvconf.errors import shown
 
 from .annotations import annotation
@@ -141,8 +141,7 @@ def lint_inputs(inputs: list[str], import_modules: bool = False) -> list[Result]
     for n, arg in enumerate(inputs, 1):
         try:
             label, text = _read(arg, n)
-            if len(text) > MAX_FILE_BYTES:
-                raise Refused(label, 1, f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most kvconf reads of a config")
+            check_size(text, label)  # stdin and JSON arguments too
         except Refused as exc:  # the input is invalid, as a value with an error is
             src = Source(exc.label, exc.line, "", "")
             results.append(Result(src, None, [_finding("refused-input", src, exc.line, "<config>", exc.message)]))

@@ -43,7 +43,7 @@ import yaml
 from kvconf.errors import Problem, short
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "MAX_STRING_CHARS", "Refused", "check_json", "check_yaml",
-           "config_dir_problems", "decode", "load_json", "load_yaml", "read_json", "read_text", "read_yaml"]
+           "check_size", "config_dir_problems", "decode", "load_json", "load_yaml", "read_json", "read_text"]
 
 MAX_FILE_BYTES = 1 << 20
 """Bytes of one file (a config kvconf ships holds at most 2 KiB)."""
@@ -84,10 +84,16 @@ def read_text(path: Path, label: str | None = None) -> str:
             raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise Refused(label, 1, f"cannot be read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise Refused(label, 1, f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most kvconf reads of a config "
-                                f"file (the largest it ships is 2 KiB)")
+    check_size(raw, label)
     return decode(raw, label)
+
+
+def check_size(text: str | bytes, label: str, line: int = 1) -> None:
+    """:class:`Refused` where ``text`` (a file's bytes, or text however it came) is over
+    :data:`MAX_FILE_BYTES`."""
+    if len(text) > MAX_FILE_BYTES:
+        raise Refused(label, line, f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most kvconf reads of a config "
+                                   "file (the largest it ships is 2 KiB)")
 
 
 def decode(raw: bytes, label: str) -> str:
@@ -98,12 +104,6 @@ def decode(raw: bytes, label: str) -> str:
         line = raw[: exc.start].count(b"\n") + 1
         raise Refused(label, line, f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
                                    "save the file as UTF-8") from None
-
-
-def read_yaml(path: Path, label: str | None = None) -> Any:
-    """A YAML file's value, read under the bounds."""
-    label = label or str(path)
-    return load_yaml(read_text(path, label), label)
 
 
 def read_json(path: Path, label: str | None = None) -> Any:
@@ -130,8 +130,7 @@ def load_yaml(text: str, label: str) -> Any:
 def check_yaml(text: str, label: str) -> None:
     """:class:`Refused` where ``text`` is over a bound, repeats a key in a mapping, holds a cycle
     of aliases or does not parse; reads YAML's events, never builds a value."""
-    if len(text) > MAX_FILE_BYTES:
-        raise Refused(label, 1, f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most kvconf reads of a config file")
+    check_size(text, label)
     loader = _Loader(text)
     try:
         _walk(loader, label)
@@ -272,8 +271,7 @@ def check_json(text: str, label: str, line_of: Any = None) -> None:
     """:class:`Refused` where ``text`` is larger, nests deeper or holds a longer string than the
     bounds; ``line_of(offset)`` maps an offset to the line of the file ``text`` was cut from."""
     line_at = line_of or (lambda i: text.count("\n", 0, i) + 1)
-    if len(text) > MAX_FILE_BYTES:
-        raise Refused(label, line_at(0), f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most kvconf reads of a config")
+    check_size(text, label, line_at(0))
     depth, values = 0, 1
     for m in _JSON_TOKENS.finditer(text):
         c = m.group()
