@@ -18,7 +18,8 @@ Beside the connector, in the same repetition and with the same prompts (``bench.
 without a connector (every pass recomputes: the reference for time to first token, decode
 throughput and the tokens) and vLLM's own connector for the same job where one runs on this host
 (``ExampleConnector`` for a disk tier; vLLM 0.32's ``OffloadingConnector`` runs on CUDA-alike and
-XPU devices only). Repetitions interleave the three (drift on a shared machine hits them alike); each
+XPU devices only). Repetitions interleave the three (drift on a shared machine hits them alike), every
+other one in reverse order (what an engine leaves behind weighs on the next one alike); each
 engine is a process of its own (:mod:`kvconf.bench.vllm_engine`). Per pass: time to first token
 (p50, p90 over every request of every repetition, and each repetition's median: the spread),
 decode throughput, vLLM's ``num_cached_tokens``, whether the tokens equal vLLM's without a
@@ -179,6 +180,19 @@ def _variant_runs(kv_transfer: Optional[dict[str, Any]], fresh_hit: bool, passes
 
 
 # ---- the job ---------------------------------------------------------------------------------------
+def in_order(variants: list[Any], rep: int) -> list[Any]:
+    """The engines of repetition ``rep`` (from 0) in the order they run: as given in even ones,
+    reversed in odd ones, so that an engine's place (what the one before it leaves on the machine)
+    weighs on no variant alone.
+
+    >>> in_order(["no_connector", "connector", "vllm_connector"], 0)
+    ['no_connector', 'connector', 'vllm_connector']
+    >>> in_order(["no_connector", "connector", "vllm_connector"], 1)
+    ['vllm_connector', 'connector', 'no_connector']
+    """
+    return list(variants) if rep % 2 == 0 else list(reversed(variants))
+
+
 def _redirect_stores(tree: Any, folder: str, counter: list[int]) -> Any:
     """``tree`` with every ``shared_storage_path`` moved to a fresh folder under ``folder``."""
     if isinstance(tree, dict):
@@ -308,7 +322,7 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                     theirs, counterpart_reason = _counterpart(name, os.path.join(folder, "vllm-store"), _bytes(cpu_bytes))
                     if theirs is not None:
                         variants.append(("vllm_connector", theirs, True, theirs_passes))
-                for label, kv, fresh, passes in variants:
+                for label, kv, fresh, passes in in_order(variants, rep):
                     one[label] = {}
                     for kvt, these in _variant_runs(kv, fresh, passes):
                         spec = {**common, "kv_transfer_config": kvt,
