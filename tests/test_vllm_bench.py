@@ -62,6 +62,12 @@ def test_a_sweep_inside_vllm_reports_ttft_per_pass_beside_no_connector_and_vllms
         for p in ("save", "hit", "miss"):
             assert mine[p]["tokens_identical"] == 1.0, (name, p)
             assert mine[p]["ttft_ms"]["p50"] > 0 and mine[p]["ttft_vs_no_connector"] > 0
+        # vLLM's own prefix cache on the save and hit passes (one engine): its hit from vLLM's memory
+        own = passes["prefix_cache"]
+        assert set(own) == {"save", "hit"} and own["hit"]["cached_tokens"] == 128 - BLOCK, own
+        assert own["save"]["cached_tokens"] > 0  # the later prompts found the shared prefix
+        for p in ("save", "hit"):
+            assert mine[p]["tokens_as_prefix_cache"] == 1.0 and mine[p]["ttft_vs_prefix_cache"] > 0, (name, p)
         assert doc["vllm"]["by_length"]["128"]["loads_vs_limit"]["load_ratio"] > 0
     theirs = docs["shared_storage"]["vllm"]
     assert theirs["vllm_connector"] == "ExampleConnector"
@@ -72,7 +78,9 @@ def test_a_sweep_inside_vllm_reports_ttft_per_pass_beside_no_connector_and_vllms
     assert docs["shared_storage"]["vllm"]["by_length"]["128"]["loads_vs_limit"]["against"].startswith("raw file")
     summary = (tmp_path / "sweep" / "summary.csv").read_text()
     rows = [ln for ln in summary.splitlines()[1:] if ",vllm," in ln]
-    assert len(rows) == 2 * 3 * 2 + 2  # each job: kvconf's and no connector's three passes; vLLM's save and hit
+    # each job: kvconf's and no connector's three passes, vLLM's prefix cache's save and hit; ExampleConnector's two
+    assert len(rows) == 2 * (3 * 2 + 2) + 2
+    assert sum(",vLLM prefix cache," in r for r in rows) == 4
     assert "inside vLLM: time to first token" in proc.stdout
     png = tmp_path / "sweep" / "summary.png"
     pytest.importorskip("matplotlib")

@@ -44,7 +44,8 @@ FIGURES = {  # figure -> (the throughput whose spread is its noise, higher is be
     "decode_tps": ("decode_tps", True),
 }
 
-VARIANTS = {"no_connector": "no connector", "connector": "kvconf", "vllm_connector": "vLLM's"}
+VARIANTS = {"no_connector": "no connector", "connector": "kvconf", "vllm_connector": "vLLM's",
+            "prefix_cache": "vLLM prefix cache"}
 """How a ``bench.engine=vllm`` variant is named in a job's label."""
 
 

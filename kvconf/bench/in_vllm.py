@@ -10,7 +10,8 @@ alone:
   and saved (a later prompt may load the shared prefix an earlier one saved);
 - ``hit``: the same prompts again, in a fresh engine where the store outlives its process (a disk
   tier: a new vLLM process), else in the same engine; vLLM's own prefix cache is off in every
-  engine, so that what a request does not compute came from the connector;
+  engine but its own reference (below), so that what a request does not compute came from the
+  connector;
 - ``miss``: prompts no earlier request shares a block with: the lookups and saves of requests that
   never hit.
 
@@ -18,8 +19,14 @@ Beside the connector, in the same repetition and with the same prompts (``bench.
 without a connector (every pass recomputes: the reference for time to first token, decode
 throughput and the tokens) and vLLM's own connector for the same job where one runs on this host
 (``ExampleConnector`` for a disk tier; vLLM 0.32's ``OffloadingConnector`` runs on CUDA-alike and
-XPU devices only). Repetitions interleave the three (drift on a shared machine hits them alike), every
-other one in reverse order (what an engine leaves behind weighs on the next one alike); each
+XPU devices only), and vLLM with its own prefix cache on and no connector, on the save and hit
+passes in one engine (its hit finds the save's blocks in vLLM's memory): the reference for a
+prompt whose prefix was not computed with it. In bf16 such a prompt's tokens may part from the
+recomputed ones after some tens of tokens (attention over a cached prefix adds in another order),
+with vLLM's prefix cache as with a tier; ``tokens_as_prefix_cache`` says whether the connector's
+equal vLLM's own in that case. Repetitions interleave the four (drift on a shared machine hits them
+alike), every other one in reverse order (what an engine leaves behind weighs on the next one
+alike); each
 engine is a process of its own (:mod:`kvconf.bench.vllm_engine`). Per pass: time to first token
 (p50, p90 over every request of every repetition, and each repetition's median: the spread),
 decode throughput, vLLM's ``num_cached_tokens``, whether the tokens equal vLLM's without a
@@ -33,11 +40,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +55,7 @@ from kvconf.errors import ConfigError, ConnectorRuntimeError, Problem
 
 from .vllm_figures import PASSES, load_limits, summarize_runs
 
-__all__ = ["random_model", "run_vllm_bench", "workload"]
+__all__ = ["Engines", "random_model", "run_vllm_bench", "workload"]
 
 WARMUP_TOKENS = 256
 """Length of each unmeasured warm-up request (``bench.warmup`` of them per engine; at most the prompt length)."""
@@ -151,22 +161,108 @@ def workload(length: int, requests: int, shared_prefix: float, block_size: int, 
 
 
 # ---- one engine ------------------------------------------------------------------------------------
-def _engine(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    """One :mod:`kvconf.bench.vllm_engine` process; its result (``error`` where vLLM did not start)."""
+class Engines:
+    """Starts the bench's engines: each a new process with a new engine, forked by one
+    ``python -m kvconf.bench.vllm_engine --serve`` that imported vLLM once (about 10 seconds an
+    engine saved here); where that process cannot start or dies, each engine is a process of its
+    own from nothing (``python -m kvconf.bench.vllm_engine SPEC OUT``). A context manager: the
+    server ends with it (and with this process, were it killed)."""
+
+    START_SECONDS = 300.0
+    """How long the server may take to import vLLM before the first engine is forked."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.proc: Optional[subprocess.Popen[str]] = None
+        self.replies: queue.Queue[Optional[dict[str, int]]] = queue.Queue()
+        self.broken = False
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _server(self) -> Optional[subprocess.Popen[str]]:
+        if self.broken:
+            return None
+        if self.proc is None:
+            from kvconf.runtime.process import PARENT_ENV
+
+            self.work.mkdir(parents=True, exist_ok=True)
+            with open(self.work / "engine-server.log", "w") as err:
+                self.proc = subprocess.Popen([sys.executable, "-m", "kvconf.bench.vllm_engine", "--serve"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                             cwd=self.work, env={**os.environ, PARENT_ENV: str(os.getpid())})
+            threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        return self.proc
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.replies.put(json.loads(line))
+        self.replies.put(None)  # the server is gone
+
+    def _reply(self, timeout: float) -> Optional[dict[str, int]]:
+        try:
+            return self.replies.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def run(self, spec_file: Path, out_file: Path, log: Path, timeout: float) -> int:
+        """Runs one engine; its exit code. Past ``timeout`` it is stopped with what it started
+        (:class:`subprocess.TimeoutExpired`)."""
+        server = self._server()
+        if server is not None and server.stdin is not None and server.poll() is None:
+            try:
+                server.stdin.write(f"{spec_file}\t{out_file}\t{log}\n")
+                server.stdin.flush()
+            except OSError:
+                server = None
+            started = self._reply(self.START_SECONDS) if server is not None else None
+            if started is not None and "pid" in started:
+                ended = self._reply(timeout)
+                if ended is None:
+                    try:
+                        os.killpg(started["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    self._reply(30)
+                    raise subprocess.TimeoutExpired(["vllm_engine", str(spec_file)], timeout)
+                return int(ended["exit"])
+            self.broken = True  # the server did not start: each engine from nothing from here on
+            self.close()
+        with open(log, "w") as f:
+            return subprocess.run([sys.executable, "-m", "kvconf.bench.vllm_engine", str(spec_file), str(out_file)],
+                                  stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=spec_file.parent).returncode
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
+def _engine(engines: Engines, spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """One engine of the bench; its result (``error`` where vLLM did not start)."""
     work.mkdir(parents=True, exist_ok=True)
     n = len(list(work.glob("spec-*.json")))
     spec_file, out_file = work / f"spec-{n}.json", work / f"out-{n}.json"
     spec_file.write_text(json.dumps(spec))
     log = work / f"engine-{n}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "kvconf.bench.vllm_engine", str(spec_file), str(out_file)],
-                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
+    code = engines.run(spec_file, out_file, log, timeout)
     if out_file.is_file():
         out = json.loads(out_file.read_text())
-        if proc.returncode == 0 or "error" in out:
+        if code == 0 or "error" in out:
             return out
     tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-5:]
-    return {"error": f"the vLLM engine exited {proc.returncode}: " + " | ".join(tail)}
+    return {"error": f"the vLLM engine exited {code}: " + " | ".join(tail)}
 
 
 def _variant_runs(kv_transfer: Optional[dict[str, Any]], fresh_hit: bool, passes: tuple[str, ...]) -> list[
@@ -293,6 +389,7 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
     name = cfg.connector.name
     cpu_bytes = getattr(getattr(cfg.connector, "extra", None), "cpu_bytes_to_use", None)
     results: dict[str, Any] = {}
+    engines = Engines(work / "engines")
     try:
         counterpart_reason = ""
         for length in lengths:
@@ -318,6 +415,8 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                     variants.append(("no_connector", None, False, chosen))
                 variants.append(("connector", tree, _keeps_store_on_disk(tree), chosen))
                 theirs_passes = tuple(p for p in ("save", "hit") if p in chosen)
+                if bench.baselines and theirs_passes:
+                    variants.append(("prefix_cache", None, False, theirs_passes))
                 if bench.baselines and not counterpart_reason and theirs_passes:
                     theirs, counterpart_reason = _counterpart(name, os.path.join(folder, "vllm-store"), _bytes(cpu_bytes))
                     if theirs is not None:
@@ -327,16 +426,21 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                     for kvt, these in _variant_runs(kv, fresh, passes):
                         spec = {**common, "kv_transfer_config": kvt,
                                 "passes": [{"name": p, "prompts": w[p]} for p in these]}
+                        if label == "prefix_cache":  # vLLM's memory keeps every save-pass prompt for the hit
+                            held = len(w["save"]) * -(-top // block) + 8
+                            spec.update(prefix_caching=True, num_gpu_blocks=max(blocks, held),
+                                        kv_bytes=max(blocks, held) * _block_bytes(model_cfg, layout, block))
                         if label == "connector" and "hit" in these:
                             spec.update(_limit_spec(tree, folder, w, layout, model_cfg))
-                        out = _engine(spec, work / "engines", timeout=600 + 10 * length * requests * len(these) / 256)
+                        out = _engine(engines, spec, work / "engines", timeout=600 + 10 * length * requests * len(these) / 256)
                         if "error" in out and label == "vllm_connector":  # theirs failed: said, not fatal
                             counterpart_reason = f"vLLM's {(kvt or {}).get('kv_connector')} failed: {out['error']}"[:2000]
                             one.pop(label, None)
                             break
                         if "error" in out:
                             what = (f"kvconf's {name}" if label == "connector" else
-                                    f"vLLM's {kvt['kv_connector']}" if kvt else "vLLM without a connector")
+                                    f"vLLM's {kvt['kv_connector']}" if kvt else
+                                    "vLLM with its prefix cache" if label == "prefix_cache" else "vLLM without a connector")
                             raise ConnectorRuntimeError(Problem(
                                 "bench", f"{what}, {length} tokens: {out['error']}",
                                 fix="rerun with the failing engine's log: the folder is kept with bench.reuse_store=true"))
@@ -355,6 +459,7 @@ def run_vllm_bench(data: dict[str, Any], report: dict[str, Any], cls: Any, cfg: 
                 "vllm_connector": VLLM_COUNTERPARTS.get(name) if not counterpart_reason else None,
                 "vllm_connector_skipped": counterpart_reason or None, "by_length": results}
     finally:
+        engines.close()
         if not bench.reuse_store:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -110,11 +110,17 @@ class PassFigures(_Open):
     """vLLM's ``num_cached_tokens`` (what a request did not compute): the median."""
     tokens_identical: Optional[float] = None
     """Share of the requests whose tokens equal vLLM's without a connector (1.0: all)."""
+    tokens_as_prefix_cache: Optional[float] = None
+    """Share of the requests whose tokens equal vLLM's with its own prefix cache on the same pass
+    (save, hit): the reference for a prompt whose prefix was not computed with it (in bf16 its
+    tokens may part from the recomputed ones after some tens of tokens, as vLLM's own do)."""
     ttft_vs_no_connector: Optional[float] = None
     """This pass's median TTFT over vLLM's without a connector, per repetition: their median."""
     decode_vs_no_connector: Optional[float] = None
     ttft_vs_vllm_connector: Optional[float] = None
     """Over vLLM's own connector for the same job, per repetition: their median."""
+    ttft_vs_prefix_cache: Optional[float] = None
+    """Over vLLM's own prefix cache (a hit from vLLM's memory), per repetition: their median."""
     load_gbps: Optional[float] = None
     """The connector's loads inside vLLM: bytes over the time from a step's first load to its last layer in."""
     by_repetition: dict[str, list[Optional[float]]] = {}
@@ -123,7 +129,8 @@ class PassFigures(_Open):
 class LengthFigures(_Open):
     prompt_tokens: int
     passes: dict[str, dict[str, PassFigures]]
-    """``variant -> pass -> figures``; variants ``no_connector``, ``connector``, ``vllm_connector``;
+    """``variant -> pass -> figures``; variants ``no_connector``, ``connector``, ``vllm_connector``,
+    ``prefix_cache``;
     passes ``save``, ``hit``, ``miss``."""
     loads_vs_limit: Optional[dict[str, Any]] = None
     """The hit pass's load rate over memcpy (a host tier) or a raw cold read (a disk tier)

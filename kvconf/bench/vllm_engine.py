@@ -1,13 +1,17 @@
 """One vLLM engine of ``action=bench bench.engine=vllm``, in a process of its own (a fresh engine):
-``python -m kvconf.bench.vllm_engine SPEC.json OUT.json``.
+``python -m kvconf.bench.vllm_engine SPEC.json OUT.json``; or ``python -m kvconf.bench.vllm_engine
+--serve``, which imports vLLM once and forks such a process for each line ``SPEC OUT LOG`` on its
+input (:func:`serve`): importing vLLM takes about 10 of the 15-25 seconds an engine of the bench
+takes here, and each engine is still a new process with a new engine.
 
 SPEC: ``model`` (folder), ``dtype``, ``block_size``, ``num_gpu_blocks``, ``max_model_len``,
 ``max_num_batched_tokens``, ``output_tokens``, ``warmup`` (unmeasured requests first),
-``kv_transfer_config`` (vLLM's dict, or null: no connector), ``passes`` (``name`` and ``prompts``,
+``kv_transfer_config`` (vLLM's dict, or null: no connector), ``prefix_caching`` (vLLM's own prefix
+cache on; off where not given), ``passes`` (``name`` and ``prompts``,
 lists of token ids), and optionally ``memcpy_bytes`` and ``cold_read`` (``folder``, ``bytes``):
 the machine's limits measured in this process after the passes. vLLM runs in its one-process
-mode with prefix caching off, so that what a request does not compute comes from the connector
-alone. Each request runs alone (one ``add_request``, engine steps until it ends): its time to
+mode with prefix caching off (unless ``prefix_caching``), so that what a request does not compute
+comes from the connector alone. Each request runs alone (one ``add_request``, engine steps until it ends): its time to
 first token is from ``add_request`` to the step that returns its first token; its decode
 throughput is its further tokens over the time from that step to its last.
 
@@ -125,8 +129,9 @@ def main(spec_path: str, out_path: str) -> int:
         llm = LLM(model=spec["model"], dtype=spec.get("dtype", "bfloat16"), block_size=spec["block_size"],
                   max_model_len=spec["max_model_len"], distributed_executor_backend="uni",
                   num_gpu_blocks_override=spec["num_gpu_blocks"], kv_transfer_config=spec.get("kv_transfer_config"),
-                  seed=0, enforce_eager=True, compilation_config={"mode": 0}, enable_prefix_caching=False,
-                  skip_tokenizer_init=True, max_num_batched_tokens=spec["max_num_batched_tokens"])
+                  seed=0, enforce_eager=True, compilation_config={"mode": 0}, skip_tokenizer_init=True,
+                  enable_prefix_caching=bool(spec.get("prefix_caching")),
+                  max_num_batched_tokens=spec["max_num_batched_tokens"])
     except Exception as exc:  # what vLLM stops with, for the caller to report
         with open(out_path, "w") as f:
             json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
@@ -150,7 +155,56 @@ def main(spec_path: str, out_path: str) -> int:
     return 0
 
 
+def serve() -> None:
+    """Imports vLLM once (with :data:`ENV`), then for each line ``SPEC OUT LOG`` (paths, tab-separated)
+    on stdin forks a child that runs :func:`main` with its output in LOG, in a process group of its
+    own (the caller stops it and what it started at once past a timeout); answers ``{"pid": N}`` at
+    once and ``{"exit": CODE}`` when the child ends, one engine at a time. Ends with its parent or
+    at the end of its input."""
+    for key, value in ENV.items():
+        os.environ.setdefault(key, value)
+    from kvconf.runtime.process import die_with_parent
+
+    die_with_parent()
+    import vllm  # noqa: F401  (the import the children share)
+    from vllm import LLM, SamplingParams  # noqa: F401
+
+    replies = sys.stdout
+    for line in sys.stdin:
+        spec, out, log = line.rstrip("\n").split("\t")
+        replies.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setsid()
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+                sys.stdin = open(os.devnull)
+                os.chdir(os.path.dirname(os.path.abspath(spec)))
+                code = main(spec, out)
+            except BaseException:  # what a process of its own would print before exiting 1
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # vLLM's and the connectors' threads do not hold the process
+        replies.write(json.dumps({"pid": pid}) + "\n")
+        replies.flush()
+        _, status = os.waitpid(pid, 0)
+        replies.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
+        replies.flush()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        sys.exit(0)
     code = main(sys.argv[1], sys.argv[2])
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,5 +1,5 @@
 """The figures of ``bench.engine=vllm`` (:mod:`kvconf.bench.in_vllm`) from its engines' outputs:
-per variant (no connector, kvconf's connector, vLLM's own) and pass, over the repetitions; and the
+per variant (no connector, kvconf's connector, vLLM's own connector, vLLM's prefix cache) and pass, over the repetitions; and the
 rows of its tables (the CLI's, the sweep summary's). Plain Python: no vLLM, no torch.
 """
 
@@ -9,10 +9,14 @@ import math
 import statistics
 from typing import Any, Optional
 
-__all__ = ["PASSES", "SHOWN", "TABLE_COLUMNS", "format_table", "load_limits", "summarize_runs", "table_rows"]
+__all__ = ["PASSES", "SHOWN", "TABLE_COLUMNS", "VARIANTS", "format_table", "load_limits", "summarize_runs", "table_rows"]
 
 PASSES = ("save", "hit", "miss")
 """The passes of every workload, in order."""
+
+VARIANTS = ("no_connector", "connector", "vllm_connector", "prefix_cache")
+"""The engines of a repetition: vLLM without a connector (recompute), kvconf's connector, vLLM's
+own connector for the job, vLLM with its own prefix cache (save and hit in one engine)."""
 
 
 # ---- figures ---------------------------------------------------------------------------------------
@@ -46,9 +50,17 @@ def summarize_runs(reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     (200.0, 0.1)
     >>> s["connector"]["hit"]["tokens_identical"]
     1.0
+
+    Tokens that part from the recomputed ones as vLLM's own prefix cache's do:
+
+    >>> reps[0]["connector"]["hit"]["requests"][0]["tokens"] = [2]
+    >>> reps[0]["prefix_cache"] = {"hit": {"requests": [rq(0.1, 10.0, [2])], "transfers": {}}}
+    >>> s = summarize_runs(reps)["connector"]["hit"]
+    >>> s["tokens_identical"], s["tokens_as_prefix_cache"], s["ttft_vs_prefix_cache"]
+    (0.0, 1.0, 2.0)
     """
     out: dict[str, Any] = {}
-    variants = [v for v in ("no_connector", "connector", "vllm_connector") if any(v in r for r in reps)]
+    variants = [v for v in VARIANTS if any(v in r for r in reps)]
     for v in variants:
         out[v] = {}
         for p in PASSES:
@@ -80,17 +92,18 @@ def summarize_runs(reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             saves = [run["transfers"] for run in runs if run.get("transfers", {}).get("saved_bytes")]
             if saves:
                 fig["saved_bytes"] = int(statistics.median([t["saved_bytes"] for t in saves]))
-            same, compared = 0, 0
-            for r in reps:
-                base = r.get("no_connector", {}).get(p)
-                mine = r.get(v, {}).get(p)
-                if base and mine:
-                    for a, b in zip(base["requests"], mine["requests"]):
-                        compared += 1
-                        same += a["tokens"] == b["tokens"]
-            if compared and v != "no_connector":
-                fig["tokens_identical"] = round(same / compared, 3)
-            for other in ("no_connector", "vllm_connector"):
+            for other, key in (("no_connector", "tokens_identical"), ("prefix_cache", "tokens_as_prefix_cache")):
+                same, compared = 0, 0
+                for r in reps:
+                    base = r.get(other, {}).get(p)
+                    mine = r.get(v, {}).get(p)
+                    if base and mine:
+                        for a, b in zip(base["requests"], mine["requests"]):
+                            compared += 1
+                            same += a["tokens"] == b["tokens"]
+                if compared and v != other:
+                    fig[key] = round(same / compared, 3)
+            for other in ("no_connector", "vllm_connector", "prefix_cache"):
                 if other == v:
                     continue
                 for field, name in (("ttft", "ttft"), ("decode_tps", "decode")):
@@ -130,8 +143,8 @@ def load_limits(reps: list[dict[str, Any]], kind: Optional[str]) -> Optional[dic
 
 
 TABLE_COLUMNS = ["prompt_tokens", "variant", "pass", "ttft_p50_ms", "ttft_p90_ms", "decode_tps", "cached_tokens",
-                 "tokens_identical", "ttft_vs_no_connector", "ttft_vs_vllm_connector", "decode_vs_no_connector",
-                 "load_gbps", "ttft_min_ms", "ttft_max_ms"]
+                 "tokens_identical", "tokens_as_prefix_cache", "ttft_vs_no_connector", "ttft_vs_vllm_connector",
+                 "ttft_vs_prefix_cache", "decode_vs_no_connector", "load_gbps", "ttft_min_ms", "ttft_max_ms"]
 """The columns of one row of a ``bench.engine=vllm`` table (the CLI's, the sweep summary's)."""
 
 
@@ -146,10 +159,11 @@ def table_rows(vllm: dict[str, Any], connector: str) -> list[dict[str, Any]]:
     ('kvconf offloading', 'hit', 9.0, 8.0, 10.0)
     """
     names = {"no_connector": "no connector", "connector": f"kvconf {connector}",
-             "vllm_connector": f"vLLM {vllm.get('vllm_connector') or 'connector'}"}
+             "vllm_connector": f"vLLM {vllm.get('vllm_connector') or 'connector'}",
+             "prefix_cache": "vLLM prefix cache"}
     rows = []
     for per in vllm["by_length"].values():
-        for variant in ("no_connector", "connector", "vllm_connector"):
+        for variant in VARIANTS:
             for name in PASSES:
                 f = per["passes"].get(variant, {}).get(name)
                 if not f:
@@ -159,8 +173,10 @@ def table_rows(vllm: dict[str, Any], connector: str) -> list[dict[str, Any]]:
                              "ttft_p50_ms": f["ttft_ms"].get("p50"), "ttft_p90_ms": f["ttft_ms"].get("p90"),
                              "decode_tps": f.get("decode_tps"), "cached_tokens": f.get("cached_tokens"),
                              "tokens_identical": f.get("tokens_identical"),
+                             "tokens_as_prefix_cache": f.get("tokens_as_prefix_cache"),
                              "ttft_vs_no_connector": f.get("ttft_vs_no_connector"),
                              "ttft_vs_vllm_connector": f.get("ttft_vs_vllm_connector"),
+                             "ttft_vs_prefix_cache": f.get("ttft_vs_prefix_cache"),
                              "decode_vs_no_connector": f.get("decode_vs_no_connector"),
                              "load_gbps": f.get("load_gbps"), "ttft_min_ms": min(reps) if reps else None,
                              "ttft_max_ms": max(reps) if reps else None})
@@ -176,5 +192,5 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
 
 
 SHOWN = ["prompt_tokens", "variant", "pass", "ttft_p50_ms", "ttft_p90_ms", "decode_tps", "cached_tokens",
-         "tokens_identical", "ttft_vs_no_connector", "ttft_vs_vllm_connector", "load_gbps"]
+         "tokens_identical", "tokens_as_prefix_cache", "ttft_vs_no_connector", "ttft_vs_vllm_connector", "load_gbps"]
 """The columns the terminal shows."""
