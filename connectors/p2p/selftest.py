@@ -48,6 +48,10 @@ log = logging.getLogger("kvconf.p2p")
 MAX_ROUNDS = 1000
 """Most rounds one self-test moves (``min_seconds`` asks for more than the bytes do)."""
 
+FULL_RETRY_SECONDS = 2.0
+"""How long a prefill the producer refused for want of free blocks is asked again: the releases
+of the round before travel on the connector's own socket and may reach the producer after it."""
+
 PEER_MODULE = "kvconf.cli.peer"
 """What a peer process runs: one job from a composed config written as JSON (``-m``)."""
 
@@ -242,12 +246,20 @@ def run_as_consumer(conn: Endpoint, kv_caches: dict[str, Any], ctx: SelfTestCont
                     failures[rid] = f"the producer at {peer} stopped answering"
                     failed += 1
                     continue
-                try:
-                    pack = ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=per_req), conn.extra.transfer_timeout)
-                except TimeoutError:
-                    producer_gone = True
-                    pack = sc.PrefillAck(request_id=rid, ok=False, reason=f"the producer at {peer} did not answer "
-                                         f"the prefill within {conn.extra.transfer_timeout:g} s (transfer_timeout)")
+                # the previous round's releases go from the connector's own socket, this prefill from
+                # the driver's: the producer may see it first and find its blocks still held, for a moment
+                full_until = time.monotonic() + FULL_RETRY_SECONDS
+                while True:
+                    try:
+                        pack = ask(sc.Prefill(request_id=rid, seed=seed, num_blocks=per_req), conn.extra.transfer_timeout)
+                    except TimeoutError:
+                        producer_gone = True
+                        pack = sc.PrefillAck(request_id=rid, ok=False, reason=f"the producer at {peer} did not answer "
+                                             f"the prefill within {conn.extra.transfer_timeout:g} s (transfer_timeout)")
+                    if (getattr(pack, "ok", False) or not str(getattr(pack, "reason", "")).startswith("no free blocks")
+                            or time.monotonic() > full_until):
+                        break
+                    time.sleep(0.01)
                 if not getattr(pack, "ok", False):
                     failures[rid] = getattr(pack, "reason", "prefill failed")
                     failed += 1

@@ -25,9 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -199,6 +204,94 @@ def serve() -> None:
         _, status = os.waitpid(pid, 0)
         replies.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
         replies.flush()
+
+
+class Engines:
+    """Starts the bench's engines: each a new process with a new engine, forked by one
+    ``python -m kvconf.bench.vllm_engine --serve`` that imported vLLM once (about 10 seconds an
+    engine saved here); where that process cannot start or dies, each engine is a process of its
+    own from nothing (``python -m kvconf.bench.vllm_engine SPEC OUT``). A context manager: the
+    server ends with it (and with this process, were it killed)."""
+
+    START_SECONDS = 300.0
+    """How long the server may take to import vLLM before the first engine is forked."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.proc: Optional[subprocess.Popen[str]] = None
+        self.replies: queue.Queue[Optional[dict[str, int]]] = queue.Queue()
+        self.broken = False
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _server(self) -> Optional[subprocess.Popen[str]]:
+        if self.broken:
+            return None
+        if self.proc is None:
+            from kvconf.runtime.process import PARENT_ENV
+
+            self.work.mkdir(parents=True, exist_ok=True)
+            with open(self.work / "engine-server.log", "w") as err:
+                self.proc = subprocess.Popen([sys.executable, "-m", "kvconf.bench.vllm_engine", "--serve"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                             cwd=self.work, env={**os.environ, PARENT_ENV: str(os.getpid())})
+            threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        return self.proc
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.replies.put(json.loads(line))
+        self.replies.put(None)  # the server is gone
+
+    def _reply(self, timeout: float) -> Optional[dict[str, int]]:
+        try:
+            return self.replies.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def run(self, spec_file: Path, out_file: Path, log: Path, timeout: float) -> int:
+        """Runs one engine; its exit code. Past ``timeout`` it is stopped with what it started
+        (:class:`subprocess.TimeoutExpired`)."""
+        server = self._server()
+        if server is not None and server.stdin is not None and server.poll() is None:
+            try:
+                server.stdin.write(f"{spec_file}\t{out_file}\t{log}\n")
+                server.stdin.flush()
+            except OSError:
+                server = None
+            started = self._reply(self.START_SECONDS) if server is not None else None
+            if started is not None and "pid" in started:
+                ended = self._reply(timeout)
+                if ended is None:
+                    try:
+                        os.killpg(started["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    self._reply(30)
+                    raise subprocess.TimeoutExpired(["vllm_engine", str(spec_file)], timeout)
+                return int(ended["exit"])
+            self.broken = True  # the server did not start: each engine from nothing from here on
+            self.close()
+        with open(log, "w") as f:
+            return subprocess.run([sys.executable, "-m", "kvconf.bench.vllm_engine", str(spec_file), str(out_file)],
+                                  stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=spec_file.parent).returncode
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":
