@@ -10,8 +10,6 @@ give; every other prompt generates exactly what vLLM with no connector generates
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -19,9 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from vllm_support import BLOCK, PD_EVERY, PD_PROMPTS, altered, export, needs_vllm, shared_model, shared_reference
+from vllm_support import BLOCK, PD_EVERY, PD_PROMPTS, altered, export, needs_vllm, shared_model, shared_reference, start_script
 
-from conftest import TESTS, kvconf_env
+from conftest import kvconf_env
 
 pytestmark = [needs_vllm, pytest.mark.vllm]
 
@@ -52,7 +50,7 @@ def reference(model, tmp_path_factory) -> dict[tuple[int, ...], list[int]]:
 class Side:
     """One side's process: its exit code, what it printed (``log``) and its JSON line (``out``)."""
 
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
+    def __init__(self, proc: Any, log: Path) -> None:
         self.code = proc.returncode
         self.log = log.read_text()
         lines = [ln for ln in self.log.splitlines() if ln.startswith("{")]
@@ -62,7 +60,7 @@ class Side:
         return f"Side(code={self.code}, log=...{self.log[-4000:]})"
 
 
-def wait_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+def wait_file(path: Path, proc: Any, log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, f"exited {proc.returncode} first: ...{log.read_text()[-4000:]}"
@@ -89,13 +87,11 @@ def prefill_decode(tmp: Path, model: Path, connector: str, decode_prompts: list[
     (tmp / "decode.json").write_text(json.dumps({
         **common, "prompts": decode_prompts, "kv_transfer_config": consumer, "ready_file": str(tmp / "ready"),
         "params_file": str(tmp / "decode-params.json")}))
-    procs = {}
-    for side, secret in (("prefill", key), ("decode", decode_key or key)):
-        with open(tmp / f"{side}.log", "w") as out:
-            procs[side] = subprocess.Popen([sys.executable, str(TESTS / "vllm_pd.py"), side, str(tmp / f"{side}.json")],
-                                           stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
-                                           env=kvconf_env(KVCONF_AUTH_KEY=secret))
+    procs: dict[str, Any] = {}
     try:
+        for side, secret in (("prefill", key), ("decode", decode_key or key)):  # each forked from a zygote
+            procs[side] = start_script("vllm_pd", [side, str(tmp / f"{side}.json")], kvconf_env(KVCONF_AUTH_KEY=secret),
+                                       tmp, tmp / f"{side}.log")
         wait_file(tmp / "ready", procs["decode"], tmp / "decode.log")
         (tmp / "go").touch()
         wait_file(tmp / "prefill-params.json", procs["prefill"], tmp / "prefill.log")

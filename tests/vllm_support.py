@@ -122,11 +122,12 @@ def run_vllm(spec_dir: Path, model: Path, batches: list[list[list[int]]], kv_tra
 
 
 class _Zygote:
-    """This test worker's :mod:`vllm_zygote`: started at the first run, stopped when the worker
+    """One of this test worker's :mod:`vllm_zygote` processes: started when a run finds none
+    idle (two sides of a prefill/decode test at once: two of them), stopped when the worker
     ends (and with it, were the worker killed). Not marked as any test's process: it outlives
     them; each run it forks is waited for, and stopped with what it started past its timeout."""
 
-    _one: _Zygote | None = None
+    _all: list[_Zygote] = []
 
     def __init__(self) -> None:
         env = kvconf_env()
@@ -134,41 +135,106 @@ class _Zygote:
         self.proc = subprocess.Popen([sys.executable, str(TESTS / "vllm_zygote.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=TESTS)
         self.replies: queue.Queue[dict[str, int]] = queue.Queue()
+        self.busy = False
         threading.Thread(target=self._read, daemon=True).start()
         atexit.register(self.stop)
 
     @classmethod
     def get(cls) -> _Zygote:
-        if cls._one is None or cls._one.proc.poll() is not None:
-            cls._one = cls()
-        return cls._one
+        """An idle zygote (a new one where every one is busy or gone), now busy."""
+        cls._all = [z for z in cls._all if z.proc.poll() is None]
+        one = next((z for z in cls._all if not z.busy), None)
+        if one is None:
+            one = cls()
+            cls._all.append(one)
+        one.busy = True
+        return one
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.replies.put(json.loads(line))
 
-    def run(self, request: dict[str, Any], timeout: float) -> int:
-        """The exit code of one run; :class:`subprocess.TimeoutExpired` past ``timeout`` (its
-        process group killed)."""
+    def start(self, request: dict[str, Any]) -> int:
+        """Forks one run; its pid."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        pid = self.replies.get(timeout=120)["pid"]
+        return self.replies.get(timeout=120)["pid"]
+
+    def end(self, timeout: float) -> int | None:
+        """The run's exit code once it ended (the zygote idle again), None while it runs."""
         try:
-            return self.replies.get(timeout=timeout)["exit"]
+            code = self.replies.get(timeout=timeout)["exit"] if timeout > 0 else self.replies.get_nowait()["exit"]
         except queue.Empty:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self.replies.get(timeout=60)
+            return None
+        self.busy = False
+        return code
+
+    def run(self, request: dict[str, Any], timeout: float) -> int:
+        """The exit code of one run; :class:`subprocess.TimeoutExpired` past ``timeout`` (its
+        process group killed)."""
+        try:
+            child = Forked(self, self.start(request))
+        except BaseException:
+            self.busy = False
+            raise
+        try:
+            return child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(60)
             raise subprocess.TimeoutExpired(request["argv"], timeout) from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class Forked:
+    """A run forked by a :class:`_Zygote`, as :class:`subprocess.Popen` is used by the tests:
+    ``poll``, ``wait``, ``kill``, ``returncode``."""
+
+    def __init__(self, zygote: _Zygote, pid: int) -> None:
+        self.zygote, self.pid = zygote, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.end(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.zygote.end(1e9 if timeout is None else timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # the run and what it started
+        except OSError:
+            pass
+
+
+def start_script(module: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Any:
+    """``python TESTS/MODULE.py ARGV...`` started with its output (both streams) in ``log``: forked
+    from a zygote (a :class:`Forked`), or a process of its own where ``KVCONF_TEST_ZYGOTE=0``."""
+    path = str(TESTS / f"{module}.py")
+    if os.environ.get("KVCONF_TEST_ZYGOTE", "1") == "0":
+        with open(log, "w") as out:
+            return subprocess.Popen([sys.executable, path, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                    env=env)
+    zygote = _Zygote.get()
+    try:
+        pid = zygote.start({"module": module, "argv": [path, *argv], "env": env, "cwd": str(cwd),
+                            "stdout": str(log), "stderr": str(log)})
+    except BaseException:
+        zygote.busy = False
+        raise
+    return Forked(zygote, pid)
 
 
 def export(*overrides: str, cwd: Path) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""vLLM imported once, a fresh process forked for each run of :mod:`vllm_runner` (importing vLLM
-takes about 10 of the 15 seconds a small run takes here; the suite runs a few dozen).
+"""vLLM imported once, a fresh process forked for each run of :mod:`vllm_runner` or :mod:`vllm_pd`
+(importing vLLM takes about 10 of the 15 seconds a small run takes here; the suite runs a few dozen).
 
     python vllm_zygote.py            # then, on stdin, one JSON request per line
 
-A request: ``argv`` (the runner's), ``env`` (the child's whole environment), ``cwd``, ``stdout``
-and ``stderr`` (files the child writes). The zygote forks; the child takes the request's
-environment, folder and files, runs ``vllm_runner.main()`` and exits with its code, running the
+A request: ``argv`` (the script's), ``env`` (the child's whole environment), ``cwd``, ``stdout``
+and ``stderr`` (files the child writes; the same path: one file, as ``2>&1``), and ``module``
+(``vllm_runner`` where not given). The zygote forks; the child takes the request's
+environment, folder and files, runs the module's ``main()`` and exits with its code, running the
 exit handlers a normal exit runs (vLLM's shutdown of its engine processes among them). The zygote
 answers ``{"pid": N}`` at once and ``{"exit": CODE}`` when the child ends, one request at a time.
 The child is a new process with a new engine, as a run of its own is; only the imports are shared.
@@ -26,9 +27,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def _child(req: dict) -> int:
     os.setsid()  # a group of its own: the caller stops it and what it started at once
+    opened: dict[str, int] = {}
     for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(out, fd)
+        if path not in opened:
+            opened[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(opened[path], fd)
+    for out in opened.values():
         os.close(out)
     sys.stdin = open(os.devnull)
     os.chdir(req["cwd"])
@@ -37,10 +41,10 @@ def _child(req: dict) -> int:
     tempfile.tempdir = None  # the run's TMPDIR, not the zygote's
     sys.path[:0] = [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
     sys.argv = list(req["argv"])
-    import vllm_runner
+    import importlib
 
     try:
-        vllm_runner.main()
+        importlib.import_module(req.get("module", "vllm_runner")).main()
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
