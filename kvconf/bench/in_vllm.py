@@ -26,8 +26,8 @@ recomputed ones after some tens of tokens (attention over a cached prefix adds i
 with vLLM's prefix cache as with a tier; ``tokens_as_prefix_cache`` says whether the connector's
 equal vLLM's own in that case. Repetitions interleave the four (drift on a shared machine hits them
 alike), every other one in reverse order (what an engine leaves behind weighs on the next one
-alike); each
-engine is a process of its own (:mod:`kvconf.bench.vllm_engine`). Per pass: time to first token
+alike); each engine is a process of its own (:mod:`kvconf.bench.vllm_engine`), forked from one that
+imported vLLM once (:class:`~kvconf.bench.vllm_engine.Engines`). Per pass: time to first token
 (p50, p90 over every request of every repetition, and each repetition's median: the spread),
 decode throughput, vLLM's ``num_cached_tokens``, whether the tokens equal vLLM's without a
 connector, and the ratios to the baselines (per repetition, then their median). For the
