@@ -9,19 +9,17 @@ import atexit
 import importlib.util
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import OWNER, TESTS, kvconf_env
+from kvconf.runtime.forkserver import ForkClient
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (bash scripts/setup.sh installs it)")
@@ -132,17 +130,14 @@ class _Zygote:
     def __init__(self) -> None:
         env = kvconf_env()
         env.pop(OWNER, None)
-        self.proc = subprocess.Popen([sys.executable, str(TESTS / "vllm_zygote.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=TESTS)
-        self.replies: queue.Queue[dict[str, int]] = queue.Queue()
+        self.client = ForkClient([sys.executable, str(TESTS / "vllm_zygote.py")], env=env, cwd=str(TESTS))
         self.busy = False
-        threading.Thread(target=self._read, daemon=True).start()
         atexit.register(self.stop)
 
     @classmethod
     def get(cls) -> _Zygote:
         """An idle zygote (a new one where every one is busy or gone), now busy."""
-        cls._all = [z for z in cls._all if z.proc.poll() is None]
+        cls._all = [z for z in cls._all if z.client.alive()]
         one = next((z for z in cls._all if not z.busy), None)
         if one is None:
             one = cls()
@@ -150,35 +145,25 @@ class _Zygote:
         one.busy = True
         return one
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.replies.put(json.loads(line))
-
     def start(self, request: dict[str, Any]) -> int:
         """Forks one run; its pid."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self.replies.get(timeout=120)["pid"]
+        pid = self.client.start(request, 120)
+        if pid is None:
+            self.busy = False
+            raise RuntimeError(f"the vLLM zygote did not fork the run (exit code {self.client.proc.poll()})")
+        return pid
 
     def end(self, timeout: float) -> int | None:
         """The run's exit code once it ended (the zygote idle again), None while it runs."""
-        try:
-            code = self.replies.get(timeout=timeout)["exit"] if timeout > 0 else self.replies.get_nowait()["exit"]
-        except queue.Empty:
-            return None
-        self.busy = False
+        code = self.client.end(timeout)
+        if code is not None:
+            self.busy = False
         return code
 
     def run(self, request: dict[str, Any], timeout: float) -> int:
         """The exit code of one run; :class:`subprocess.TimeoutExpired` past ``timeout`` (its
         process group killed)."""
-        try:
-            child = Forked(self, self.start(request))
-        except BaseException:
-            self.busy = False
-            raise
+        child = Forked(self, self.start(request))
         try:
             return child.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -187,9 +172,9 @@ class _Zygote:
             raise subprocess.TimeoutExpired(request["argv"], timeout) from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.client.alive():
+            self.client.proc.kill()
+            self.client.proc.wait()
 
 
 class Forked:
@@ -213,10 +198,7 @@ class Forked:
         return self.returncode
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)  # the run and what it started
-        except OSError:
-            pass
+        ForkClient.kill(self.pid)  # the run and what it started
 
 
 def start_script(module: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Any:
@@ -228,13 +210,8 @@ def start_script(module: str, argv: list[str], env: dict[str, str], cwd: Path, l
             return subprocess.Popen([sys.executable, path, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                     env=env)
     zygote = _Zygote.get()
-    try:
-        pid = zygote.start({"module": module, "argv": [path, *argv], "env": env, "cwd": str(cwd),
-                            "stdout": str(log), "stderr": str(log)})
-    except BaseException:
-        zygote.busy = False
-        raise
-    return Forked(zygote, pid)
+    return Forked(zygote, zygote.start({"module": module, "argv": [path, *argv], "env": env, "cwd": str(cwd),
+                                        "stdout": str(log), "stderr": str(log)}))
 
 
 def export(*overrides: str, cwd: Path) -> dict[str, Any]:

@@ -5,36 +5,25 @@
 
 A request: ``argv`` (the script's), ``env`` (the child's whole environment), ``cwd``, ``stdout``
 and ``stderr`` (files the child writes; the same path: one file, as ``2>&1``), and ``module``
-(``vllm_runner`` where not given). The zygote forks; the child takes the request's
-environment, folder and files, runs the module's ``main()`` and exits with its code, running the
-exit handlers a normal exit runs (vLLM's shutdown of its engine processes among them). The zygote
-answers ``{"pid": N}`` at once and ``{"exit": CODE}`` when the child ends, one request at a time.
+(``vllm_runner`` where not given). The zygote forks
+(:func:`kvconf.runtime.forkserver.serve`); the child takes the request's environment, folder and
+files, runs the module's ``main()`` and exits with its code, running the exit handlers a normal exit
+runs (vLLM's shutdown of its engine processes among them). The zygote answers ``{"pid": N}`` at
+once and ``{"exit": CODE}`` when the child ends, one request at a time.
 The child is a new process with a new engine, as a run of its own is; only the imports are shared.
 Ends with its parent (pytest's worker) or at the end of its input.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import sys
 import tempfile
-import traceback
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _child(req: dict) -> int:
-    os.setsid()  # a group of its own: the caller stops it and what it started at once
-    opened: dict[str, int] = {}
-    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-        if path not in opened:
-            opened[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(opened[path], fd)
-    for out in opened.values():
-        os.close(out)
-    sys.stdin = open(os.devnull)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -48,9 +37,6 @@ def _child(req: dict) -> int:
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # what a process of its own would print before exiting 1
-        traceback.print_exc()
-        return 1
 
 
 def main() -> None:
@@ -66,28 +52,9 @@ def main() -> None:
     import vllm  # noqa: F401
     from vllm import LLM, SamplingParams  # noqa: F401
 
-    replies = sys.stdout
-    for line in sys.stdin:
-        req = json.loads(line)
-        replies.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _child(req)
-            finally:
-                try:
-                    atexit._run_exitfuncs()
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
-        replies.write(json.dumps({"pid": pid}) + "\n")
-        replies.flush()
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
-        replies.flush()
+    from kvconf.runtime.forkserver import serve
+
+    serve(_child, exit_handlers=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """One vLLM engine of ``action=bench bench.engine=vllm``, in a process of its own (a fresh engine):
 ``python -m kvconf.bench.vllm_engine SPEC.json OUT.json``; or ``python -m kvconf.bench.vllm_engine
---serve``, which imports vLLM once and forks such a process for each line ``SPEC OUT LOG`` on its
-input (:func:`serve`): importing vLLM takes about 10 of the 15-25 seconds an engine of the bench
-takes here, and each engine is still a new process with a new engine.
+--serve``, which imports vLLM once and forks such a process for each request on its input
+(:func:`serve`; :class:`Engines` starts and asks it): importing vLLM takes about 10 of the 15-25
+seconds an engine of the bench takes here, and each engine is still a new process with a new engine.
 
 SPEC: ``model`` (folder), ``dtype``, ``block_size``, ``num_gpu_blocks``, ``max_model_len``,
 ``max_num_batched_tokens``, ``output_tokens``, ``warmup`` (unmeasured requests first),
@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from kvconf.runtime.forkserver import ForkClient
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -160,12 +159,15 @@ def main(spec_path: str, out_path: str) -> int:
     return 0
 
 
+def _forked(req: dict[str, Any]) -> int:
+    os.chdir(os.path.dirname(os.path.abspath(req["spec"])))
+    return main(req["spec"], req["out"])
+
+
 def serve() -> None:
-    """Imports vLLM once (with :data:`ENV`), then for each line ``SPEC OUT LOG`` (paths, tab-separated)
-    on stdin forks a child that runs :func:`main` with its output in LOG, in a process group of its
-    own (the caller stops it and what it started at once past a timeout); answers ``{"pid": N}`` at
-    once and ``{"exit": CODE}`` when the child ends, one engine at a time. Ends with its parent or
-    at the end of its input."""
+    """Imports vLLM once (with :data:`ENV`), then forks a child running :func:`main` for each
+    request on stdin (``spec``, ``out``, and ``stdout`` = ``stderr`` = the engine's log), one engine at a
+    time (:func:`kvconf.runtime.forkserver.serve`). Ends with its parent or at the end of its input."""
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
     from kvconf.runtime.process import die_with_parent
@@ -174,36 +176,9 @@ def serve() -> None:
     import vllm  # noqa: F401  (the import the children share)
     from vllm import LLM, SamplingParams  # noqa: F401
 
-    replies = sys.stdout
-    for line in sys.stdin:
-        spec, out, log = line.rstrip("\n").split("\t")
-        replies.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setsid()
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                os.close(fd)
-                sys.stdin = open(os.devnull)
-                os.chdir(os.path.dirname(os.path.abspath(spec)))
-                code = main(spec, out)
-            except BaseException:  # what a process of its own would print before exiting 1
-                import traceback
+    from kvconf.runtime.forkserver import serve as serve_forks
 
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)  # vLLM's and the connectors' threads do not hold the process
-        replies.write(json.dumps({"pid": pid}) + "\n")
-        replies.flush()
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
-        replies.flush()
+    serve_forks(_forked)
 
 
 class Engines:
@@ -218,8 +193,7 @@ class Engines:
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.proc: Optional[subprocess.Popen[str]] = None
-        self.replies: queue.Queue[Optional[dict[str, int]]] = queue.Queue()
+        self.server: Optional[ForkClient] = None
         self.broken = False
 
     def __enter__(self) -> Engines:
@@ -228,53 +202,31 @@ class Engines:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _server(self) -> Optional[subprocess.Popen[str]]:
-        if self.broken:
-            return None
-        if self.proc is None:
+    def _server(self) -> Optional[ForkClient]:
+        if self.server is None and not self.broken:
             from kvconf.runtime.process import PARENT_ENV
 
             self.work.mkdir(parents=True, exist_ok=True)
             with open(self.work / "engine-server.log", "w") as err:
-                self.proc = subprocess.Popen([sys.executable, "-m", "kvconf.bench.vllm_engine", "--serve"],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                             cwd=self.work, env={**os.environ, PARENT_ENV: str(os.getpid())})
-            threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        return self.proc
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.replies.put(json.loads(line))
-        self.replies.put(None)  # the server is gone
-
-    def _reply(self, timeout: float) -> Optional[dict[str, int]]:
-        try:
-            return self.replies.get(timeout=timeout)
-        except queue.Empty:
-            return None
+                self.server = ForkClient([sys.executable, "-m", "kvconf.bench.vllm_engine", "--serve"],
+                                         env={**os.environ, PARENT_ENV: str(os.getpid())}, cwd=str(self.work),
+                                         stderr=err)
+        return self.server
 
     def run(self, spec_file: Path, out_file: Path, log: Path, timeout: float) -> int:
         """Runs one engine; its exit code. Past ``timeout`` it is stopped with what it started
         (:class:`subprocess.TimeoutExpired`)."""
         server = self._server()
-        if server is not None and server.stdin is not None and server.poll() is None:
-            try:
-                server.stdin.write(f"{spec_file}\t{out_file}\t{log}\n")
-                server.stdin.flush()
-            except OSError:
-                server = None
-            started = self._reply(self.START_SECONDS) if server is not None else None
-            if started is not None and "pid" in started:
-                ended = self._reply(timeout)
-                if ended is None:
-                    try:
-                        os.killpg(started["pid"], signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    self._reply(30)
+        if server is not None and server.alive():
+            pid = server.start({"spec": str(spec_file), "out": str(out_file), "stdout": str(log), "stderr": str(log)},
+                               self.START_SECONDS)
+            if pid is not None:
+                code = server.end(timeout)
+                if code is None:
+                    server.kill(pid)
+                    server.end(30)
                     raise subprocess.TimeoutExpired(["vllm_engine", str(spec_file)], timeout)
-                return int(ended["exit"])
+                return code
             self.broken = True  # the server did not start: each engine from nothing from here on
             self.close()
         with open(log, "w") as f:
@@ -282,16 +234,9 @@ class Engines:
                                   stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=spec_file.parent).returncode
 
     def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
 
 
 if __name__ == "__main__":
