@@ -65,3 +65,43 @@ def test_sigkill_of_action_run_leaves_no_process_and_no_temporary_file(workdir):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+PEER_THAT_HANGS = """
+import os, signal, sys, time
+from kvconf.runtime.process import die_with_parent
+die_with_parent(grace=float(sys.argv[1]))
+signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM: shutting down slowly", flush=True))
+print("ready", flush=True)
+time.sleep(600)  # a shutdown that never ends (a peer stuck in a large request)
+"""
+
+PARENT = """
+import os, subprocess, sys
+from kvconf.runtime.process import PARENT_ENV
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env={**os.environ, PARENT_ENV: str(os.getpid())})
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize("grace", [0.5, 2.0])
+def test_a_peer_that_does_not_stop_on_sigterm_ends_its_grace_after_its_parent_died(workdir, grace):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, PEER_THAT_HANGS, str(grace)], cwd=workdir, env=kvconf_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline() == "ready\n"  # the peer catches SIGTERM from here on
+        parent.kill()
+        parent.wait()
+        killed = time.monotonic()
+        while time.monotonic() < killed + grace + 10 and child in owned_processes():
+            time.sleep(0.05)
+        ended = time.monotonic() - killed
+        assert child not in owned_processes(), f"the peer outlived its parent by {grace + 10:g} s"
+        assert ended >= grace * 0.9, f"the peer ended {ended:.2f} s after its parent: before its {grace:g} s grace"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+

@@ -206,6 +206,8 @@ class Producer:
             if self.sock not in ready:
                 continue
             for _ in range(256):  # what came meanwhile, a burst at once (bounded: a flood cannot starve the rest)
+                if stop.is_set():  # a signal stops it between two messages, not after the burst
+                    break
                 try:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:

@@ -18,9 +18,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
-__all__ = ["PARENT_ENV", "die_with_parent", "hard_exit", "hard_exit_requested", "request_hard_exit",
+__all__ = ["PARENT_ENV", "PARENT_GRACE_SECONDS", "die_with_parent", "hard_exit", "hard_exit_requested", "request_hard_exit",
            "stop_on_signals"]
 
 _hard_exit = False
@@ -71,10 +72,17 @@ PARENT_ENV = "KVCONF_PEER_PARENT"
 """Set by a parent that starts a peer process: the parent's pid (:func:`die_with_parent`)."""
 
 
-def die_with_parent(signum: int = 15) -> bool:
+PARENT_GRACE_SECONDS = 3.0
+"""How long a peer whose parent died may take to shut down cleanly before it ends anyway."""
+
+
+def die_with_parent(signum: int = 15, grace: float | None = PARENT_GRACE_SECONDS) -> bool:
     """In a peer process: asks the kernel to send ``signum`` (SIGTERM: the peer shuts down as on
     Ctrl-C) when the parent that started it dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``);
-    if the parent is already gone, sends it now. False where the platform has no such call."""
+    if the parent is already gone, sends it now. A clean shutdown can take long (a peer in the
+    middle of a large request, a machine under load), so where ``grace`` is a number the process
+    also ends with ``os._exit(128 + signum)`` that many seconds after its parent died, whatever it
+    was doing. False where the platform has no such call."""
     parent = os.environ.get(PARENT_ENV)
     try:
         import ctypes
@@ -84,9 +92,20 @@ def die_with_parent(signum: int = 15) -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if parent is not None and parent.isdigit() and os.getppid() != int(parent):
+    ppid = int(parent) if parent is not None and parent.isdigit() else os.getppid()
+    if grace is not None:
+        threading.Thread(target=_end_after_parent, args=(ppid, grace, 128 + signum), daemon=True,
+                         name="kvconf-parent-watch").start()
+    if os.getppid() != ppid:
         os.kill(os.getpid(), signum)  # the parent died before the request took effect
     return True
+
+
+def _end_after_parent(ppid: int, grace: float, code: int) -> None:
+    while os.getppid() == ppid:
+        time.sleep(0.1)
+    time.sleep(grace)  # the signal's clean shutdown had this long
+    os._exit(code)  # no flush: its output went to the parent, and a flush could block on the pipe
 
 
 @contextlib.contextmanager
