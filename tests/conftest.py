@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,17 @@ def run_kvconf(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout
     """``python -m kvconf ARGS`` in ``cwd``, as a user types it."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env or kvconf_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def stacks_then_kill(proc: subprocess.Popen, wait: float = 1.0) -> tuple[str, str]:
+    """Ends a kvconf process that hung: asks it for every thread's stack first (SIGUSR1), so its
+    stderr says where it was; what it printed (stdout, stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait)
+        proc.kill()
+    out, err = proc.communicate()
+    return out or "", err or ""
 
 
 def json_out(proc: subprocess.CompletedProcess) -> dict[str, Any]:

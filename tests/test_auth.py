@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import json_out, kvconf_env, run_kvconf, side_channel
+from conftest import json_out, kvconf_env, run_kvconf, side_channel, stacks_then_kill
 from test_mooncake import producer  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.torch, pytest.mark.mooncake]
@@ -54,10 +54,9 @@ def test_consumers_without_the_key_are_refused_and_the_producer_keeps_serving(wo
     for what, proc in procs.items():
         try:
             _, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:  # say where it hung
-            proc.kill()
-            _, err = proc.communicate()
-            raise AssertionError(f"{what}: still running after 120 s: {err[-3000:]}") from None
+        except subprocess.TimeoutExpired:  # say where it hung: its threads' stacks
+            _, err = stacks_then_kill(proc)
+            raise AssertionError(f"{what}: still running after 120 s: {err[-6000:]}") from None
         assert proc.returncode == 1, (what, err)
         assert "authentication failed" in err and "Traceback" not in err, (what, err)
         assert p.address in err and "serving on" in err  # where the right key is

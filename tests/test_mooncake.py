@@ -145,6 +145,18 @@ def test_a_producer_started_by_run_starts_and_verifies_a_consumer(workdir):
     assert st["verified"] and st["bytes"] >= 64 * MiB and st["served_requests"] == st["loaded_requests"]
 
 
+def test_sigusr1_prints_every_threads_stack_and_the_producer_goes_on_serving(workdir, producer):
+    p = producer()
+    p.proc.send_signal(signal.SIGUSR1)  # where a job seems to hang: kill -USR1 PID
+    p._read_until("stderr", "Thread 0x", 30)
+    consumer = run_kvconf("connector=mooncake", "connector.kv_role=kv_consumer", *p.peer_args, "self_test.requests=1",
+                          "output=json", cwd=workdir)
+    assert consumer.returncode == 0, consumer.stderr
+    code, _, err = p.stop()
+    assert code == 0, err
+    assert "(most recent call first)" in err and "in serve_producer" in err  # the main thread, serving
+
+
 def test_two_terminal_serve_workflow(workdir, producer):
     p = producer()
     host, port = p.address.rsplit(":", 1)

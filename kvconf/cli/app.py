@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kvconf.conf import CONF_DIR, CONFIG_NAME, HYDRA_VERSION_BASE, compose, store_help
 from kvconf.errors import MISSING, ConfigError, ConnectorRuntimeError, KVConfError, Problem
-from kvconf.runtime.process import hard_exit
+from kvconf.runtime.process import hard_exit, stacks_on_signal
 from kvconf.version import __version__
 
 from .state import state
@@ -293,6 +293,7 @@ def _exception_lines(exc: BaseException) -> list[str]:
 def main() -> None:
     """Entry point of ``python -m kvconf`` and the ``kvconf`` console script."""
     code: Any = 0
+    stacks_on_signal()  # kill -USR1 PID: where a job that seems to hang is
     try:
         _main(sys.argv[1:])
     except SystemExit as exc:

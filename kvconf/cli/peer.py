@@ -13,7 +13,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from kvconf.runtime.process import die_with_parent, hard_exit
+from kvconf.runtime.process import die_with_parent, hard_exit, stacks_on_signal
 
 from .app import execute
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m kvconf.cli.peer CONFIG.json", file=sys.stderr)
         raise SystemExit(2)
     die_with_parent()  # a parent killed by SIGKILL leaves no peer serving behind it
+    stacks_on_signal()
     with open(args[0]) as f:
         data = json.load(f)
     try:

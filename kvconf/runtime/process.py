@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 __all__ = ["PARENT_ENV", "PARENT_GRACE_SECONDS", "die_with_parent", "hard_exit", "hard_exit_requested", "request_hard_exit",
-           "stop_on_signals"]
+           "STACKS_SIGNAL", "stacks_on_signal", "stop_on_signals"]
 
 _hard_exit = False
 
@@ -106,6 +106,25 @@ def _end_after_parent(ppid: int, grace: float, code: int) -> None:
         time.sleep(0.1)
     time.sleep(grace)  # the signal's clean shutdown had this long
     os._exit(code)  # no flush: its output went to the parent, and a flush could block on the pipe
+
+
+STACKS_SIGNAL = signal.SIGUSR1
+"""``kill -USR1 PID`` makes a kvconf process print every thread's stack to stderr and go on."""
+
+
+def stacks_on_signal() -> bool:
+    """Makes :data:`STACKS_SIGNAL` print every thread's Python stack to stderr (the process goes on):
+    where a job seems to hang, ``kill -USR1 PID`` says where. Not where the signal already has a
+    handler or a disposition other than the default (someone else's); False then."""
+    import faulthandler
+
+    if signal.getsignal(STACKS_SIGNAL) is not signal.SIG_DFL:
+        return False
+    try:
+        faulthandler.register(STACKS_SIGNAL, all_threads=True, chain=False)
+    except (ValueError, RuntimeError, OSError):  # no usable stderr
+        return False
+    return True
 
 
 @contextlib.contextmanager
