@@ -3,20 +3,23 @@
     .venv/bin/python benchmarks/bench_vllm_ttft.py [--sweep DIR] [--lengths 1024,4096] [--reps 3]
                                                    [--requests 3]
 
-Without ``--sweep``, runs the sweep ``python -m kvconf -m connector=offloading,shared_storage,multi
+Without ``--sweep``, runs the sweep ``python -m kvconf -m connector=offloading,shared_storage,multi_tiers
 kv_cache=llama_100m action=bench bench.engine=vllm bench.prompt_tokens=[...]`` (a random ~105M
 Llama: 8 layers, hidden 1024, GQA 16:4, head 64; every connector inside vLLM through kvconf's
-plug-in, beside vLLM without a connector and vLLM's ExampleConnector, each repetition interleaved)
+plug-in, beside vLLM without a connector, vLLM with its own prefix cache and vLLM's ExampleConnector,
+each repetition's engines one after another, in reverse order every other repetition)
 into a folder of its own; with it, reads a sweep folder such a command left. Prints, per prompt
 length, the figures the goals are about, each the median of the repetitions' paired ratios with
 their spread:
 
 - offloading and shared_storage hit: TTFT over vLLM's without a connector (goal: at most 0.2);
 - shared_storage over ExampleConnector: hit TTFT and save-pass TTFT (goal: at most 1.0);
-- offloading, shared_storage and multi, all-miss pass: TTFT and decode throughput over vLLM's
+- offloading, shared_storage and multi_tiers (both tiers in one multi), all-miss pass: TTFT and decode throughput over vLLM's
   without a connector (goal: within 5 %);
 - the hit pass's loads inside vLLM over memcpy (host tier) or a raw cold read (disk tier) measured
   in the same engine (goal: at least 0.5);
+- the hit pass beside vLLM's own prefix cache (a prefix computed in the same engine): TTFT, and
+  whether the tokens are those vLLM's prefix cache gives;
 - and whether every pass's tokens equal vLLM's without a connector.
 
 Asserts nothing: a line that misses its goal says so.
@@ -36,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_sweep(lengths: str, reps: int, requests: int) -> Path:
     out = Path(tempfile.mkdtemp(prefix="kvconf-ttft-"))
-    cmd = [sys.executable, "-m", "kvconf", "-m", "connector=offloading,shared_storage,multi", "kv_cache=llama_100m",
+    cmd = [sys.executable, "-m", "kvconf", "-m", "connector=offloading,shared_storage,multi_tiers", "kv_cache=llama_100m",
            "action=bench", "bench.engine=vllm", f"bench.prompt_tokens=[{lengths}]", f"bench.repetitions={reps}",
            f"bench.requests={requests}", f"hydra.sweep.dir={out}"]
     print("running:", " ".join(cmd[1:]), flush=True)
@@ -99,6 +102,11 @@ def report(sweep: Path) -> None:
                 spread = lim.get("by_repetition", {}).get("load_ratio", [])
                 print(f"{name:15} loads {hit.get('load_gbps')} GB/s = {r} of {lim['against']} ({lim['limit_gbps']} GB/s) "
                       f"[{min(spread):.3f}-{max(spread):.3f}] (goal >= 0.5): {verdict(r >= 0.5)}")
+            if hit.get("ttft_vs_prefix_cache") is not None:
+                theirs = per["passes"]["prefix_cache"]["hit"]["ttft_ms"]["p50"]
+                print(f"{name:15} hit TTFT {hit['ttft_ms']['p50']} ms vs vLLM's prefix cache {theirs} ms: "
+                      f"{hit['ttft_vs_prefix_cache']} {_spread(hit, 'ttft_vs_prefix_cache')}; tokens as vLLM's prefix "
+                      f"cache gives: {hit.get('tokens_as_prefix_cache')}")
             same = {p: f.get("tokens_identical") for p, f in mine.items()}
             print(f"{name:15} tokens identical to no connector: {same}")
     if any(d["vllm"].get("vllm_connector_skipped") for d in docs.values()):
@@ -110,9 +118,9 @@ def report(sweep: Path) -> None:
 def markdown(sweeps: list[Path]) -> None:
     """The README's table: per prompt length, connector and pass, TTFT p50 (the repetitions'
     medians' range), decode tokens/s, the ratios and the cached tokens."""
-    print("| tokens | connector | pass | TTFT p50 ms (repetitions) | vs recompute | vs vLLM's own | decode tok/s "
-          "(vs none) | cached | tokens identical |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | connector | pass | TTFT p50 ms (repetitions) | vs recompute | vs vLLM's own | vs prefix cache | "
+          "decode tok/s (vs none) | cached | tokens identical | as prefix cache |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     seen: set[tuple] = set()
     rows = []
     for sweep in sweeps:
@@ -122,26 +130,34 @@ def markdown(sweeps: list[Path]) -> None:
                 continue
             for n, per in doc["vllm"]["by_length"].items():
                 for variant, passes in per["passes"].items():
-                    label = {"connector": doc["connector"] if doc["connector"] != "multi" else "multi (offloading + "
-                             "shared_storage)", "no_connector": "no connector",
+                    label = {"connector": MULTI_LABELS.get(doc["connector"], doc["connector"]),
+                             "no_connector": "no connector", "prefix_cache": "vLLM prefix cache",
                              "vllm_connector": f"vLLM {doc['vllm'].get('vllm_connector')}"}[variant]
                     for p, f in passes.items():
                         key = (int(n), label, p)
-                        if variant == "no_connector" and key in seen:
+                        if variant in ("no_connector", "prefix_cache") and key in seen:
                             continue  # every job measured it: the first job's stands
                         seen.add(key)
                         reps = f["by_repetition"]["ttft_ms"]
-                        rank = {"no_connector": 1, "vllm_connector": 2}.get(variant, 0)
+                        rank = {"no_connector": 1, "prefix_cache": 2, "vllm_connector": 3}.get(variant, 0)
                         rows.append((int(n), rank, label, PASS_ORDER[p],
                                      f"| {n} | {label} | {p} | {f['ttft_ms']['p50']} ({min(reps)}-{max(reps)}) | "
-                                     f"{f.get('ttft_vs_no_connector', '')} | {f.get('ttft_vs_vllm_connector', '')} | "
-                                     f"{f.get('decode_tps')} ({f.get('decode_vs_no_connector', '')}) | "
-                                     f"{f.get('cached_tokens')} | {f.get('tokens_identical', '')} |"))
+                                     f"{_cell(f, 'ttft_vs_no_connector')} | {_cell(f, 'ttft_vs_vllm_connector')} | "
+                                     f"{_cell(f, 'ttft_vs_prefix_cache')} | "
+                                     f"{f.get('decode_tps')} ({_cell(f, 'decode_vs_no_connector')}) | "
+                                     f"{f.get('cached_tokens')} | {_cell(f, 'tokens_identical')} | "
+                                     f"{_cell(f, 'tokens_as_prefix_cache')} |"))
     for row in sorted(rows):
         print(row[-1])
 
 
+def _cell(f: dict, key: str) -> str:
+    """A figure, or nothing where it was not measured."""
+    return "" if f.get(key) is None else str(f[key])
+
+
 PASS_ORDER = {"save": 0, "hit": 1, "miss": 2}
+MULTI_LABELS = {"multi": "multi (offloading + shared_storage)", "multi_tiers": "multi_tiers (offloading + shared_storage)"}
 
 
 def main() -> None:

@@ -322,6 +322,27 @@ def test_bench_compare_takes_a_paired_ceiling_ratios_own_spread_as_its_noise(tmp
     assert verdict([0.79, 0.80, 0.81], [0.87, 0.88, 0.89]) == "better"  # +10 % beyond a 2.5 % spread
 
 
+@pytest.mark.parametrize("doc, said", [
+    ([1, 2], "a JSON list, not an object"),
+    ({"connector": "offloading", "kv_cache": "tiny"}, "no 'figures' where a results.json has one"),
+    ({"connector": "offloading", "kv_cache": "tiny", "figures": {"gbps": "fast"}}, 'gbps is "fast", not a number'),
+    ({"connector": "offloading", "kv_cache": "tiny", "figures": {"gbps": 1.0, "by_repetition": {"gbps": [1.0, None, "x"]}}},
+     'its repetitions hold "x", not a number'),
+    ({"engine": "vllm", "connector": "offloading", "kv_cache": "tiny", "vllm": {"by_length": {"64": {"passes": {
+        "connector": {"hit": {"ttft_ms": {"p50": [1]}}}}}}}}, "ttft_p50_ms is [1], not a number"),
+])
+def test_bench_compare_names_a_file_that_is_not_a_results_json(tmp_path, doc, said):
+    good = _result(tmp_path / "a" / "results.json", [9.0, 10.0, 11.0])
+    bad = tmp_path / "sweep" / "0" / "results.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps(doc))
+    for args in ((str(good), str(bad)), (str(good), str(tmp_path / "sweep"))):  # a file, a sweep folder
+        proc = _compare(*args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"{bad}: not the results.json of a kvconf action=bench job (" in proc.stderr and said in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_the_scheduler_benchmark_runs_and_reports_each_connector():
     proc = subprocess.run([sys.executable, "benchmarks/bench_scheduler.py", "--requests", "8", "--tokens", "256",
                            "--steps", "4", "--connectors", "offloading,shared_storage,example",

@@ -70,9 +70,33 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for f in files:
         doc = read_json(f)  # kvconf's bounds on what it reads (a results file may come from anyone)
-        if doc.get("engine") == "vllm":
-            out.update(_vllm_figures(doc))
-            continue
+        try:
+            out.update(_figures(doc))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # valid JSON, not a results.json
+            raise NotResults(f"{f}: not the results.json of a kvconf action=bench job ({_what_is_wrong(doc, exc)}); "
+                             "give the results.json a bench job wrote, or the sweep folder that holds them") from None
+    return out
+
+
+class NotResults(Exception):
+    """A JSON file that is not the results.json of a kvconf bench job."""
+
+
+def _what_is_wrong(doc: Any, exc: Exception) -> str:
+    if not isinstance(doc, dict):
+        return f"a JSON {type(doc).__name__}, not an object"
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r} where a results.json has one"
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return f"a value of the wrong kind: {exc}"
+
+
+def _figures(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``label -> figures`` of one results.json; ValueError where a figure is not a number."""
+    if doc.get("engine") == "vllm":
+        out = _vllm_figures(doc)
+    else:
         fig = doc["figures"]
         flat = {k: fig.get(k) for k in ("gbps", "save_gbps", "load_gbps")}
         flat.update({"raw_gbps": (doc.get("raw") or {}).get("gbps"), "ratio": doc.get("ratio"),
@@ -85,8 +109,23 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
         for side, v in (doc.get("ceiling_ratio") or {}).items():
             if side not in ("against", "by_repetition"):
                 flat[f"ceiling_ratio_{side}"] = v
-        out[f"{doc['connector']} {doc['kv_cache']}"] = flat
+        out = {f"{doc['connector']} {doc['kv_cache']}": flat}
+    for label, flat in out.items():
+        for figure, v in flat.items():
+            for leaf in (_leaves(v) if figure.startswith("_") else [v]):
+                if leaf is not None and (isinstance(leaf, bool) or not isinstance(leaf, (int, float))):
+                    where = "its repetitions hold" if figure.startswith("_") else f"{figure} is"
+                    raise ValueError(f"{label}: {where} {json.dumps(leaf)[:60]}, not a number")
     return out
+
+
+def _leaves(v: Any) -> list[Any]:
+    """The values inside lists and objects (a figure's repetitions), or ``v`` itself."""
+    if isinstance(v, dict):
+        return [x for item in v.values() for x in _leaves(item)]
+    if isinstance(v, list):
+        return [x for item in v for x in _leaves(item)]
+    return [v]
 
 
 def _noise(values: Optional[list[float]]) -> Optional[float]:
@@ -159,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fail-below {args.fail_below}: give a ratio above 0, e.g. 0.9 (fail on a 10 % loss)")
     try:
         a, b = _load(args.a), _load(args.b)
-    except Refused as exc:
+    except (Refused, NotResults) as exc:
         p.error(str(exc))
     rows = compare(a, b)
     failed = [r for r in rows if args.fail_below is not None and r["figure"] in GATED
