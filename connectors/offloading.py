@@ -157,6 +157,43 @@ def _spans(ids: list[int], most: int = 0) -> list[tuple[int, int, int]] | None:
     return spans
 
 
+def _gathers(ids: list[int]) -> list[tuple[int, int, int, Any]] | None:
+    """How to load rows ``0..len(ids)-1`` of a pool run into blocks ``ids``: per run of consecutive
+    block ids (in any order of the rows), ``(first block, count, first row, None)`` where the rows
+    are consecutive too (a slice: a memcpy) or ``(first block, count, 0, row index)`` (a gather
+    into the blocks' slice: a memcpy per page). An engine often hands a request's blocks out in
+    descending order (it frees a request's blocks last first); those come out as one gather. None
+    where the ids are too scattered (more runs than a quarter of them, at least 4): a scatter by
+    index then.
+
+    >>> _gathers([7, 8, 9, 2, 3])
+    [(2, 2, 3, None), (7, 3, 0, None)]
+    >>> [(b, n, at, None if ix is None else ix.tolist()) for b, n, at, ix in _gathers([12, 11, 10, 4])]
+    [(4, 1, 3, None), (10, 3, 0, [2, 1, 0])]
+    >>> _gathers([1, 5, 9, 13, 17, 21, 25, 29]) is None
+    True
+    """
+    import torch
+
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    limit = max(4, len(ids) // 4)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and ids[i] == ids[groups[-1][-1]] + 1:
+            groups[-1].append(i)
+        elif len(groups) >= limit:
+            return None
+        else:
+            groups.append([i])
+    out: list[tuple[int, int, int, Any]] = []
+    for g in groups:
+        if g == list(range(g[0], g[0] + len(g))):
+            out.append((ids[g[0]], len(g), g[0], None))
+        else:
+            out.append((ids[g[0]], len(g), 0, torch.tensor(g, dtype=torch.int64)))
+    return out
+
+
 class OffloadingConnector(TierConnector, ChecksConfig):
     """Host-memory tier with LRU eviction."""
 
@@ -228,6 +265,7 @@ class OffloadingConnector(TierConnector, ChecksConfig):
 
     # ---- the host pool (worker side) -----------------------------------------------------------
     layered = True
+    parallel_loads = True  # a layer's copies touch that layer's rows alone
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         import torch
@@ -252,12 +290,13 @@ class OffloadingConnector(TierConnector, ChecksConfig):
             self._pool = {n: host_zeros((rows, r.shape[1]), dtype=r.dtype, pin_memory=pinned)
                           for n, r in self._rows.items()}
 
-    def _runs(self, ops: list[TierOp]) -> dict[int, list[tuple[int, int, Any, Any]]]:
-        """``group -> [(first pool row, last row + 1, block ids, spans)]``: the chunks of ``ops`` as
-        runs of consecutive pool rows, each with its blocks' ids as an index tensor and, where the
-        ids are mostly consecutive (an engine hands a new request's blocks out in order), as spans
-        (:func:`_spans`). Requests that share a prefix load the same rows into different blocks: a
-        run never holds a row twice."""
+    def _runs(self, ops: list[TierOp]) -> dict[int, list[tuple[int, int, Any, Any, Any]]]:
+        """``group -> [(first pool row, last row + 1, block ids, spans, gathers)]``: the chunks of
+        ``ops`` as runs of consecutive pool rows, each with its blocks' ids as an index tensor and,
+        where the ids are mostly consecutive (an engine hands a new request's blocks out in order,
+        or in reverse), as spans to save (:func:`_spans`) and gathers to load (:func:`_gathers`).
+        Requests that share a prefix load the same rows into different blocks: a run never holds a
+        row twice."""
         import torch
 
         k = self.chunk_blocks
@@ -278,14 +317,15 @@ class OffloadingConnector(TierConnector, ChecksConfig):
                     run = [c]
                     runs.append(run)
                 ending.setdefault(c.place, []).append(run)
-        out: dict[int, list[tuple[int, int, Any, Any]]] = {}
+        out: dict[int, list[tuple[int, int, Any, Any, Any]]] = {}
         for g in range(len(runs[0][0].block_ids) if runs else 0):
             flat = [x for run in runs for c in run for x in c.block_ids[g]]
             ids = torch.frombuffer(array("q", flat), dtype=torch.int64)
             at, out[g] = 0, []
             for run in runs:
                 n = len(run) * k
-                out[g].append((run[0].place * k, run[0].place * k + n, ids[at:at + n], _spans(flat[at:at + n])))
+                part = flat[at:at + n]
+                out[g].append((run[0].place * k, run[0].place * k + n, ids[at:at + n], _spans(part), _gathers(part)))
                 at += n
         return out
 
@@ -294,22 +334,26 @@ class OffloadingConnector(TierConnector, ChecksConfig):
         scatter per run of consecutive pool rows (usually one)."""
         import torch
 
-        if self._step_runs is None or self._step_runs[0] is not ops:  # the step's runs, once for every layer
-            self._step_runs = (ops, self._runs(ops))
+        step = self._step_runs  # read once: another thread may be copying another op's layer
+        if step is None or step[0] is not ops:  # the step's runs, once for every layer
+            step = self._step_runs = (ops, self._runs(ops))
         rows, pool = self._rows[layer], self._pool[layer]
-        for first, end, ids, spans in self._step_runs[1].get(self._group_of[layer], ()):
+        for first, end, ids, spans, gathers in step[1].get(self._group_of[layer], ()):
             dst = pool[first:end]
-            if rows.device == pool.device and spans is not None:  # slices: a memcpy each
-                for at, block, n in spans:
-                    if save:
+            if rows.device == pool.device and save:
+                if spans is not None:  # slices: a memcpy each
+                    for at, block, n in spans:
                         dst[at:at + n].copy_(rows[block:block + n])
-                    else:
-                        rows[block:block + n].copy_(dst[at:at + n])
-                continue
-            if rows.device == pool.device:
-                if save:
+                else:  # a gather: a memcpy per page
                     torch.index_select(rows, 0, ids, out=dst)
-                else:
+            elif rows.device == pool.device:
+                if gathers is not None and rows.is_contiguous():  # a gather writes a contiguous slice
+                    for block, n, at, index in gathers:
+                        if index is None:  # a slice: a memcpy
+                            rows[block:block + n].copy_(dst[at:at + n])
+                        else:  # a gather into the blocks' slice: a memcpy per page
+                            torch.index_select(dst, 0, index, out=rows[block:block + n])
+                else:  # scattered: a scatter by index (about a third of memcpy's speed)
                     rows.index_copy_(0, ids, dst)
             else:  # a GPU cache: through the pinned pool, synchronised per layer
                 ids = ids.to(rows.device)

@@ -47,6 +47,52 @@ def _slice(groups: tuple[list[int], ...], start: int, stop: int) -> tuple[list[i
     return tuple(list(ids[start:stop]) for ids in groups)
 
 
+class StepLoads:
+    """A step's layered loads: which layers a thread has claimed, which are in, their errors.
+    The I/O thread claims layers in the model's order; the forward pass's thread may claim the
+    one it waits for, or the next one nobody has begun.
+
+    >>> s = StepLoads([], ["a", "b", "c"])
+    >>> s.claim(), s.claim("a"), s.claim("c")
+    ('a', 'b', 'c')
+    >>> s.done("c", {}), s.done("a", {1: "bad"}), s.events["a"].is_set(), s.done("b", {})
+    (False, False, True, True)
+    >>> s.errors, s.events["b"].is_set()
+    ({1: 'bad'}, False)
+    """
+
+    def __init__(self, ops: list[TierOp], order: list[str]) -> None:
+        self.ops, self.order, self.t0 = ops, order, time.perf_counter()
+        self.events = {name: threading.Event() for name in order}
+        self.errors: dict[int, str] = {}
+        self._claimed: set[str] = set()
+        self._left = len(order)
+        self._lock = threading.Lock()
+
+    def claim(self, first: Optional[str] = None) -> Optional[str]:
+        """A layer for the calling thread to load: ``first`` if nobody has begun it, else the
+        first in order that nobody has; None when every layer is taken."""
+        with self._lock:
+            if first is not None and first not in self._claimed:
+                self._claimed.add(first)
+                return first
+            name = next((n for n in self.order if n not in self._claimed), None)
+            if name is not None:
+                self._claimed.add(name)
+            return name
+
+    def done(self, name: str, errors: dict[int, str]) -> bool:
+        """Layer ``name`` is in: its event is set, unless it is the step's last (True then: the
+        caller records the step's errors and time, then sets every event)."""
+        with self._lock:
+            self.errors.update(errors)
+            self._left -= 1
+            last = self._left == 0
+        if not last:
+            self.events[name].set()
+        return last
+
+
 class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLLM, ComparesToBaseline):
     """Scheduler side by prefix hash; the worker side loads a step's chunks in ``start_load_kv``
     and saves them in ``wait_for_save``. Subclasses give the tier: ``_present``, ``_reserve``,
@@ -78,6 +124,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._io: Optional[ThreadPoolExecutor] = None
         """The worker's I/O thread (layered tiers): one, so that a step's layers go in order."""
         self._layer_loaded: dict[str, threading.Event] = {}
+        self._step_loads: Optional[StepLoads] = None
         self._loading: Any = None
         self._layers_saved: set[str] = set()
         self._save_jobs: list[Any] = []
@@ -214,6 +261,11 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
     :meth:`_begin_save`, :meth:`_save_layer`, :meth:`_end_save`); else in one batch on the calling
     thread (:meth:`_load`, :meth:`_save`)."""
 
+    parallel_loads = False
+    """A layered tier whose :meth:`_load_layer` may run for two layers of a step at once, in any
+    order: the forward pass's thread, waiting for a layer, then loads layers itself (two cores
+    copy where one did; the thread would only wait)."""
+
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self._views = byte_views(kv_caches)
         self._layer_order = list(self._views)
@@ -240,39 +292,46 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
                 with self._lock:
                     self._load_errors.update(errors)
             return
-        events = {name: threading.Event() for name in self._layer_order}
-        self._layer_loaded = events
-        t0 = time.perf_counter()
+        step = StepLoads(meta.loads, list(self._layer_order))
+        self._layer_loaded = step.events
+        self._step_loads = step
 
         def run() -> None:
-            errors: dict[int, str] = {}
-            try:
-                for i, name in enumerate(self._layer_order):
-                    try:
-                        errors.update(self._load_layer(meta.loads, name))
-                    except Exception as exc:
-                        why = f"loading layer {name} failed: {type(exc).__name__}: {exc}"
-                        errors.update({b: why for op in meta.loads for c in op.chunks for ids in c.block_ids
-                                       for b in ids})
-                    if i < len(self._layer_order) - 1:
-                        events[name].set()
-            finally:  # the errors are known before the last layer is said to be in
-                self._tally("load", time.perf_counter() - t0, self._op_bytes(meta.loads))
-                if errors:
-                    with self._lock:
-                        self._load_errors.update(errors)
-                for ev in events.values():
-                    ev.set()
+            while (name := step.claim()) is not None:
+                self._load_one(step, name)
 
         self._loading = self._io_pool().submit(run)
 
+    def _load_one(self, step: StepLoads, name: str) -> None:
+        """Loads layer ``name`` of the step (claimed by this thread); the thread that ends the step's
+        last layer records the errors and the time before that layer is said to be in."""
+        try:
+            errors = self._load_layer(step.ops, name)
+        except Exception as exc:
+            why = f"loading layer {name} failed: {type(exc).__name__}: {exc}"
+            errors = {b: why for op in step.ops for c in op.chunks for ids in c.block_ids for b in ids}
+        if step.done(name, errors):
+            self._tally("load", time.perf_counter() - step.t0, self._op_bytes(step.ops))
+            if step.errors:
+                with self._lock:
+                    self._load_errors.update(step.errors)
+            for ev in step.events.values():
+                ev.set()
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Returns once ``layer_name``'s pages of the step's loads are in (at once where nothing loads)."""
+        """Returns once ``layer_name``'s pages of the step's loads are in (at once where nothing
+        loads). Where the tier allows it (:attr:`parallel_loads`), this thread, which has nothing
+        else to do meanwhile, loads the layers the I/O thread has not begun, this one first."""
         ev = self._layer_loaded.get(layer_name)
-        if ev is not None and not ev.is_set():
-            t0 = time.perf_counter()
-            ev.wait()
-            self._totals["load_wait_seconds"] += time.perf_counter() - t0
+        if ev is None or ev.is_set():
+            return
+        t0 = time.perf_counter()
+        step = self._step_loads
+        if self.parallel_loads and step is not None and step.events is self._layer_loaded:
+            while not ev.is_set() and (name := step.claim(layer_name)) is not None:
+                self._load_one(step, name)
+        ev.wait()
+        self._totals["load_wait_seconds"] += time.perf_counter() - t0
 
     def _await_loads(self) -> None:
         """Waits for the loads in flight: their errors are known after."""
@@ -286,6 +345,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
             self._loading.result()
             self._loading = None
         self._layer_loaded = {}
+        self._step_loads = None
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         """Layered: starts copying this layer's pages of the step's saves (the forward pass has

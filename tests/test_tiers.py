@@ -109,18 +109,24 @@ class Engine:
         self.worker.register_kv_caches(self.caches)
         self.views = byte_views(self.caches)
 
-    def step(self, rid: str, tokens: list[int], ids: list[int], fill: int | None = None) -> tuple[int, dict]:
+    def step(self, rid: str, tokens: list[int], ids: list[int], fill: int | list[int] | None = None,
+             layer_by_layer: bool = False) -> tuple[int, dict]:
+        """One request's step: its loads (waited for layer by layer, as vLLM's forward pass does,
+        where asked), then its new blocks filled (``fill``: one value, or one per block) and saved."""
         req = Request(rid, tokens)
         n, _ = self.sched.get_num_new_matched_tokens(req, 0)
         self.sched.update_state_after_alloc(req, KVCacheBlocks((ids,)), n)
         meta = self.sched.build_connector_meta(SchedulerOutput([rid]))
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)
+        if layer_by_layer:
+            for name in self.caches:
+                self.worker.wait_for_layer_load(name)
         errors = self.worker.get_load_error_reasons()
         if fill is not None:
             for v in self.views.values():
-                for b in ids[n // 4:]:
-                    v[b].fill_(fill)
+                for i, b in enumerate(ids[n // 4:], start=n // 4):
+                    v[b].fill_(fill[i] if isinstance(fill, list) else fill)
             for name, t in self.caches.items():
                 self.worker.save_kv_layer(name, t, None)
         self.worker.wait_for_save()
@@ -174,6 +180,26 @@ def test_offloading_loads_the_saved_bytes_into_other_blocks():
         assert n == 12 and not errors
         for v in eng.views.values():
             assert bool((v[9:12] == 7).all())
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("ids", [
+    [20, 19, 18, 17, 16, 15, 14, 13],  # descending: how an engine often hands blocks out
+    [30, 31, 25, 24, 23, 5, 6, 7],  # runs in both directions
+    [1, 5, 9, 13, 17, 21, 25, 29],  # scattered: a scatter by index
+    [8, 9, 10, 11, 12, 13, 14, 15],  # ascending: slices
+])
+@pytest.mark.parametrize("layer_by_layer", [True, False])
+def test_offloading_loads_each_page_into_its_own_block_in_any_order(ids, layer_by_layer):
+    eng = Engine(OffloadingConnector)
+    try:
+        eng.step("a", prompt(1, 8), [0, 1, 2, 3, 4, 5, 6, 7], fill=[10 + i for i in range(8)])
+        n, errors = eng.step("b", prompt(1, 8), ids, layer_by_layer=layer_by_layer)
+        assert n == 32 and not errors
+        for name, v in eng.views.items():
+            assert [int(v[b][0]) for b in ids] == [10 + i for i in range(8)], name
+            assert all(bool((v[b] == 10 + i).all()) for i, b in enumerate(ids)), name
     finally:
         eng.close()
 
