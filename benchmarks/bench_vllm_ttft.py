@@ -144,7 +144,7 @@ def markdown(sweeps: list[Path]) -> None:
                                      f"| {n} | {label} | {p} | {f['ttft_ms']['p50']} ({min(reps)}-{max(reps)}) | "
                                      f"{_cell(f, 'ttft_vs_no_connector')} | {_cell(f, 'ttft_vs_vllm_connector')} | "
                                      f"{_cell(f, 'ttft_vs_prefix_cache')} | "
-                                     f"{f.get('decode_tps')} ({_cell(f, 'decode_vs_no_connector')}) | "
+                                     f"{f.get('decode_tps')}{_paren(f, 'decode_vs_no_connector')} | "
                                      f"{f.get('cached_tokens')} | {_cell(f, 'tokens_identical')} | "
                                      f"{_cell(f, 'tokens_as_prefix_cache')} |"))
     for row in sorted(rows):
@@ -154,6 +154,10 @@ def markdown(sweeps: list[Path]) -> None:
 def _cell(f: dict, key: str) -> str:
     """A figure, or nothing where it was not measured."""
     return "" if f.get(key) is None else str(f[key])
+
+
+def _paren(f: dict, key: str) -> str:
+    return "" if f.get(key) is None else f" ({f[key]})"
 
 
 PASS_ORDER = {"save": 0, "hit": 1, "miss": 2}
