@@ -290,13 +290,13 @@ class OffloadingConnector(TierConnector, ChecksConfig):
             self._pool = {n: host_zeros((rows, r.shape[1]), dtype=r.dtype, pin_memory=pinned)
                           for n, r in self._rows.items()}
 
-    def _runs(self, ops: list[TierOp]) -> dict[int, list[tuple[int, int, Any, Any, Any]]]:
-        """``group -> [(first pool row, last row + 1, block ids, spans, gathers)]``: the chunks of
-        ``ops`` as runs of consecutive pool rows, each with its blocks' ids as an index tensor and,
-        where the ids are mostly consecutive (an engine hands a new request's blocks out in order,
-        or in reverse), as spans to save (:func:`_spans`) and gathers to load (:func:`_gathers`).
-        Requests that share a prefix load the same rows into different blocks: a run never holds a
-        row twice."""
+    def _runs(self, ops: list[TierOp], save: bool) -> dict[int, list[tuple[int, int, Any, Any]]]:
+        """``group -> [(first pool row, last row + 1, block ids, plan)]``: the chunks of ``ops`` as
+        runs of consecutive pool rows, each with its blocks' ids as an index tensor and, where the
+        ids are mostly consecutive (an engine hands a new request's blocks out in order, or in
+        reverse), a plan of whole slices: spans to save (:func:`_spans`), gathers to load
+        (:func:`_gathers`). Requests that share a prefix load the same rows into different blocks:
+        a run never holds a row twice."""
         import torch
 
         k = self.chunk_blocks
@@ -317,7 +317,7 @@ class OffloadingConnector(TierConnector, ChecksConfig):
                     run = [c]
                     runs.append(run)
                 ending.setdefault(c.place, []).append(run)
-        out: dict[int, list[tuple[int, int, Any, Any, Any]]] = {}
+        out: dict[int, list[tuple[int, int, Any, Any]]] = {}
         for g in range(len(runs[0][0].block_ids) if runs else 0):
             flat = [x for run in runs for c in run for x in c.block_ids[g]]
             ids = torch.frombuffer(array("q", flat), dtype=torch.int64)
@@ -325,7 +325,8 @@ class OffloadingConnector(TierConnector, ChecksConfig):
             for run in runs:
                 n = len(run) * k
                 part = flat[at:at + n]
-                out[g].append((run[0].place * k, run[0].place * k + n, ids[at:at + n], _spans(part), _gathers(part)))
+                out[g].append((run[0].place * k, run[0].place * k + n, ids[at:at + n],
+                               _spans(part) if save else _gathers(part)))
                 at += n
         return out
 
@@ -335,20 +336,20 @@ class OffloadingConnector(TierConnector, ChecksConfig):
         import torch
 
         step = self._step_runs  # read once: another thread may be copying another op's layer
-        if step is None or step[0] is not ops:  # the step's runs, once for every layer
-            step = self._step_runs = (ops, self._runs(ops))
+        if step is None or step[0] is not ops or step[1] != save:  # the step's runs, once for every layer
+            step = self._step_runs = (ops, save, self._runs(ops, save))
         rows, pool = self._rows[layer], self._pool[layer]
-        for first, end, ids, spans, gathers in step[1].get(self._group_of[layer], ()):
+        for first, end, ids, plan in step[2].get(self._group_of[layer], ()):
             dst = pool[first:end]
             if rows.device == pool.device and save:
-                if spans is not None:  # slices: a memcpy each
-                    for at, block, n in spans:
+                if plan is not None:  # slices: a memcpy each
+                    for at, block, n in plan:
                         dst[at:at + n].copy_(rows[block:block + n])
                 else:  # a gather: a memcpy per page
                     torch.index_select(rows, 0, ids, out=dst)
             elif rows.device == pool.device:
-                if gathers is not None and rows.is_contiguous():  # a gather writes a contiguous slice
-                    for block, n, at, index in gathers:
+                if plan is not None and rows.is_contiguous():  # a gather writes a contiguous slice
+                    for block, n, at, index in plan:
                         if index is None:  # a slice: a memcpy
                             rows[block:block + n].copy_(dst[at:at + n])
                         else:  # a gather into the blocks' slice: a memcpy per page

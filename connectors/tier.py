@@ -123,8 +123,8 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         self._layer_order: list[str] = []
         self._io: Optional[ThreadPoolExecutor] = None
         """The worker's I/O thread (layered tiers): one, so that a step's layers go in order."""
-        self._layer_loaded: dict[str, threading.Event] = {}
         self._step_loads: Optional[StepLoads] = None
+        """The layered loads of the step under way (None where it loads nothing layer by layer)."""
         self._loading: Any = None
         self._layers_saved: set[str] = set()
         self._save_jobs: list[Any] = []
@@ -281,7 +281,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         forward pass computes a layer while the next one loads. Else all of them, here."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierMetadata)
-        self._layer_loaded = {}
+        self._step_loads = None
         if not any(op.chunks for op in meta.loads):
             return
         if not self.layered:
@@ -292,9 +292,7 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
                 with self._lock:
                     self._load_errors.update(errors)
             return
-        step = StepLoads(meta.loads, list(self._layer_order))
-        self._layer_loaded = step.events
-        self._step_loads = step
+        step = self._step_loads = StepLoads(meta.loads, list(self._layer_order))
 
         def run() -> None:
             while (name := step.claim()) is not None:
@@ -322,12 +320,12 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         """Returns once ``layer_name``'s pages of the step's loads are in (at once where nothing
         loads). Where the tier allows it (:attr:`parallel_loads`), this thread, which has nothing
         else to do meanwhile, loads the layers the I/O thread has not begun, this one first."""
-        ev = self._layer_loaded.get(layer_name)
-        if ev is None or ev.is_set():
+        step = self._step_loads
+        ev = step.events.get(layer_name) if step is not None else None
+        if step is None or ev is None or ev.is_set():
             return
         t0 = time.perf_counter()
-        step = self._step_loads
-        if self.parallel_loads and step is not None and step.events is self._layer_loaded:
+        if self.parallel_loads:
             while not ev.is_set() and (name := step.claim(layer_name)) is not None:
                 self._load_one(step, name)
         ev.wait()
@@ -344,7 +342,6 @@ class TierConnector(KVConnectorBase, SupportsHMA, ExplainsFailures, ExportsToVLL
         if self._loading is not None:
             self._loading.result()
             self._loading = None
-        self._layer_loaded = {}
         self._step_loads = None
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
